@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`. Both create the virtual
+# environment on first use and install the Debian packages kproxy drives when missing.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH):/usr/sbin:/sbin
+
+.PHONY: all venv system-deps demo test lint unit clean
+
+all: test
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+system-deps:
+	@scripts/install-system-deps.sh
+
+demo: venv system-deps
+	$(BIN)/python scripts/demo.py
+
+test: venv system-deps
+	$(BIN)/pytest -ra tests
+
+unit: venv
+	$(BIN)/pytest -ra -m "not kernel" tests
+
+lint: venv
+	$(BIN)/ruff check kproxy tests scripts
+	$(BIN)/ruff format --check kproxy tests scripts
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
