@@ -1,0 +1,130 @@
+"""Run iptables-save / iptables-restore (IPv4 and IPv6, nft or legacy backend).
+
+Everything here acts on the network namespace the process runs in.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tenacity import (
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+log = logging.getLogger(__name__)
+
+# Seconds iptables-restore waits for the xtables lock before giving up (legacy backend; the nft
+# backend serialises through the kernel and accepts the flag).
+LOCK_WAIT_SECONDS = 5
+# iptables exits with 4 for resource problems, among them "Another app is currently holding
+# the xtables lock".
+EXIT_RESOURCE_PROBLEM = 4
+
+
+class IptablesError(Exception):
+    """An iptables command failed; str() is a one-line summary, `detail` the context."""
+
+    def __init__(self, message: str, returncode: int = 1, detail: str = "") -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.detail = detail
+
+
+def _is_lock_contention(err: BaseException) -> bool:
+    return isinstance(err, IptablesError) and err.returncode == EXIT_RESOURCE_PROBLEM
+
+
+@dataclass(frozen=True)
+class IptablesBackend:
+    """The iptables binaries of one family and one backend variant ("nft" or "legacy")."""
+
+    family: int = 4
+    variant: str = "nft"
+
+    def _binary(self, tool: str) -> str:
+        base = "ip6tables" if self.family == 6 else "iptables"
+        return f"{base}-{self.variant}-{tool}"
+
+    def save(self, table: str) -> str:
+        """`iptables-save -t TABLE` text."""
+        argv = [self._binary("save"), "-t", table]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise IptablesError(
+                f"{argv[0]} -t {table} failed: {_first_line(proc.stderr)}", proc.returncode
+            )
+        return proc.stdout
+
+    @retry(
+        retry=retry_if_exception(_is_lock_contention),
+        stop=stop_after_attempt(4),
+        wait=wait_exponential_jitter(initial=0.2, max=2.0),
+        reraise=True,
+    )
+    def restore(self, payload: str, noflush: bool) -> None:
+        """Apply `payload` atomically per table. Retried while another process holds the lock."""
+        argv = [self._binary("restore"), f"--wait={LOCK_WAIT_SECONDS}"]
+        if noflush:
+            argv.append("--noflush")
+        proc = subprocess.run(argv, input=payload, capture_output=True, text=True)
+        if proc.returncode != 0:
+            message = _first_line(proc.stderr) or f"exit status {proc.returncode}"
+            raise IptablesError(
+                f"{argv[0]} failed: {message}",
+                proc.returncode,
+                detail=_failing_context(payload, proc.stderr),
+            )
+
+
+def _first_line(text: str) -> str:
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+
+
+def _failing_context(payload: str, stderr: str) -> str:
+    """The payload lines around the one iptables-restore names, as upstream logs them."""
+    m = re.search(r"line:? (\d+)", stderr)
+    if not m:
+        return ""
+    lines = payload.splitlines()
+    n = int(m.group(1))
+    lo, hi = max(1, n - 3), min(len(lines), n + 3)
+    return "\n".join(f"{i:6d}{'>' if i == n else ' '} {lines[i - 1]}" for i in range(lo, hi + 1))
+
+
+def detect_variant(family: int = 4) -> str:
+    """The iptables backend this node uses, decided as kubernetes-sigs/iptables-wrappers does:
+    the kubelet's KUBE-IPTABLES-HINT chain in mangle wins; otherwise whichever backend holds
+    more rules; a tie (e.g. both empty) means nft, Debian's default."""
+    base = "ip6tables" if family == 6 else "iptables"
+    # The kernel lists the legacy tables of this network namespace here; none means the legacy
+    # backend holds no rules, and running iptables-legacy-save would only create empty ones.
+    names = "/proc/net/ip6_tables_names" if family == 6 else "/proc/net/ip_tables_names"
+    try:
+        if not Path(names).read_text().split():
+            return "nft"
+    except OSError:
+        return "nft"
+    available = [v for v in ("nft", "legacy") if shutil.which(f"{base}-{v}-save")]
+    if len(available) < 2:
+        return available[0] if available else "nft"
+
+    def dump(variant: str, table: str | None = None) -> str:
+        argv = [f"{base}-{variant}-save"] + (["-t", table] if table else [])
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        return proc.stdout if proc.returncode == 0 else ""
+
+    for variant in ("nft", "legacy"):
+        if ":KUBE-IPTABLES-HINT" in dump(variant, "mangle"):
+            return variant
+    counts = {
+        v: sum(1 for ln in dump(v).splitlines() if ln.startswith("-")) for v in available
+    }
+    return "legacy" if counts["legacy"] > counts["nft"] else "nft"

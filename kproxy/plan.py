@@ -1,0 +1,204 @@
+"""Desired RuleSet vs the kernel's tables -> the smallest change, for iptables-restore.
+
+How the change stays minimal:
+- a per-Service chain (KUBE-SVC/SEP/EXT/...) is left alone when its rules are equal, else it is
+  rewritten whole (a `:CHAIN` line flushes it, then its rules) — these chains are small;
+- a shared chain (KUBE-SERVICES, KUBE-NODEPORTS, ...) is edited rule by rule: `-D` for each
+  rule no longer wanted, `-I CHAIN 1` for each new one. Its rules match distinct destinations,
+  so their order is free except for the tail the RuleSet pins (the KUBE-NODEPORTS jump, which
+  stays last); only when that tail is out of place is the chain rewritten;
+- owned chains that are no longer wanted are flushed and deleted (`-X`);
+- jump rules in built-in chains are inserted only when missing, duplicates removed; stale jumps
+  into owned chains are deleted; every other rule and chain is foreign and never named.
+
+No I/O.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from kproxy.ruleset import BUILTIN_CHAINS, RuleSet, Table, is_owned_chain, rule_target
+
+
+@dataclass
+class TableChange:
+    """The edits for one table, in the order iptables-restore needs them."""
+
+    table: str
+    declare: list[str] = field(default_factory=list)  # chains created or flushed
+    delete_rules: list[str] = field(default_factory=list)  # "-D CHAIN rule"
+    add_rules: list[str] = field(default_factory=list)  # "-A/-I CHAIN rule"
+    delete_chains: list[str] = field(default_factory=list)
+    # Per-chain summary for humans: chain -> "created" | "rewritten" | "edited" | "deleted"
+    summary: dict[str, str] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return not (self.declare or self.delete_rules or self.add_rules or self.delete_chains)
+
+    def lines(self) -> list[str]:
+        return (
+            [f":{c} - [0:0]" for c in self.declare]
+            + self.delete_rules
+            + self.add_rules
+            + [f"-X {c}" for c in self.delete_chains]
+        )
+
+    def line_count(self) -> int:
+        return (
+            len(self.declare)
+            + len(self.delete_rules)
+            + len(self.add_rules)
+            + len(self.delete_chains)
+        )
+
+
+@dataclass
+class Plan:
+    changes: dict[str, TableChange]
+
+    def empty(self) -> bool:
+        return all(c.empty() for c in self.changes.values())
+
+    def line_count(self) -> int:
+        return sum(c.line_count() for c in self.changes.values())
+
+    def restore_text(self) -> str:
+        """Input for `iptables-restore --noflush` applying every change atomically per table."""
+        parts = []
+        for change in self.changes.values():
+            if not change.empty():
+                parts.append(f"*{change.table}\n" + "".join(f"{ln}\n" for ln in change.lines()))
+                parts.append("COMMIT\n")
+        return "".join(parts)
+
+
+def plan(desired: RuleSet, live: dict[str, Table]) -> Plan:
+    """The change that turns `live` into `desired` for the owned chains and jumps."""
+    tables = sorted(set(desired.tables) | {j.table for j in desired.jumps})
+    changes = {}
+    for name in tables:
+        changes[name] = _plan_table(desired, name, live.get(name, Table(name)))
+    return Plan(changes)
+
+
+def _plan_table(desired: RuleSet, name: str, live: Table) -> TableChange:
+    change = TableChange(name)
+    want = desired.tables.get(name, Table(name))
+    for chain, rules in want.chains.items():
+        have = live.chains.get(chain)
+        tail = desired.unordered.get((name, chain))
+        if have is None:
+            change.declare.append(chain)
+            change.add_rules.extend(f"-A {chain} {r}" for r in rules)
+            change.summary[chain] = "created"
+        elif tail is not None and _tail_in_place(rules, have, tail):
+            if _edit_unordered(change, chain, rules, have, tail):
+                change.summary[chain] = "edited"
+        elif have != rules:
+            change.declare.append(chain)
+            change.add_rules.extend(f"-A {chain} {r}" for r in rules)
+            change.summary[chain] = "rewritten"
+
+    for chain in live.chains:
+        if chain not in want.chains and is_owned_chain(name, chain):
+            change.declare.append(chain)  # flush first, so nothing it references blocks -X
+            change.delete_chains.append(chain)
+            change.summary[chain] = "deleted"
+
+    _plan_jumps(change, desired, name, live, want)
+    return change
+
+
+def _tail_in_place(want: list[str], have: list[str], tail: int) -> bool:
+    if tail == 0:
+        return True
+    if len(have) < tail or have[-tail:] != want[-tail:]:
+        return False
+    # The pinned rules must not also appear earlier (they would then not be last).
+    pinned = set(want[-tail:])
+    return not any(r in pinned for r in have[:-tail])
+
+
+def _edit_unordered(
+    change: TableChange, chain: str, want: list[str], have: list[str], tail: int
+) -> bool:
+    body_want = Counter(want[: len(want) - tail])
+    body_have = Counter(have[: len(have) - tail])
+    if body_want == body_have:
+        return False
+    for rule, count in (body_have - body_want).items():
+        change.delete_rules.extend([f"-D {chain} {rule}"] * count)
+    # Inserted at the top: order among these rules is free and the pinned tail stays last.
+    for rule in want[: len(want) - tail]:
+        if body_have[rule] < body_want[rule]:
+            body_have[rule] += 1
+            change.add_rules.append(f"-I {chain} 1 {rule}")
+    return True
+
+
+def _plan_jumps(
+    change: TableChange, desired: RuleSet, name: str, live: Table, want: Table
+) -> None:
+    wanted: dict[str, list[str]] = {}
+    for jump in desired.jumps:
+        if jump.table == name:
+            wanted.setdefault(jump.chain, []).append(jump.rule)
+    for chain in BUILTIN_CHAINS.get(name, ()):
+        have = live.chains.get(chain, [])
+        rules = wanted.get(chain, [])
+        counts = Counter(have)
+        for rule in have:
+            target = rule_target(rule)
+            stale = target is not None and is_owned_chain(name, target) and rule not in rules
+            if stale and counts[rule] > 0:
+                change.delete_rules.extend([f"-D {chain} {rule}"] * counts[rule])
+                counts[rule] = 0
+        missing = []
+        for rule in rules:
+            if counts[rule] == 0:
+                missing.append(rule)
+            elif counts[rule] > 1:
+                change.delete_rules.extend([f"-D {chain} {rule}"] * (counts[rule] - 1))
+            counts[rule] = 0
+        # Prepended like upstream's EnsureRule(Prepend), keeping their relative order.
+        for rule in reversed(missing):
+            change.add_rules.append(f"-I {chain} 1 {rule}")
+        if missing or any(line.startswith(f"-D {chain} ") for line in change.delete_rules):
+            change.summary[chain] = "jumps fixed"
+
+
+def full_table(desired: RuleSet, name: str, live: Table) -> Table:
+    """The whole table as it must be after the sync: foreign chains and rules from `live`
+    untouched, owned chains from `desired`, jumps present exactly once.
+
+    Restoring this without --noflush replaces the table atomically; on iptables 1.8.9 that is
+    far cheaper than a large --noflush payload (../shared/MEASURED.md).
+    """
+    want = desired.tables.get(name, Table(name))
+    out = Table(name, policies=dict(live.policies))
+    wanted_jumps: dict[str, list[str]] = {}
+    for jump in desired.jumps:
+        if jump.table == name:
+            wanted_jumps.setdefault(jump.chain, []).append(jump.rule)
+    for chain in BUILTIN_CHAINS.get(name, ()):
+        jumps = wanted_jumps.get(chain, [])
+        present = [j for j in jumps if j in live.chains.get(chain, [])]
+        missing = [j for j in jumps if j not in present]
+        kept: list[str] = []
+        for rule in live.chains.get(chain, []):
+            target = rule_target(rule)
+            if target is not None and is_owned_chain(name, target):
+                if rule in jumps and rule not in kept:
+                    kept.append(rule)
+                continue
+            kept.append(rule)
+        if jumps or chain in live.chains:
+            out.chains[chain] = missing + kept
+    for chain, rules in live.chains.items():
+        if chain not in out.chains and not is_owned_chain(name, chain):
+            out.chains[chain] = list(rules)
+    for chain, rules in want.chains.items():
+        out.chains[chain] = list(rules)
+    return out
