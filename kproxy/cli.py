@@ -26,7 +26,9 @@ EXIT_ERROR = 2  # bad input or usage; the kernel was not touched
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        prefix = "kproxy: " + ("" if record.levelno == logging.INFO else record.levelname.lower() + ": ")
+        prefix = "kproxy: " + (
+            "" if record.levelno == logging.INFO else record.levelname.lower() + ": "
+        )
         return prefix + record.getMessage()
 
 
@@ -46,19 +48,41 @@ def _cidr(text: str) -> str:
 
 
 def _add_node_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state", metavar="FILE", required=True,
-                   help="Services/EndpointSlices (and optionally this Node) as a Kubernetes "
-                        "List, multi-document YAML or JSON")
+    p.add_argument(
+        "--state",
+        metavar="FILE",
+        required=True,
+        help="Services/EndpointSlices (and optionally this Node) as a Kubernetes "
+        "List, multi-document YAML or JSON",
+    )
     p.add_argument("--mode", choices=("iptables", "nftables"), default="iptables")
-    p.add_argument("--node-name", "--hostname-override", dest="node_name",
-                   default=socket.gethostname(), help="this node's name (default: hostname)")
-    p.add_argument("--cluster-cidr", action="append", type=_cidr, default=[], metavar="CIDR",
-                   help="pod CIDR; traffic to a ClusterIP from outside it is masqueraded "
-                        "(repeat once per IP family)")
-    p.add_argument("--masquerade-all", action="store_true",
-                   help="masquerade all traffic sent to Service cluster IPs")
-    p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto",
-                   help="iptables variant to drive (default: detect as iptables-wrappers does)")
+    p.add_argument(
+        "--node-name",
+        "--hostname-override",
+        dest="node_name",
+        default=socket.gethostname(),
+        help="this node's name (default: hostname)",
+    )
+    p.add_argument(
+        "--cluster-cidr",
+        action="append",
+        type=_cidr,
+        default=[],
+        metavar="CIDR",
+        help="pod CIDR; traffic to a ClusterIP from outside it is masqueraded "
+        "(repeat once per IP family)",
+    )
+    p.add_argument(
+        "--masquerade-all",
+        action="store_true",
+        help="masquerade all traffic sent to Service cluster IPs",
+    )
+    p.add_argument(
+        "--iptables-backend",
+        choices=("auto", "nft", "legacy"),
+        default="auto",
+        help="iptables variant to drive (default: detect as iptables-wrappers does)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
 
 
@@ -66,21 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kproxy",
         description="kube-proxy's job on a Linux node: Services and EndpointSlices in, "
-                    "iptables rules out.",
+        "iptables rules out.",
     )
     parser.add_argument("--version", action="version", version=f"kproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_sync = sub.add_parser(
-        "sync", help="program this network namespace's rules once from a state file",
+        "sync",
+        help="program this network namespace's rules once from a state file",
         description="Read the cluster state from FILE and program the kernel of the current "
-                    "network namespace once. Exit 0 on success, 1 when the kernel refused "
-                    "the change (previous rules stay), 2 on unusable input (kernel untouched).",
+        "network namespace once. Exit 0 on success, 1 when the kernel refused "
+        "the change (previous rules stay), 2 on unusable input (kernel untouched).",
     )
     _add_node_flags(p_sync)
     p_diff = sub.add_parser(
-        "diff", help="print what a sync would change",
+        "diff",
+        help="print what a sync would change",
         description="Print the change a sync would apply. Exit 0 when the kernel already "
-                    "matches, 1 when a sync would change something, 2 on error.",
+        "matches, 1 when a sync would change something, 2 on error.",
     )
     _add_node_flags(p_diff)
     return parser
@@ -121,9 +147,7 @@ def _run_sync(args: argparse.Namespace, dry_run: bool) -> int:
         sys.stdout.write(text)
         return EXIT_CHANGES if text else EXIT_OK
 
-    changed = {
-        t: c.summary for t, c in result.plan.changes.items() if c.summary
-    }
+    changed = {t: c.summary for t, c in result.plan.changes.items() if c.summary}
     how = f"whole {'+'.join(result.full_tables)} restored, " if result.full_tables else ""
     log.info(
         "synced IPv4 (iptables-%s): %d services, %d lines sent, %s%s; load %.3fs render "

@@ -146,7 +146,8 @@ class _Checker:
         name = meta.get("name")
         namespace = meta.get("namespace", "default")
         self.kind = kind
-        self.ref = f"{namespace}/{name}" if kind != "Node" else str(name)
+        shown = name if isinstance(name, str) and name else "<unnamed>"
+        self.ref = f"{namespace}/{shown}" if kind != "Node" else shown
         if not isinstance(name, str) or not name:
             raise InvalidObject(kind, self.ref, "metadata.name", "missing")
         if not isinstance(namespace, str) or not namespace:
@@ -228,7 +229,9 @@ def service_from_k8s(obj: Mapping[str, Any]) -> Service | None:
     spec = c.mapping(obj.get("spec"), "spec", required=True)
     svc_type = c.string(spec.get("type"), "spec.type", "ClusterIP")
     if svc_type not in SERVICE_TYPES:
-        raise c.fail("spec.type", f"{svc_type!r} is not a Service type ({', '.join(SERVICE_TYPES)})")
+        raise c.fail(
+            "spec.type", f"{svc_type!r} is not a Service type ({', '.join(SERVICE_TYPES)})"
+        )
     if svc_type == "ExternalName":
         return None
 
@@ -254,8 +257,9 @@ def service_from_k8s(obj: Mapping[str, Any]) -> Service | None:
                 if not target:
                     raise c.fail(f"{path}.targetPort", "must not be empty")
             else:
-                target = c.port(int(target) if isinstance(target, str) else target,
-                                f"{path}.targetPort")
+                target = c.port(
+                    int(target) if isinstance(target, str) else target, f"{path}.targetPort"
+                )
         ports.append(
             ServicePort(
                 name=c.string(p.get("name"), f"{path}.name", ""),
@@ -390,9 +394,7 @@ def endpoint_slice_from_k8s(obj: Mapping[str, Any]) -> EndpointSlice | None:
 def node_from_k8s(obj: Mapping[str, Any]) -> Node:
     c = _Checker("Node", obj)
     meta = c.mapping(obj.get("metadata"), "metadata")
-    labels = {
-        str(k): str(v) for k, v in c.mapping(meta.get("labels"), "metadata.labels").items()
-    }
+    labels = {str(k): str(v) for k, v in c.mapping(meta.get("labels"), "metadata.labels").items()}
     status = c.mapping(obj.get("status"), "status")
     addresses = []
     for i, raw in enumerate(c.sequence(status.get("addresses"), "status.addresses")):

@@ -138,9 +138,7 @@ def _edit_unordered(
     return True
 
 
-def _plan_jumps(
-    change: TableChange, desired: RuleSet, name: str, live: Table, want: Table
-) -> None:
+def _plan_jumps(change: TableChange, desired: RuleSet, name: str, live: Table, want: Table) -> None:
     wanted: dict[str, list[str]] = {}
     for jump in desired.jumps:
         if jump.table == name:

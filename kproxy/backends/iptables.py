@@ -16,7 +16,8 @@ from tenacity import (
     retry,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class IptablesBackend:
     @retry(
         retry=retry_if_exception(_is_lock_contention),
         stop=stop_after_attempt(4),
-        wait=wait_exponential_jitter(initial=0.2, max=2.0),
+        wait=wait_exponential(multiplier=0.2, max=2.0) + wait_random(0, 0.2),
         reraise=True,
     )
     def restore(self, payload: str, noflush: bool) -> None:
@@ -124,7 +125,5 @@ def detect_variant(family: int = 4) -> str:
     for variant in ("nft", "legacy"):
         if ":KUBE-IPTABLES-HINT" in dump(variant, "mangle"):
             return variant
-    counts = {
-        v: sum(1 for ln in dump(v).splitlines() if ln.startswith("-")) for v in available
-    }
+    counts = {v: sum(1 for ln in dump(v).splitlines() if ln.startswith("-")) for v in available}
     return "legacy" if counts["legacy"] > counts["nft"] else "nft"

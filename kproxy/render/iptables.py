@@ -22,22 +22,57 @@ NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last r
 
 # (table, built-in chain, extra matches, comment, owned chain): upstream's iptablesJumpChains.
 JUMPS = (
-    ("filter", "INPUT", "-m conntrack --ctstate NEW",
-     "kubernetes externally-visible service portals", "KUBE-EXTERNAL-SERVICES"),
-    ("filter", "FORWARD", "-m conntrack --ctstate NEW",
-     "kubernetes externally-visible service portals", "KUBE-EXTERNAL-SERVICES"),
+    (
+        "filter",
+        "INPUT",
+        "-m conntrack --ctstate NEW",
+        "kubernetes externally-visible service portals",
+        "KUBE-EXTERNAL-SERVICES",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW",
+        "kubernetes externally-visible service portals",
+        "KUBE-EXTERNAL-SERVICES",
+    ),
     ("filter", "INPUT", "", "kubernetes health check service ports", "KUBE-NODEPORTS"),
-    ("filter", "FORWARD", "-m conntrack --ctstate NEW", "kubernetes service portals",
-     "KUBE-SERVICES"),
-    ("filter", "OUTPUT", "-m conntrack --ctstate NEW", "kubernetes service portals",
-     "KUBE-SERVICES"),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW",
+        "kubernetes service portals",
+        "KUBE-SERVICES",
+    ),
+    (
+        "filter",
+        "OUTPUT",
+        "-m conntrack --ctstate NEW",
+        "kubernetes service portals",
+        "KUBE-SERVICES",
+    ),
     ("filter", "FORWARD", "", "kubernetes forwarding rules", "KUBE-FORWARD"),
-    ("filter", "INPUT", "-m conntrack --ctstate NEW", "kubernetes load balancer firewall",
-     "KUBE-PROXY-FIREWALL"),
-    ("filter", "OUTPUT", "-m conntrack --ctstate NEW", "kubernetes load balancer firewall",
-     "KUBE-PROXY-FIREWALL"),
-    ("filter", "FORWARD", "-m conntrack --ctstate NEW", "kubernetes load balancer firewall",
-     "KUBE-PROXY-FIREWALL"),
+    (
+        "filter",
+        "INPUT",
+        "-m conntrack --ctstate NEW",
+        "kubernetes load balancer firewall",
+        "KUBE-PROXY-FIREWALL",
+    ),
+    (
+        "filter",
+        "OUTPUT",
+        "-m conntrack --ctstate NEW",
+        "kubernetes load balancer firewall",
+        "KUBE-PROXY-FIREWALL",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW",
+        "kubernetes load balancer firewall",
+        "KUBE-PROXY-FIREWALL",
+    ),
     ("nat", "OUTPUT", "", "kubernetes service portals", "KUBE-SERVICES"),
     ("nat", "PREROUTING", "", "kubernetes service portals", "KUBE-SERVICES"),
     ("nat", "POSTROUTING", "", "kubernetes postrouting rules", "KUBE-POSTROUTING"),
@@ -77,8 +112,9 @@ class Family:
 
 
 IPV4 = Family(4, 32, "icmp-port-unreachable", "255.255.255.255", "127.0.0.0/8")
-IPV6 = Family(6, 128, "icmp6-port-unreachable", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
-              "::1/128")
+IPV6 = Family(
+    6, 128, "icmp6-port-unreachable", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "::1/128"
+)
 
 
 def hash16(text: str) -> str:
@@ -225,12 +261,18 @@ def render(state: ClusterState, config: NodeConfig, family: Family = IPV4) -> Re
                     )
                     node_port = 0
             endpoints = [
-                e
-                for e in endpoints_for_port(svc, port, slices, address_type)
-                if e.endpoint.ready
+                e for e in endpoints_for_port(svc, port, slices, address_type) if e.endpoint.ready
             ]
             _render_service_port(
-                out, family, config, local_cidr, svc, port, spn, cluster_ip, node_port,
+                out,
+                family,
+                config,
+                local_cidr,
+                svc,
+                port,
+                spn,
+                cluster_ip,
+                node_port,
                 endpoints,
             )
 
@@ -311,8 +353,7 @@ def _render_service_port(
         comment = f"-m comment --comment {quote(f'{spn} -> {addr}')}"
         if i < n - 1:
             rules.append(
-                f"{comment} -m statistic --mode random --probability {probability(n - i)} "
-                f"-j {sep}"
+                f"{comment} -m statistic --mode random --probability {probability(n - i)} -j {sep}"
             )
         else:
             rules.append(f"{comment} -j {sep}")
@@ -329,10 +370,10 @@ def _render_service_port(
             f"-p {proto} -m comment --comment {quote(spn)} -m {proto} --dport {node_port} "
             f"-j {ext_chain}"
         )
+        masq_comment = quote(f"masquerade traffic for {spn} external destinations")
         out.chain("nat", ext_chain).extend(
             [
-                f"-m comment --comment {quote(f'masquerade traffic for {spn} external destinations')}"
-                " -j KUBE-MARK-MASQ",
+                f"-m comment --comment {masq_comment} -j KUBE-MARK-MASQ",
                 f"-j {svc_chain}",
             ]
         )

@@ -18,8 +18,10 @@ class StateFileError(Exception):
 
 def _flatten(doc: Any) -> Iterator[Any]:
     # `kind: List` (and the typed lists kubectl prints, e.g. ServiceList) carry `items`.
-    if isinstance(doc, Mapping) and isinstance(doc.get("items"), list) and (
-        str(doc.get("kind", "")).endswith("List")
+    if (
+        isinstance(doc, Mapping)
+        and isinstance(doc.get("items"), list)
+        and (str(doc.get("kind", "")).endswith("List"))
     ):
         for item in doc["items"]:
             yield from _flatten(item)

@@ -1,0 +1,262 @@
+"""Validation: every bad input is skipped with one line naming kind, object and field, and
+the other objects still load."""
+
+import copy
+import json
+
+import pytest
+
+from kproxy.model import build_state
+from kproxy.sources.statefile import StateFileError, load_state
+
+GOOD_SERVICE = {
+    "apiVersion": "v1",
+    "kind": "Service",
+    "metadata": {"namespace": "shop", "name": "cart"},
+    "spec": {
+        "type": "NodePort",
+        "clusterIP": "10.96.0.20",
+        "ports": [
+            {"name": "http", "port": 80, "targetPort": "web", "protocol": "TCP", "nodePort": 30020}
+        ],
+    },
+}
+GOOD_SLICE = {
+    "apiVersion": "discovery.k8s.io/v1",
+    "kind": "EndpointSlice",
+    "metadata": {
+        "namespace": "shop",
+        "name": "cart-x1",
+        "labels": {"kubernetes.io/service-name": "cart"},
+    },
+    "addressType": "IPv4",
+    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    "endpoints": [
+        {"addresses": ["10.244.1.5"], "conditions": {"ready": True}, "nodeName": "node-1"}
+    ],
+}
+OTHER_SERVICE = {
+    "kind": "Service",
+    "metadata": {"namespace": "shop", "name": "other"},
+    "spec": {"clusterIP": "10.96.0.21", "ports": [{"port": 53, "protocol": "UDP"}]},
+}
+
+
+def mutate(obj, path, value):
+    obj = copy.deepcopy(obj)
+    target = obj
+    for key in path[:-1]:
+        target = target[key]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return obj
+
+
+BAD_CASES = [
+    # (object, expected text in the warning)
+    (
+        mutate(GOOD_SERVICE, ["spec", "clusterIP"], "10.96.0.300"),
+        "Service shop/cart: spec.clusterIP: '10.96.0.300' is not a valid IP address",
+    ),
+    (
+        mutate(GOOD_SERVICE, ["spec", "ports", 0, "port"], 70000),
+        "Service shop/cart: spec.ports[0].port: 70000 is not a valid port number",
+    ),
+    (
+        mutate(GOOD_SERVICE, ["spec", "ports", 0, "port"], "eighty"),
+        "Service shop/cart: spec.ports[0].port: 'eighty' is not a port number",
+    ),
+    (
+        mutate(GOOD_SERVICE, ["spec", "ports", 0, "port"], KeyError),
+        "Service shop/cart: spec.ports[0].port: missing",
+    ),
+    (
+        mutate(GOOD_SERVICE, ["spec", "ports", 0, "protocol"], "ICMP"),
+        "Service shop/cart: spec.ports[0].protocol: 'ICMP' is not a supported protocol",
+    ),
+    (
+        mutate(GOOD_SERVICE, ["spec", "ports", 0, "nodePort"], -1),
+        "Service shop/cart: spec.ports[0].nodePort: -1 is not a valid port number",
+    ),
+    (
+        mutate(GOOD_SERVICE, ["spec", "ports", 0, "targetPort"], 0),
+        "Service shop/cart: spec.ports[0].targetPort: 0 is not a valid port number",
+    ),
+    (
+        mutate(GOOD_SERVICE, ["spec", "type"], "Magic"),
+        "Service shop/cart: spec.type: 'Magic' is not a Service type",
+    ),
+    (mutate(GOOD_SERVICE, ["spec"], KeyError), "Service shop/cart: spec: missing"),
+    (
+        mutate(GOOD_SERVICE, ["metadata", "name"], KeyError),
+        "Service shop/<unnamed>: metadata.name: missing",
+    ),
+    (
+        mutate(GOOD_SERVICE, ["spec", "ports"], "80"),
+        "Service shop/cart: spec.ports: must be a list",
+    ),
+    (
+        mutate(GOOD_SERVICE, ["spec", "externalIPs"], ["1.2.3"]),
+        "Service shop/cart: spec.externalIPs[0]: '1.2.3' is not a valid IP address",
+    ),
+    (
+        mutate(GOOD_SLICE, ["endpoints", 0, "addresses"], ["10.244.1.999"]),
+        "EndpointSlice shop/cart-x1: endpoints[0].addresses[0]: '10.244.1.999' is not a valid IP",
+    ),
+    (
+        mutate(GOOD_SLICE, ["endpoints", 0, "addresses"], ["fd00::5"]),
+        "EndpointSlice shop/cart-x1: endpoints[0].addresses[0]: 'fd00::5' is not an IPv4 address",
+    ),
+    (
+        mutate(GOOD_SLICE, ["endpoints", 0, "addresses"], []),
+        "EndpointSlice shop/cart-x1: endpoints[0].addresses: missing",
+    ),
+    (
+        mutate(GOOD_SLICE, ["ports", 0, "port"], 0),
+        "EndpointSlice shop/cart-x1: ports[0].port: 0 is not a valid port number",
+    ),
+    (
+        mutate(GOOD_SLICE, ["ports", 0, "protocol"], "tcp"),
+        "EndpointSlice shop/cart-x1: ports[0].protocol: 'tcp' is not a supported protocol",
+    ),
+    (
+        mutate(GOOD_SLICE, ["addressType"], "IPv5"),
+        "EndpointSlice shop/cart-x1: addressType: 'IPv5' is not IPv4, IPv6 or FQDN",
+    ),
+    (
+        mutate(GOOD_SLICE, ["addressType"], KeyError),
+        "EndpointSlice shop/cart-x1: addressType: missing",
+    ),
+    (
+        mutate(GOOD_SLICE, ["metadata", "labels"], {}),
+        "EndpointSlice shop/cart-x1: metadata.labels[kubernetes.io/service-name]: missing",
+    ),
+    (
+        mutate(GOOD_SLICE, ["endpoints", 0, "conditions"], {"ready": "yes"}),
+        "EndpointSlice shop/cart-x1: endpoints[0].conditions.ready: must be true or false",
+    ),
+    (
+        {"kind": "Pod", "metadata": {"namespace": "shop", "name": "p1"}},
+        "Pod shop/p1: kind: not a Service, EndpointSlice or Node, skipped",
+    ),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_CASES, ids=[m for _, m in BAD_CASES])
+def test_bad_object_is_skipped_with_one_line_naming_it(bad, message):
+    good = [GOOD_SERVICE, GOOD_SLICE, OTHER_SERVICE]
+    state, warnings = build_state([*good, bad])
+    assert len(warnings) == 1, warnings
+    assert message in warnings[0]
+    assert "\n" not in warnings[0]
+    # The bad object is gone and every good one is still there.
+    kind = bad.get("kind")
+    if kind == "Service" and bad["metadata"].get("name") == "cart":
+        # The bad copy replaced nothing: the good cart came first and stays.
+        assert ("shop", "cart") in state.services
+    assert ("shop", "other") in state.services
+    assert ("shop", "cart-x1") in state.slices
+
+
+def test_bad_object_alone_is_dropped():
+    bad = mutate(GOOD_SERVICE, ["spec", "ports", 0, "port"], 0)
+    state, warnings = build_state([bad, OTHER_SERVICE])
+    assert list(state.services) == [("shop", "other")]
+    assert len(warnings) == 1
+
+
+def test_good_objects_build_the_model():
+    state, warnings = build_state([GOOD_SERVICE, GOOD_SLICE])
+    assert warnings == []
+    svc = state.services[("shop", "cart")]
+    assert svc.cluster_ips == ("10.96.0.20",)
+    port = svc.ports[0]
+    assert (port.name, port.protocol, port.port, port.target_port, port.node_port) == (
+        "http",
+        "TCP",
+        80,
+        "web",
+        30020,
+    )
+    eps = state.slices[("shop", "cart-x1")]
+    assert eps.service_name == "cart"
+    assert eps.endpoints[0].ip == "10.244.1.5"
+    assert eps.endpoints[0].ready and eps.endpoints[0].serving
+
+
+def test_defaults_follow_the_api():
+    state, _ = build_state([OTHER_SERVICE])
+    svc = state.services[("shop", "other")]
+    assert svc.type == "ClusterIP"
+    assert svc.ports[0].name == ""
+    # Missing ready means ready (EndpointSlice API: nil is "unknown", consumers treat as ready).
+    slice_ = mutate(GOOD_SLICE, ["endpoints", 0, "conditions"], KeyError)
+    state, _ = build_state([slice_])
+    assert state.slices[("shop", "cart-x1")].endpoints[0].ready
+
+
+def test_headless_and_external_name_are_ignored_without_warning():
+    headless = mutate(GOOD_SERVICE, ["spec", "clusterIP"], "None")
+    external = mutate(GOOD_SERVICE, ["spec"], {"type": "ExternalName", "externalName": "x.y"})
+    fqdn = mutate(GOOD_SLICE, ["addressType"], "FQDN")
+    state, warnings = build_state([headless, external, fqdn])
+    assert warnings == []
+    assert not state.services and not state.slices
+
+
+def test_kubectl_list_multidoc_and_json_all_load(tmp_path):
+    listed = {"apiVersion": "v1", "kind": "List", "items": [GOOD_SERVICE, GOOD_SLICE]}
+    import yaml
+
+    (tmp_path / "list.yaml").write_text(yaml.safe_dump(listed))
+    (tmp_path / "multi.yaml").write_text(yaml.safe_dump_all([GOOD_SERVICE, GOOD_SLICE]))
+    (tmp_path / "list.json").write_text(json.dumps(listed))
+    for name in ("list.yaml", "multi.yaml", "list.json"):
+        state, warnings = load_state(tmp_path / name)
+        assert warnings == [], name
+        assert ("shop", "cart") in state.services, name
+        assert ("shop", "cart-x1") in state.slices, name
+
+
+def test_node_is_taken_when_it_is_this_node(tmp_path):
+    node = {
+        "kind": "Node",
+        "metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": "z1"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.10"}]},
+    }
+    state, _ = build_state([node], node_name="node-1")
+    assert state.node is not None and state.node.labels["topology.kubernetes.io/zone"] == "z1"
+    assert state.node.addresses == ("192.168.1.10",)
+    state, _ = build_state([node], node_name="node-2")
+    assert state.node is None
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (None, "cannot read state file"),
+        ("kind: List\nitems: [\n", "cannot parse state file"),
+        ("", "is empty"),
+        (b"\xff\xfe\x00bad", "cannot read state file"),
+    ],
+)
+def test_unusable_file_is_one_line_error(tmp_path, content, expected):
+    path = tmp_path / "state.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(StateFileError) as err:
+        load_state(path)
+    assert expected in str(err.value)
+    assert str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_empty_list_is_an_empty_cluster(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("apiVersion: v1\nkind: List\nitems: []\n")
+    state, warnings = load_state(path)
+    assert not state.services and warnings == []
