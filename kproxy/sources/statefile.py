@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,15 @@ def read_objects(path: str | Path) -> list[Any]:
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise StateFileError(f"cannot read state file {path}: {reason}") from None
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
+        # JSON is YAML too, but the json module reads it ~30x faster (seconds at 10k Services).
+        try:
+            docs = [json.loads(text)]
+        except ValueError as err:
+            raise StateFileError(f"cannot parse state file {path}: {err}") from None
+        return _objects(path, docs)
     try:
-        # JSON is YAML, so one parser serves both; CSafeLoader when libyaml is present.
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
         docs = list(yaml.load_all(text, Loader=loader))
     except yaml.YAMLError as err:
@@ -45,6 +53,10 @@ def read_objects(path: str | Path) -> list[Any]:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise StateFileError(f"cannot parse state file {path}{where}: {problem}") from None
+    return _objects(path, docs)
+
+
+def _objects(path: str | Path, docs: list[Any]) -> list[Any]:
     if all(doc is None for doc in docs):
         # An empty List is a valid (empty) cluster; an empty file is more likely a mistake.
         raise StateFileError(f"state file {path} is empty")

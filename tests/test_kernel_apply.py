@@ -1,0 +1,177 @@
+"""The apply path against a real kernel: whole-table restore for big changes, rule edits for
+small ones, foreign rules intact, atomic failure. Runs in a namespace it creates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import netns  # noqa: E402
+import synthetic  # noqa: E402
+
+pytestmark = pytest.mark.kernel
+
+FOREIGN = [
+    ["-t", "nat", "-N", "DOCKER"],
+    ["-t", "nat", "-A", "DOCKER", "-i", "docker0", "-j", "RETURN"],
+    ["-t", "nat", "-A", "PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DOCKER"],
+    ["-t", "nat", "-N", "KUBE-MARK-DROP"],  # the kubelet's, not kproxy's
+    ["-t", "nat", "-A", "KUBE-MARK-DROP", "-j", "MARK", "--set-xmark", "0x8000/0x8000"],
+    ["-t", "filter", "-N", "ADMIN"],
+    ["-t", "filter", "-A", "ADMIN", "-j", "ACCEPT"],
+    ["-t", "filter", "-A", "INPUT", "-s", "192.0.2.1", "-j", "ADMIN"],
+    ["-t", "filter", "-P", "FORWARD", "DROP"],
+]
+
+
+@pytest.fixture
+def node(kernel_support: None) -> Iterator[str]:
+    topo = netns.Topology()
+    try:
+        for argv in FOREIGN:
+            netns.run(topo.node, ["iptables", *argv])
+        yield topo.node
+    finally:
+        topo.close()
+
+
+def kproxy(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return netns.run(
+        ns,
+        [sys.executable, "-m", "kproxy", *args, "--cluster-cidr", "10.244.0.0/16"],
+        check=False,
+    )
+
+
+def foreign_lines(ns: str) -> list[str]:
+    text = netns.iptables_save(ns)
+    keep = ("DOCKER", "KUBE-MARK-DROP", "ADMIN", ":FORWARD DROP")
+    return sorted(ln for ln in text.splitlines() if any(k in ln for k in keep))
+
+
+def write(path: Path, objects: list[dict]) -> Path:
+    path.write_text(json.dumps(synthetic.as_list(objects)))
+    return path
+
+
+def test_large_sync_replaces_table_whole_then_edits_small_changes(node, tmp_path):
+    before = foreign_lines(node)
+    assert len(before) == 9
+    objects = synthetic.generate(300, 5)
+    state = write(tmp_path / "big.json", objects)
+    res = kproxy(node, "sync", "--state", str(state))
+    assert res.returncode == 0, res.stderr
+    assert "whole nat restored" in res.stderr, res.stderr
+    assert foreign_lines(node) == before
+    nat = netns.iptables_save(node, "nat")
+    assert nat.count("-j DNAT") == 1500
+    assert kproxy(node, "diff", "--state", str(state)).returncode == 0
+
+    # One endpoint of one Service replaced: a handful of lines through the edit path.
+    slice_ = next(o for o in objects if o["metadata"]["name"] == "svc-7-x")
+    slice_["endpoints"][0]["addresses"] = ["10.200.0.1"]
+    write(state, objects)
+    res = kproxy(node, "sync", "--state", str(state))
+    assert res.returncode == 0, res.stderr
+    assert "whole" not in res.stderr
+    sent = int(res.stderr.split(" lines sent")[0].rsplit(" ", 1)[1])
+    assert sent <= 15, res.stderr
+    nat = netns.iptables_save(node, "nat")
+    assert "--to-destination 10.200.0.1:8080" in nat
+    assert nat.count("-j DNAT") == 1500
+    assert foreign_lines(node) == before
+    assert kproxy(node, "diff", "--state", str(state)).returncode == 0
+
+
+def test_failed_apply_leaves_previous_rules(node, tmp_path):
+    objects = synthetic.generate(3, 2)
+    state = write(tmp_path / "s.json", objects)
+    assert kproxy(node, "sync", "--state", str(state)).returncode == 0
+    saved = netns.iptables_save(node, "nat")
+    sep = next(
+        ln.split()[1]
+        for ln in saved.splitlines()
+        if ln.startswith("-A KUBE-SEP-") and "10.128.0.0:8080" in ln
+    )
+    # A foreign chain that references that endpoint's chain makes its deletion fail.
+    netns.run(node, ["iptables", "-t", "nat", "-N", "PINNED"])
+    netns.run(node, ["iptables", "-t", "nat", "-A", "PINNED", "-j", sep])
+    before = netns.iptables_save(node, "nat")
+
+    objects[1]["endpoints"].pop(0)  # svc-0 loses 10.128.0.0
+    write(state, objects)
+    res = kproxy(node, "sync", "--state", str(state))
+    assert res.returncode == 1, res.stderr
+    assert "iptables-restore failed" in res.stderr.replace("-nft", "")
+    # Nothing half-applied: the nat table is exactly as before the failed sync.
+    strip = lambda t: [ln for ln in t.splitlines() if not ln.startswith("#")]  # noqa: E731
+    assert strip(netns.iptables_save(node, "nat")) == strip(before)
+    assert kproxy(node, "diff", "--state", str(state)).returncode == 1
+
+
+def test_takes_over_kube_proxy_rules_without_duplicates(node, tmp_path):
+    """Rules left by kube-proxy (same layout) are adopted: jumps not duplicated, stale
+    service chains removed, live ones kept."""
+    objects = synthetic.generate(2, 1, node_ports=False)
+    state = write(tmp_path / "s.json", objects)
+    assert kproxy(node, "sync", "--state", str(state)).returncode == 0
+    # What a kube-proxy would have left beside it: a Service kproxy does not know about.
+    for argv in (
+        ["-t", "nat", "-N", "KUBE-SVC-AAAAAAAAAAAAAAAA"],
+        ["-t", "nat", "-N", "KUBE-SEP-BBBBBBBBBBBBBBBB"],
+        ["-t", "nat", "-A", "KUBE-SVC-AAAAAAAAAAAAAAAA", "-j", "KUBE-SEP-BBBBBBBBBBBBBBBB"],
+        [
+            "-t",
+            "nat",
+            "-A",
+            "KUBE-SEP-BBBBBBBBBBBBBBBB",
+            "-p",
+            "tcp",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.9.9.9:80",
+        ],
+        [
+            "-t",
+            "nat",
+            "-I",
+            "KUBE-SERVICES",
+            "1",
+            "-d",
+            "10.96.9.9/32",
+            "-p",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
+            "KUBE-SVC-AAAAAAAAAAAAAAAA",
+        ],
+        [
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service portals",
+            "-j",
+            "KUBE-SERVICES",
+        ],
+    ):
+        netns.run(node, ["iptables", *argv])
+    res = kproxy(node, "sync", "--state", str(state))
+    assert res.returncode == 0, res.stderr
+    nat = netns.iptables_save(node, "nat")
+    assert "KUBE-SVC-AAAAAAAAAAAAAAAA" not in nat and "KUBE-SEP-BBBBBBBBBBBBBBBB" not in nat
+    assert nat.count('-A PREROUTING -m comment --comment "kubernetes service portals"') == 1
+    assert nat.count("--to-destination") == 2
+    assert kproxy(node, "diff", "--state", str(state)).returncode == 0
