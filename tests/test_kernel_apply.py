@@ -175,3 +175,34 @@ def test_takes_over_kube_proxy_rules_without_duplicates(node, tmp_path):
     assert nat.count('-A PREROUTING -m comment --comment "kubernetes service portals"') == 1
     assert nat.count("--to-destination") == 2
     assert kproxy(node, "diff", "--state", str(state)).returncode == 0
+
+
+def test_legacy_backend_is_detected_and_driven(kernel_support, tmp_path):
+    """A node whose rules live in the legacy backend is synced there, as iptables-wrappers
+    would decide; a fresh node gets nft."""
+    topo = netns.Topology()
+    try:
+        fresh = netns.run(
+            topo.node,
+            [
+                sys.executable,
+                "-c",
+                "from kproxy.backends.iptables import detect_variant;print(detect_variant())",
+            ],
+        )
+        assert fresh.stdout.strip() == "nft"
+        netns.run(topo.node, ["iptables-legacy", "-A", "INPUT", "-s", "192.0.2.9", "-j", "ACCEPT"])
+        state = write(tmp_path / "s.json", synthetic.generate(2, 2))
+        res = kproxy(topo.node, "sync", "--state", str(state))
+        assert res.returncode == 0, res.stderr
+        assert "iptables-legacy" in res.stderr
+        legacy = netns.run(topo.node, ["iptables-legacy-save", "-t", "nat"]).stdout
+        assert legacy.count("-j DNAT") == 4
+        assert (
+            "-A INPUT -s 192.0.2.9/32 -j ACCEPT"
+            in netns.run(topo.node, ["iptables-legacy-save", "-t", "filter"]).stdout
+        )
+        assert "DNAT" not in netns.run(topo.node, ["iptables-nft-save", "-t", "nat"]).stdout
+        assert kproxy(topo.node, "diff", "--state", str(state)).returncode == 0
+    finally:
+        topo.close()
