@@ -1,0 +1,59 @@
+"""Fixtures for the kernel tests (``@pytest.mark.kernel``): real network namespaces.
+
+Kernel tests are skipped, with the reason, when not running as root, when ``ip netns add``
+or a veth pair inside a namespace fails, or when iptables/iptables-restore are missing.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+import netns  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def kernel_support() -> None:
+    """Skips the test unless namespaces, veth pairs and iptables work on this machine."""
+    reason = netns.probe_netns_support()
+    if reason is not None:
+        pytest.skip(f"kernel test skipped: {reason}")
+
+
+@pytest.fixture
+def topology(kernel_support: None) -> Iterator[netns.Topology]:
+    """A node namespace, pods a (10.244.1.2), b (.3), c (.4) and one external client (.2).
+
+    Each pod runs tests/podserver.py answering on TCP 8080 and UDP 5353 with its own name.
+    Everything (servers, by pid; namespaces) is torn down after the test, pass or fail.
+    """
+    topo = netns.build(pods=(("a", 2), ("b", 3), ("c", 4)), clients=1)
+    try:
+        for pod in topo.pods.values():
+            topo.start_server(pod, tcp=[8080], udp=[5353])
+        yield topo
+    finally:
+        topo.close()
+
+
+@pytest.fixture
+def write_state(tmp_path: Path) -> Callable[..., Path]:
+    """write_state(objects, name="state.yaml") -> path of a ``kind: List`` YAML file."""
+
+    def _write(objects: list[dict[str, Any]], name: str = "state.yaml") -> Path:
+        path = tmp_path / name
+        doc = {"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}}
+        doc["items"] = objects
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    return _write

@@ -1,0 +1,493 @@
+"""Throw-away network topologies in Linux network namespaces, built with iproute2.
+
+Everything this module creates lives in namespaces it created itself, named
+``kpt-<6 hex>-<role>``; nothing is ever added to the caller's (root) namespace: veth pairs
+are created directly inside the node namespace with their peer inside the pod namespace
+(``ip -n NODE link add vpX type veth peer name eth0 netns POD``), and every other command
+runs through ``ip -n NS`` or ``ip netns exec NS``.
+
+Layout (no bridge: every pod link is its own routed L3 hop, so all pod<->pod traffic
+crosses the node's netfilter hooks)::
+
+    pod ns  eth0 10.244.1.X/32  --veth--  vpX 10.244.1.1/32  node ns
+            route 10.244.1.1 dev eth0          route 10.244.1.X/32 dev vpX
+            default via 10.244.1.1             ip_forward=1, rp_filter=0, icmp_ratelimit=0
+
+    client ns eth0 192.168.100.2/24 --veth-- vcX 192.168.100.1/24 node ns
+                                             default via 192.168.100.2
+
+The node's default route points at the client namespace so that ClusterIPs are routable
+from the node before DNAT; the client namespace does not forward, so nothing leaves.
+
+No pytest dependency: the tests and ``scripts/demo.py`` both use it. Typical use::
+
+    with Topology() as topo:
+        topo.add_pod("a", 2)
+        topo.add_client()
+        topo.start_server(topo.pods["a"], tcp=[8080], udp=[5353])
+        print(topo.tcp(topo.node, "10.244.1.2", 8080))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PODSERVER = Path(__file__).resolve().with_name("podserver.py")
+
+POD_GATEWAY = "10.244.1.1"
+POD_PREFIX = "10.244.1."
+NODE_EXTERNAL_IP = "192.168.100.1"
+CLIENT_PREFIX = "192.168.100."
+
+_SBIN_PATHS = ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/local/bin", "/usr/bin", "/bin")
+
+
+def command_env() -> dict[str, str]:
+    """The environment for every command: ours, with the sbin directories on PATH."""
+    env = os.environ.copy()
+    parts = [p for p in env.get("PATH", "").split(os.pathsep) if p]
+    for extra in _SBIN_PATHS:
+        if extra not in parts:
+            parts.append(extra)
+    env["PATH"] = os.pathsep.join(parts)
+    return env
+
+
+def which(cmd: str) -> str | None:
+    return shutil.which(cmd, path=command_env()["PATH"])
+
+
+def _ip() -> str:
+    path = which("ip")
+    if path is None:
+        raise RuntimeError("iproute2's `ip` command was not found")
+    return path
+
+
+class CommandError(RuntimeError):
+    def __init__(self, argv: Sequence[str], proc: subprocess.CompletedProcess[str]):
+        self.argv = list(argv)
+        self.proc = proc
+        detail = (proc.stderr or proc.stdout or "").strip()
+        super().__init__(f"`{' '.join(self.argv)}` exited {proc.returncode}: {detail}")
+
+
+def _run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 60,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        list(argv),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=command_env(),
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc)
+    return proc
+
+
+def run(
+    ns: str,
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 60,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` inside namespace ``ns`` (``ip netns exec``); output is captured as text."""
+    return _run([_ip(), "netns", "exec", ns, *argv], check=check, timeout=timeout, input=input)
+
+
+def ip(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``ip -n NS ARGS...``: an iproute2 command acting on namespace ``ns``."""
+    return _run([_ip(), "-n", ns, *args], check=check)
+
+
+def sysctl(ns: str, key: str, value: str | int) -> None:
+    run(ns, ["sysctl", "-q", "-w", f"{key}={value}"])
+
+
+_COUNTERS = re.compile(r"\[\d+:\d+\]")
+
+
+def iptables_save(ns: str, table: str | None = None, *, raw: bool = False) -> str:
+    """``iptables-save [-t table]`` inside ``ns``.
+
+    Unless ``raw``, the comment lines (they carry timestamps) are dropped and chain counters
+    are zeroed, so two saves of the same rules compare equal.
+    """
+    argv = ["iptables-save"] + (["-t", table] if table else [])
+    text = run(ns, argv).stdout
+    if raw:
+        return text
+    lines = [_COUNTERS.sub("[0:0]", line) for line in text.splitlines() if not line.startswith("#")]
+    return "\n".join(lines) + "\n"
+
+
+def probe_netns_support() -> str | None:
+    """None when namespaces, veth pairs and iptables work here, else the reason they don't."""
+    if os.geteuid() != 0:
+        return "needs root (creates network namespaces)"
+    if which("ip") is None:
+        return "iproute2's `ip` is not installed"
+    for cmd in ("iptables", "iptables-restore", "iptables-save"):
+        if which(cmd) is None:
+            return f"`{cmd}` is not installed"
+    name = f"kpt-{secrets.token_hex(3)}-probe"
+    peer = f"{name}-peer"
+    created: list[str] = []
+    try:
+        for ns in (name, peer):
+            proc = _run([_ip(), "netns", "add", ns], check=False)
+            if proc.returncode != 0:
+                return f"`ip netns add` failed: {proc.stderr.strip()}"
+            created.append(ns)
+        proc = _run(
+            [_ip(), "-n", name, "link", "add", "p0", "type", "veth", "peer", "name", "p1"]
+            + ["netns", peer],
+            check=False,
+        )
+        if proc.returncode != 0:
+            return f"cannot create a veth pair in a namespace: {proc.stderr.strip()}"
+        proc = run(name, ["iptables", "-t", "nat", "-S"], check=False)
+        if proc.returncode != 0:
+            return f"iptables does not work in a network namespace: {proc.stderr.strip()}"
+        return None
+    finally:
+        for ns in reversed(created):
+            _run([_ip(), "netns", "del", ns], check=False)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One request's outcome: result is ok, refused, timeout or error."""
+
+    result: str
+    pod: str = ""
+    peer: str = ""
+    elapsed: float = 0.0
+    answer: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.result == "ok"
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"{self.pod} (saw client {self.peer}, {self.elapsed * 1000:.0f} ms)"
+        extra = f" {self.answer}" if self.answer else ""
+        return f"{self.result.upper()}{extra} after {self.elapsed * 1000:.0f} ms"
+
+
+def request(
+    ns: str,
+    proto: str,
+    host: str,
+    port: int,
+    *,
+    count: int = 1,
+    timeout: float = 2.0,
+) -> list[Reply]:
+    """Send ``count`` TCP connections / UDP datagrams from namespace ``ns``, one at a time.
+
+    Every attempt is a new connection (new source port, new conntrack entry). Never
+    raises for refused/timeout: look at ``Reply.result``.
+    """
+    argv = [sys.executable, str(PODSERVER), "--client", proto, "--host", host]
+    argv += ["--port", str(port), "--timeout", str(timeout), "--count", str(count), "--json"]
+    proc = run(ns, argv, check=False, timeout=count * (timeout + 1) + 15)
+    if proc.returncode not in (0, 3, 4, 5):
+        raise RuntimeError(f"client in {ns} failed ({proc.returncode}): {proc.stderr.strip()}")
+    replies = []
+    for line in proc.stdout.splitlines():
+        data = json.loads(line)
+        replies.append(
+            Reply(data["result"], data["pod"], data["peer"], data["elapsed"], data["answer"])
+        )
+    if len(replies) != count:
+        raise RuntimeError(f"client in {ns} printed {len(replies)} of {count} replies")
+    return replies
+
+
+def tcp(ns: str, host: str, port: int, *, count: int = 1, timeout: float = 2.0) -> list[Reply]:
+    return request(ns, "tcp", host, port, count=count, timeout=timeout)
+
+
+def udp(ns: str, host: str, port: int, *, count: int = 1, timeout: float = 2.0) -> list[Reply]:
+    return request(ns, "udp", host, port, count=count, timeout=timeout)
+
+
+def tally(replies: Iterable[Reply]) -> Counter[str]:
+    """Counts per answering pod; failures are counted under REFUSED/TIMEOUT/ERROR."""
+    return Counter(r.pod if r.ok else r.result.upper() for r in replies)
+
+
+# --------------------------------------------------------------------------- topology
+
+
+@dataclass
+class Pod:
+    name: str
+    ns: str
+    ip: str
+    host_if: str  # the node-side veth
+
+
+@dataclass
+class Client:
+    name: str
+    ns: str
+    ip: str
+    host_if: str
+
+
+@dataclass
+class Server:
+    pod: Pod
+    name: str
+    pid: int
+    tcp: list[int]
+    udp: list[int]
+    proc: subprocess.Popen[bytes] = field(repr=False)
+    log: Path = field(repr=False)
+
+
+class Topology:
+    """A node namespace with routed pod namespaces and external client namespaces.
+
+    ``close()`` (also run by ``with``) kills every server it started, by pid, and deletes
+    every namespace it created; it is idempotent and never raises.
+    """
+
+    def __init__(self, tag: str | None = None):
+        self.tag = tag or f"kpt-{secrets.token_hex(3)}"
+        self.node = f"{self.tag}-node"
+        self.namespaces: list[str] = []
+        self.pods: dict[str, Pod] = {}
+        self.clients: dict[str, Client] = {}
+        self.servers: list[Server] = []
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
+        self._closed = False
+        try:
+            self._add_ns(self.node)
+            ip(self.node, "link", "set", "lo", "up")
+            for key, value in (
+                ("net.ipv4.ip_forward", 1),
+                ("net.ipv4.icmp_ratelimit", 0),
+                ("net.ipv4.conf.all.rp_filter", 0),
+                ("net.ipv4.conf.default.rp_filter", 0),
+            ):
+                sysctl(self.node, key, value)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- building
+
+    def _add_ns(self, ns: str) -> None:
+        if self._closed:
+            raise RuntimeError("topology already closed")
+        _run([_ip(), "netns", "add", ns])
+        self.namespaces.append(ns)
+
+    def add_pod(self, name: str, octet: int) -> Pod:
+        """Pod namespace ``<tag>-<name>`` with 10.244.1.<octet>, routed via node veth vp<octet>."""
+        if name in self.pods:
+            raise ValueError(f"pod {name} exists")
+        if not 2 <= octet <= 254:
+            raise ValueError("octet must be 2..254")
+        ns = f"{self.tag}-{name}"
+        pod_ip = f"{POD_PREFIX}{octet}"
+        host_if = f"vp{octet}"
+        self._add_ns(ns)
+        ip(self.node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip(self.node, "addr", "add", f"{POD_GATEWAY}/32", "dev", host_if)
+        ip(self.node, "link", "set", host_if, "up")
+        ip(self.node, "route", "add", f"{pod_ip}/32", "dev", host_if)
+        ip(ns, "link", "set", "lo", "up")
+        ip(ns, "addr", "add", f"{pod_ip}/32", "dev", "eth0")
+        ip(ns, "link", "set", "eth0", "up")
+        ip(ns, "route", "add", POD_GATEWAY, "dev", "eth0")
+        ip(ns, "route", "add", "default", "via", POD_GATEWAY)
+        pod = Pod(name, ns, pod_ip, host_if)
+        self.pods[name] = pod
+        return pod
+
+    def add_client(self, name: str = "client", octet: int | None = None) -> Client:
+        """External client namespace on 192.168.100.0/24; the node is 192.168.100.1.
+
+        The first client gets .2 and becomes the node's default gateway; later clients
+        (.3, ...) get a /32 route on their own node-side veth.
+        """
+        if name in self.clients:
+            raise ValueError(f"client {name} exists")
+        first = not self.clients
+        octet = octet or (2 + len(self.clients))
+        ns = f"{self.tag}-{name}"
+        client_ip = f"{CLIENT_PREFIX}{octet}"
+        host_if = f"vc{octet}"
+        self._add_ns(ns)
+        ip(self.node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        node_prefix = 24 if first else 32
+        ip(self.node, "addr", "add", f"{NODE_EXTERNAL_IP}/{node_prefix}", "dev", host_if)
+        ip(self.node, "link", "set", host_if, "up")
+        ip(ns, "link", "set", "lo", "up")
+        ip(ns, "addr", "add", f"{client_ip}/24", "dev", "eth0")
+        ip(ns, "link", "set", "eth0", "up")
+        if first:
+            ip(self.node, "route", "add", "default", "via", client_ip, "dev", host_if)
+        else:
+            ip(self.node, "route", "add", f"{client_ip}/32", "dev", host_if)
+        client = Client(name, ns, client_ip, host_if)
+        self.clients[name] = client
+        return client
+
+    def start_server(
+        self,
+        pod: Pod,
+        *,
+        tcp: Sequence[int] = (8080,),
+        udp: Sequence[int] = (),
+        name: str | None = None,
+        ready_timeout: float = 10.0,
+    ) -> Server:
+        """Start tests/podserver.py in the pod's namespace; returns once it listens."""
+        name = name or pod.name
+        log = self._tmp / f"server-{pod.name}-{len(self.servers)}.log"
+        argv = [_ip(), "netns", "exec", pod.ns, sys.executable, str(PODSERVER), "--name", name]
+        for port in tcp:
+            argv += ["--tcp", str(port)]
+        for port in udp:
+            argv += ["--udp", str(port)]
+        with open(log, "wb") as errf:
+            # `ip netns exec` execs the command, so proc.pid is the server's own pid
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=errf,
+                env=command_env(),
+                start_new_session=True,
+            )
+        server = Server(pod, name, proc.pid, list(tcp), list(udp), proc, log)
+        self.servers.append(server)
+        assert proc.stdout is not None
+        deadline = time.monotonic() + ready_timeout
+        line = b""
+        while time.monotonic() < deadline and proc.poll() is None:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+            if ready:
+                line = proc.stdout.readline()
+                break
+        proc.stdout.close()
+        if line.strip() != b"READY":
+            self._kill(server)
+            raise RuntimeError(
+                f"pod server {name} in {pod.ns} did not become ready: "
+                f"{log.read_text(errors='replace').strip()}"
+            )
+        return server
+
+    # -- traffic helpers bound to this topology
+
+    def run(self, ns: str, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess[str]:
+        return run(ns, argv, **kwargs)
+
+    def tcp(self, ns: str, host: str, port: int, **kwargs) -> list[Reply]:
+        return tcp(ns, host, port, **kwargs)
+
+    def udp(self, ns: str, host: str, port: int, **kwargs) -> list[Reply]:
+        return udp(ns, host, port, **kwargs)
+
+    def iptables_save(self, table: str | None = None, **kwargs) -> str:
+        return iptables_save(self.node, table, **kwargs)
+
+    # -- teardown
+
+    @staticmethod
+    def _kill(server: Server, grace: float = 2.0) -> None:
+        proc = server.proc
+        if proc.poll() is not None:
+            return
+        try:
+            os.kill(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            try:
+                os.kill(server.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def close(self) -> None:
+        """Kill started servers by pid, delete every namespace created. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for server in reversed(self.servers):
+            try:
+                self._kill(server)
+            except Exception as exc:  # keep tearing down
+                print(f"netns: killing {server.pid} failed: {exc}", file=sys.stderr)
+        for ns in reversed(self.namespaces):
+            proc = _run([_ip(), "netns", "del", ns], check=False)
+            if proc.returncode != 0:
+                print(f"netns: deleting {ns} failed: {proc.stderr.strip()}", file=sys.stderr)
+        self.namespaces.clear()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> Topology:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def build(
+    pods: Sequence[tuple[str, int]] = (("a", 2), ("b", 3), ("c", 4)),
+    clients: int = 1,
+) -> Topology:
+    """A node, the given (name, octet) pods and ``clients`` external clients.
+
+    On any failure the partial topology is torn down before the exception propagates.
+    """
+    topo = Topology()
+    try:
+        for name, octet in pods:
+            topo.add_pod(name, octet)
+        for i in range(clients):
+            topo.add_client("client" if i == 0 else f"client{i + 1}")
+        return topo
+    except BaseException:
+        topo.close()
+        raise
