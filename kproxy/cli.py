@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import shutil
 import socket
 import sys
 import time
 
-from kproxy import __version__
+from kproxy import __version__, nodeinfo
 from kproxy.backends.iptables import IptablesBackend, IptablesError, detect_variant
-from kproxy.model import NodeConfig
-from kproxy.render.iptables import render
+from kproxy.model import ClusterState, NodeConfig
+from kproxy.render.iptables import IPV4, IPV6, render
 from kproxy.sources.statefile import StateFileError, load_state
 from kproxy.syncer import sync_family
 
@@ -47,6 +48,30 @@ def _cidr(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a CIDR") from None
 
 
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def _nodeport_specs(text: str) -> list[str]:
+    return [p.strip() if p.strip() == "primary" else _cidr(p) for p in text.split(",") if p]
+
+
+def _cidrs(text: str) -> list[str]:
+    """Comma-separated CIDRs, as kube-proxy spells a dual-stack --cluster-cidr."""
+    return [_cidr(p) for p in text.split(",") if p]
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
 def _add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state",
@@ -65,17 +90,53 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cluster-cidr",
-        action="append",
-        type=_cidr,
+        action="extend",
+        type=_cidrs,
         default=[],
-        metavar="CIDR",
-        help="pod CIDR; traffic to a ClusterIP from outside it is masqueraded "
-        "(repeat once per IP family)",
+        metavar="CIDR[,CIDR]",
+        help="pod CIDRs, one per IP family (repeat or comma-separate); traffic to a ClusterIP "
+        "from outside them is masqueraded",
     )
     p.add_argument(
         "--masquerade-all",
         action="store_true",
         help="masquerade all traffic sent to Service cluster IPs",
+    )
+    p.add_argument(
+        "--iptables-masquerade-bit",
+        dest="masquerade_bit",
+        type=int,
+        default=14,
+        choices=range(32),
+        metavar="0-31",
+        help="fwmark bit marking packets to masquerade (default 14: 0x4000)",
+    )
+    p.add_argument(
+        "--node-ip",
+        action="append",
+        default=[],
+        type=_ip,
+        metavar="IP",
+        help="this node's IP (repeat per family; default: the Node's InternalIPs when the "
+        "state holds this Node)",
+    )
+    p.add_argument(
+        "--nodeport-addresses",
+        action="extend",
+        default=[],
+        type=_nodeport_specs,
+        metavar="CIDR|primary",
+        help="answer NodePorts only on local addresses in these CIDRs, or on the node's own "
+        "IPs with 'primary' (default: every local address)",
+    )
+    p.add_argument(
+        "--iptables-localhost-nodeports",
+        dest="localhost_nodeports",
+        type=_boolean,
+        default=True,
+        metavar="true|false",
+        help="IPv4 NodePorts also answer on 127.0.0.1 (sets route_localnet, as upstream does; "
+        "default true)",
     )
     p.add_argument(
         "--iptables-backend",
@@ -112,6 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _node_config(args: argparse.Namespace, state: ClusterState, apply: bool) -> NodeConfig:
+    node_ips = tuple(args.node_ip) or (state.node.addresses if state.node else ())
+    nodeport_ips = None
+    if args.nodeport_addresses:
+        nodeport_ips = nodeinfo.nodeport_addresses(args.nodeport_addresses, node_ips)
+    if args.localhost_nodeports and apply:
+        nodeinfo.ensure_route_localnet()
+    return NodeConfig(
+        node_name=args.node_name,
+        cluster_cidrs=tuple(args.cluster_cidr),
+        masquerade_all=args.masquerade_all,
+        masquerade_bit=args.masquerade_bit,
+        node_ips=node_ips,
+        nodeport_ips=nodeport_ips,
+        localhost_nodeports=args.localhost_nodeports,
+        conntrack_tcp_liberal=nodeinfo.conntrack_tcp_liberal(),
+    )
+
+
 def _run_sync(args: argparse.Namespace, dry_run: bool) -> int:
     if args.mode != "iptables":
         log.error("--mode %s: not available yet; use --mode iptables", args.mode)
@@ -123,50 +203,65 @@ def _run_sync(args: argparse.Namespace, dry_run: bool) -> int:
         log.error("%s", err)
         return EXIT_ERROR
     loaded = time.perf_counter()
-    config = NodeConfig(
-        node_name=args.node_name,
-        cluster_cidrs=tuple(args.cluster_cidr),
-        masquerade_all=args.masquerade_all,
-    )
-    rendered = render(state, config)
-    rendered_at = time.perf_counter()
-    for warning in warnings + rendered.warnings:
+    for warning in warnings:
         log.warning("%s", warning)
+    config = _node_config(args, state, apply=not dry_run)
 
-    variant = args.iptables_backend
-    if variant == "auto":
-        variant = detect_variant(4)
-    backend = IptablesBackend(4, variant)
-    try:
-        result = sync_family(backend, rendered.ruleset, dry_run=dry_run)
-    except IptablesError as err:
-        log.error("%s", err)
-        return EXIT_FAILED if not dry_run else EXIT_ERROR
-    if dry_run:
-        text = result.plan.restore_text()
-        sys.stdout.write(text)
-        return EXIT_CHANGES if text else EXIT_OK
-
-    changed = {t: c.summary for t, c in result.plan.changes.items() if c.summary}
-    how = f"whole {'+'.join(result.full_tables)} restored, " if result.full_tables else ""
-    log.info(
-        "synced IPv4 (iptables-%s): %d services, %d lines sent, %s%s; load %.3fs render "
-        "%.3fs read %.3fs plan %.3fs apply %.3fs",
-        variant,
-        len(state.services),
-        result.lines_sent,
-        how,
-        ", ".join(f"{t}: {len(s)} chain(s) changed" for t, s in changed.items()) or "no change",
-        loaded - started,
-        rendered_at - loaded,
-        result.timings.get("read", 0.0),
-        result.timings.get("plan", 0.0),
-        result.timings.get("apply", 0.0),
-    )
-    for table, summary in changed.items():
-        for chain, what in summary.items():
-            log.debug("%s %s: %s", table, chain, what)
-    return EXIT_OK
+    failed = changes = False
+    for family in (IPV4, IPV6):
+        name = f"IPv{family.version}"
+        if not shutil.which(f"{'ip6tables' if family.version == 6 else 'iptables'}-restore"):
+            log.warning(
+                "%s: ip%stables-restore not found; family skipped",
+                name,
+                "6" if family.version == 6 else "",
+            )
+            continue
+        t0 = time.perf_counter()
+        rendered = render(state, config, family)
+        rendered_at = time.perf_counter()
+        for warning in rendered.warnings:
+            log.warning("%s", warning)
+        variant = args.iptables_backend
+        if variant == "auto":
+            variant = detect_variant(family.version)
+        backend = IptablesBackend(family.version, variant)
+        try:
+            result = sync_family(backend, rendered.ruleset, dry_run=dry_run)
+        except IptablesError as err:
+            # One family failing never blocks the other: report and go on.
+            log.error("%s: %s", name, err)
+            failed = True
+            continue
+        if dry_run:
+            text = result.plan.restore_text()
+            if text:
+                sys.stdout.write(f"# {name} (iptables-{variant})\n{text}")
+                changes = True
+            continue
+        changed = {t: c.summary for t, c in result.plan.changes.items() if c.summary}
+        how = f"whole {'+'.join(result.full_tables)} restored, " if result.full_tables else ""
+        log.info(
+            "synced %s (iptables-%s): %d services, %d lines sent, %s%s; load %.3fs render "
+            "%.3fs read %.3fs plan %.3fs apply %.3fs",
+            name,
+            variant,
+            len(state.services),
+            result.lines_sent,
+            how,
+            ", ".join(f"{t}: {len(s)} chain(s) changed" for t, s in changed.items()) or "no change",
+            loaded - started,
+            rendered_at - t0,
+            result.timings.get("read", 0.0),
+            result.timings.get("plan", 0.0),
+            result.timings.get("apply", 0.0),
+        )
+        for table, summary in changed.items():
+            for chain, what in summary.items():
+                log.debug("%s %s %s: %s", name, table, chain, what)
+    if failed:
+        return EXIT_ERROR if dry_run else EXIT_FAILED
+    return EXIT_CHANGES if changes else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,6 +112,14 @@ class NodeConfig:
     cluster_cidrs: tuple[str, ...] = ()
     masquerade_all: bool = False
     masquerade_bit: int = 14
+    # This node's IPs (Node InternalIPs or --node-ip): LB source-range checks, "primary".
+    node_ips: tuple[str, ...] = ()
+    # Addresses NodePorts answer on; None means every local address (addrtype LOCAL).
+    nodeport_ips: tuple[str, ...] | None = None
+    # IPv4 NodePorts on 127.0.0.1 (upstream's --iptables-localhost-nodeports, default true).
+    localhost_nodeports: bool = True
+    # nf_conntrack_tcp_be_liberal is set: no INVALID drop rule needed (upstream PR 120412).
+    conntrack_tcp_liberal: bool = False
 
     @property
     def masquerade_mark(self) -> str:
@@ -154,6 +162,7 @@ class _Checker:
             raise InvalidObject(kind, self.ref, "metadata.namespace", "must be a non-empty string")
         self.name = name
         self.namespace = namespace
+        self.warnings: list[str] = []  # problems that cost a field, not the object
 
     def fail(self, path: str, reason: str) -> InvalidObject:
         return InvalidObject(self.kind, self.ref, path, reason)
@@ -220,12 +229,30 @@ class _Checker:
         return value
 
 
-def service_from_k8s(obj: Mapping[str, Any]) -> Service | None:
+def parse_cidr_sloppy(text: str) -> str | None:
+    """A CIDR as upstream's ParseCIDRSloppy reads it: surrounding space and IPv4 leading zeros
+    tolerated, host bits cleared. None when it is not a CIDR."""
+    text = text.strip()
+    if "/" in text and ":" not in text:
+        addr, _, prefix = text.partition("/")
+        octets = addr.split(".")
+        if len(octets) == 4 and all(o.isdigit() for o in octets):
+            text = ".".join(str(int(o)) for o in octets) + "/" + prefix
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        return None
+
+
+def service_from_k8s(obj: Mapping[str, Any], warnings: list[str] | None = None) -> Service | None:
     """A Service, or None for one kube-proxy does not proxy (headless, ExternalName).
 
-    Raises InvalidObject for a Service that cannot be used.
+    Raises InvalidObject for a Service that cannot be used; problems that only cost one field
+    (an invalid source range) are appended to `warnings`.
     """
     c = _Checker("Service", obj)
+    if warnings is not None:
+        c.warnings = warnings
     spec = c.mapping(obj.get("spec"), "spec", required=True)
     svc_type = c.string(spec.get("type"), "spec.type", "ClusterIP")
     if svc_type not in SERVICE_TYPES:
@@ -281,12 +308,17 @@ def service_from_k8s(obj: Mapping[str, Any]) -> Service | None:
         ing = c.mapping(raw, f"status.loadBalancer.ingress[{i}]")
         if ing.get("ip") is not None and ing.get("ipMode") != "Proxy":
             lb_ips.append(c.ip(ing.get("ip"), f"status.loadBalancer.ingress[{i}].ip"))
-    source_ranges = tuple(
-        c.string(r, f"spec.loadBalancerSourceRanges[{i}]").strip()
-        for i, r in enumerate(
-            c.sequence(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
-        )
-    )
+    source_ranges = []
+    for i, raw in enumerate(
+        c.sequence(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
+    ):
+        path = f"spec.loadBalancerSourceRanges[{i}]"
+        cidr = parse_cidr_sloppy(c.string(raw, path))
+        if cidr is None:
+            # Upstream ignores a bad range (the API validates them); skip it, keep the rest.
+            c.warnings.append(f"{c.fail(path, f'{raw!r} is not a CIDR')}; range ignored")
+        elif cidr not in source_ranges:
+            source_ranges.append(cidr)
 
     affinity = c.string(spec.get("sessionAffinity"), "spec.sessionAffinity", "None")
     if affinity not in ("None", "ClientIP"):
@@ -316,7 +348,7 @@ def service_from_k8s(obj: Mapping[str, Any]) -> Service | None:
         ports=tuple(ports),
         external_ips=external_ips,
         load_balancer_ips=tuple(lb_ips),
-        load_balancer_source_ranges=source_ranges,
+        load_balancer_source_ranges=tuple(source_ranges),
         affinity_timeout=timeout,
         external_policy_local=policy("externalTrafficPolicy"),
         internal_policy_local=policy("internalTrafficPolicy"),
@@ -442,7 +474,7 @@ def build_state(
         kind = obj.get("kind")
         try:
             if kind == "Service":
-                svc = service_from_k8s(obj)
+                svc = service_from_k8s(obj, warnings)
                 if svc is not None:
                     services[svc.key] = svc
             elif kind == "EndpointSlice":

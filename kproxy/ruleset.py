@@ -45,6 +45,9 @@ FIXED_CHAINS: dict[str, frozenset[str]] = {
     "mangle": frozenset({"KUBE-PROXY-CANARY"}),
 }
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
+# Chains kproxy writes but never deletes, because the kubelet writes the same one: upstream
+# kube-proxy's KUBE-FIREWALL (localhost NodePort protection) is an exact copy of the kubelet's.
+SHARED_CHAINS: dict[str, frozenset[str]] = {"filter": frozenset({"KUBE-FIREWALL"})}
 
 
 def is_owned_chain(table: str, chain: str) -> bool:
@@ -52,6 +55,11 @@ def is_owned_chain(table: str, chain: str) -> bool:
     if chain in FIXED_CHAINS.get(table, ()):
         return True
     return table == "nat" and chain.startswith(SERVICE_CHAIN_PREFIXES)
+
+
+def is_managed_chain(table: str, chain: str) -> bool:
+    """True for the chains kproxy may write: its own and the shared ones."""
+    return is_owned_chain(table, chain) or chain in SHARED_CHAINS.get(table, ())
 
 
 def rule_target(rule: str) -> str | None:

@@ -6,10 +6,19 @@ import re
 from kproxy.model import NodeConfig, build_state
 from kproxy.plan import full_table, plan
 from kproxy.render.iptables import hash16, render
-from kproxy.ruleset import RuleSet, Table, is_owned_chain, parse_save, rule_target, table_text
+from kproxy.ruleset import (
+    RuleSet,
+    Table,
+    is_managed_chain,
+    parse_save,
+    rule_target,
+    table_text,
+)
 from kproxy.syncer import wants_full_restore
 
-CONFIG = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",))
+CONFIG = NodeConfig(
+    node_name="node-1", cluster_cidrs=("10.244.0.0/16",), localhost_nodeports=False
+)
 
 FOREIGN_NAT = """*nat
 :PREROUTING ACCEPT [0:0]
@@ -147,9 +156,9 @@ def test_foreign_rules_survive_and_are_never_named():
                 "PREROUTING",
                 "POSTROUTING",
             ):
-                assert is_owned_chain(name, rule_target(line) or ""), line
+                assert is_managed_chain(name, rule_target(line) or ""), line
             else:
-                assert is_owned_chain(name, chain), line
+                assert is_managed_chain(name, chain), line
     after = simulate(lines_of(p), live)
     for name, table in parse_save(FOREIGN_NAT).items():
         for chain, rules in table.chains.items():
@@ -249,7 +258,9 @@ def test_stale_owned_chains_go_but_kubelet_chains_stay():
     live = simulate(lines_of(plan(desired, {})), parse_save(FOREIGN_NAT))
     live["nat"].chains["KUBE-SEP-OLDOLDOLDOLDOLDO"] = ["-j RETURN"]
     live["nat"].chains["KUBE-KUBELET-CANARY"] = []
+    live["filter"].chains["KUBE-FIREWALL"] = ["-j DROP"]  # the kubelet's copy
     p = plan(desired, live)
+    assert "KUBE-FIREWALL" not in p.changes["filter"].delete_chains
     assert p.changes["nat"].delete_chains == ["KUBE-SEP-OLDOLDOLDOLDOLDO"]
     assert "KUBE-MARK-DROP" not in p.restore_text()
 

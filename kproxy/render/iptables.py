@@ -15,7 +15,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from kproxy.model import ClusterState, Endpoint, EndpointSlice, NodeConfig, Service, ServicePort
+from kproxy.endpoints import ResolvedEndpoint, categorize, endpoints_for_port
+from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig, Service, ServicePort
 from kproxy.ruleset import Jump, RuleSet
 
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
@@ -152,63 +153,45 @@ def quote(comment: str) -> str:
     return '"' + comment.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-@dataclass(frozen=True, slots=True)
-class ResolvedEndpoint:
-    ip: str
-    port: int
-    endpoint: Endpoint
-
-
-def endpoints_for_port(
-    svc: Service, port: ServicePort, slices: list[EndpointSlice], address_type: str
-) -> list[ResolvedEndpoint]:
-    """The endpoints of one Service port, de-duplicated and sorted as upstream sorts them.
-
-    The endpoint's port is the EndpointSlice port whose name and protocol equal the Service
-    port's (the EndpointSlice controller already resolved targetPort, by number or by name).
-    """
-    found: dict[str, ResolvedEndpoint] = {}
-    for eps in slices:
-        if eps.address_type != address_type:
-            continue
-        for ep_port in eps.ports:
-            if ep_port.name != port.name or ep_port.protocol != port.protocol:
-                continue
-            for ep in eps.endpoints:
-                resolved = ResolvedEndpoint(ep.ip, ep_port.port, ep)
-                found.setdefault(f"{ep.ip}:{ep_port.port}", resolved)
-    return [found[k] for k in sorted(found)]
-
-
 @dataclass
 class RenderResult:
     ruleset: RuleSet
     warnings: list[str] = field(default_factory=list)
+    # Service ports with Local policy and no local endpoint: upstream's
+    # sync_proxy_rules_no_local_endpoints_total{traffic_policy=internal|external}.
+    no_local_endpoints: dict[str, int] = field(
+        default_factory=lambda: {"internal": 0, "external": 0}
+    )
+
+
+# Above this many endpoints in total, per-endpoint comments are left out (upstream's
+# largeClusterEndpointsThreshold: it "can reduce size of iptables ... even by 40%+").
+LARGE_CLUSTER_ENDPOINTS = 1000
+
+
+def _family_ips(ips: tuple[str, ...], family: Family) -> list[str]:
+    return [ip for ip in ips if ipaddress.ip_address(ip).version == family.version]
+
+
+def _family_cidrs(cidrs: tuple[str, ...], family: Family) -> list[str]:
+    return [c for c in cidrs if ipaddress.ip_network(c, strict=False).version == family.version]
 
 
 def render(state: ClusterState, config: NodeConfig, family: Family = IPV4) -> RenderResult:
     """The complete desired rule set for one IP family."""
     out = RuleSet()
-    warnings: list[str] = []
+    result = RenderResult(out)
+    localhost_nodeports = family.version == 4 and config.localhost_nodeports
     for table, chain in FIXED:
         out.chain(table, chain)
     for table, chain, extra, comment, target in JUMPS:
         rule = f"{extra + ' ' if extra else ''}-m comment --comment {quote(comment)} -j {target}"
         out.jumps.append(Jump(table, chain, rule))
-    for key in (
-        ("nat", "KUBE-SERVICES"),
-        ("nat", "KUBE-NODEPORTS"),
-        ("filter", "KUBE-SERVICES"),
-        ("filter", "KUBE-EXTERNAL-SERVICES"),
-        ("filter", "KUBE-NODEPORTS"),
-        ("filter", "KUBE-PROXY-FIREWALL"),
-    ):
+    for key in UNORDERED:
         out.unordered[key] = 0
-    out.unordered[("nat", "KUBE-SERVICES")] = 1  # the KUBE-NODEPORTS jump stays last
 
     mark = config.masquerade_mark
-    masq_rules = out.chain("nat", "KUBE-MARK-MASQ")
-    masq_rules.append(f"-j MARK --set-xmark {mark}/{mark}")
+    out.chain("nat", "KUBE-MARK-MASQ").append(f"-j MARK --set-xmark {mark}/{mark}")
     out.chain("nat", "KUBE-POSTROUTING").extend(
         [
             f"-m mark ! --mark {mark}/{mark} -j RETURN",
@@ -217,77 +200,124 @@ def render(state: ClusterState, config: NodeConfig, family: Family = IPV4) -> Re
             "-j MASQUERADE --random-fully",
         ]
     )
-    out.chain("filter", "KUBE-FORWARD").extend(
+    if localhost_nodeports:
+        # route_localnet (needed for 127.0.0.1 NodePorts) opens a hole (k8s issue 90259);
+        # this is upstream's (and the kubelet's) rule closing it.
+        out.chain("filter", "KUBE-FIREWALL").append(
+            "! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "
+            '"block incoming localnet connections" '
+            "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+        )
+        out.jumps.append(Jump("filter", "INPUT", "-j KUBE-FIREWALL"))
+        out.jumps.append(Jump("filter", "OUTPUT", "-j KUBE-FIREWALL"))
+
+    ctx = _Context(
+        out=out,
+        result=result,
+        family=family,
+        config=config,
+        local_cidr=_local_cidr(config, family, result.warnings),
+        zone=(state.node.labels.get(ZONE_LABEL, "") if state.node else ""),
+        node_ips=_family_ips(config.node_ips, family),
+    )
+    by_service = state.slices_by_service()
+    address_type = f"IPv{family.version}"
+    ports = []
+    total_endpoints = 0
+    for key in sorted(state.services):
+        svc = state.services[key]
+        cluster_ip = next(iter(_family_ips(svc.cluster_ips, family)), None)
+        if cluster_ip is None:
+            continue
+        for port in svc.ports:
+            eps = endpoints_for_port(port, by_service.get(key, []), address_type)
+            total_endpoints += len(eps)
+            ports.append((svc, port, cluster_ip, eps))
+    ctx.large = total_endpoints > LARGE_CLUSTER_ENDPOINTS
+
+    claimed: dict[tuple[str, str, int], str] = {}
+    claimed_node_ports: dict[tuple[str, int], str] = {}
+    for svc, port, cluster_ip, eps in ports:
+        spn = service_port_name(svc, port)
+        proto = port.protocol.lower()
+        owner = claimed.setdefault((cluster_ip, proto, port.port), spn)
+        if owner != spn:
+            result.warnings.append(
+                f"Service {svc.namespace}/{svc.name}: spec.ports: {cluster_ip} {proto} "
+                f"{port.port} is already used by {owner}; port skipped"
+            )
+            continue
+        node_port = port.node_port if svc.type in ("NodePort", "LoadBalancer") else 0
+        if node_port:
+            np_owner = claimed_node_ports.setdefault((proto, node_port), spn)
+            if np_owner != spn:
+                result.warnings.append(
+                    f"Service {svc.namespace}/{svc.name}: spec.ports: nodePort {proto} "
+                    f"{node_port} is already used by {np_owner}; nodePort skipped"
+                )
+                node_port = 0
+        _render_service_port(ctx, svc, port, spn, cluster_ip, node_port, eps)
+
+    comment = f"-m comment --comment {quote(NODEPORTS_COMMENT)}"
+    services = out.chain("nat", "KUBE-SERVICES")
+    if config.nodeport_ips is None:
+        not_local = "" if localhost_nodeports else f"! -d {family.loopback} "
+        services.append(f"{not_local}{comment} -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS")
+        out.unordered[("nat", "KUBE-SERVICES")] = 1  # this jump stays last
+    else:
+        tail = 0
+        for ip in _family_ips(config.nodeport_ips, family):
+            if ipaddress.ip_address(ip).is_loopback and not localhost_nodeports:
+                result.warnings.append(
+                    f"--nodeport-addresses: {ip} is a loopback address but localhost NodePorts "
+                    "are off; ignored"
+                )
+                continue
+            services.append(f"-d {family.host(ip)} {comment} -j KUBE-NODEPORTS")
+            tail += 1
+        out.unordered[("nat", "KUBE-SERVICES")] = tail
+
+    forward = out.chain("filter", "KUBE-FORWARD")
+    if not config.conntrack_tcp_liberal:
+        # Drop INVALID packets that would otherwise reset connections (k8s issue 74839).
+        forward.append("-m conntrack --ctstate INVALID -j DROP")
+    forward.extend(
         [
-            "-m conntrack --ctstate INVALID -j DROP",
             f'-m comment --comment "kubernetes forwarding rules" -m mark --mark {mark}/{mark} '
             "-j ACCEPT",
             '-m comment --comment "kubernetes forwarding conntrack rule" '
             "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         ]
     )
+    return result
 
-    local_cidr = _local_cidr(config, family, warnings)
-    address_type = f"IPv{family.version}"
-    claimed: dict[tuple[str, str, int], str] = {}
-    claimed_node_ports: dict[tuple[str, int], str] = {}
-    by_service = state.slices_by_service()
-    for key in sorted(state.services):
-        svc = state.services[key]
-        cluster_ip = next(
-            (ip for ip in svc.cluster_ips if ipaddress.ip_address(ip).version == family.version),
-            None,
-        )
-        if cluster_ip is None:
-            continue
-        slices = by_service.get(key, [])
-        for port in svc.ports:
-            spn = service_port_name(svc, port)
-            proto = port.protocol.lower()
-            owner = claimed.setdefault((cluster_ip, proto, port.port), spn)
-            if owner != spn:
-                warnings.append(
-                    f"Service {svc.namespace}/{svc.name}: spec.ports: {cluster_ip} {proto} "
-                    f"{port.port} is already used by {owner}; port skipped"
-                )
-                continue
-            node_port = port.node_port if svc.type in ("NodePort", "LoadBalancer") else 0
-            if node_port:
-                np_owner = claimed_node_ports.setdefault((proto, node_port), spn)
-                if np_owner != spn:
-                    warnings.append(
-                        f"Service {svc.namespace}/{svc.name}: spec.ports: nodePort {proto} "
-                        f"{node_port} is already used by {np_owner}; nodePort skipped"
-                    )
-                    node_port = 0
-            endpoints = [
-                e for e in endpoints_for_port(svc, port, slices, address_type) if e.endpoint.ready
-            ]
-            _render_service_port(
-                out,
-                family,
-                config,
-                local_cidr,
-                svc,
-                port,
-                spn,
-                cluster_ip,
-                node_port,
-                endpoints,
-            )
 
-    out.chain("nat", "KUBE-SERVICES").append(
-        f"! -d {family.loopback} -m comment --comment {quote(NODEPORTS_COMMENT)} "
-        "-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
-    )
-    return RenderResult(out, warnings)
+UNORDERED = (
+    ("nat", "KUBE-SERVICES"),
+    ("nat", "KUBE-NODEPORTS"),
+    ("filter", "KUBE-SERVICES"),
+    ("filter", "KUBE-EXTERNAL-SERVICES"),
+    ("filter", "KUBE-NODEPORTS"),
+    ("filter", "KUBE-PROXY-FIREWALL"),
+)
+
+
+@dataclass
+class _Context:
+    out: RuleSet
+    result: RenderResult
+    family: Family
+    config: NodeConfig
+    local_cidr: str | None
+    zone: str
+    node_ips: list[str]
+    large: bool = False
 
 
 def _local_cidr(config: NodeConfig, family: Family, warnings: list[str]) -> str | None:
     cidrs = [
         str(ipaddress.ip_network(c, strict=False))
-        for c in config.cluster_cidrs
-        if ipaddress.ip_network(c, strict=False).version == family.version
+        for c in _family_cidrs(config.cluster_cidrs, family)
     ]
     if len(cidrs) > 1:
         warnings.append(
@@ -298,82 +328,228 @@ def _local_cidr(config: NodeConfig, family: Family, warnings: list[str]) -> str 
 
 
 def _render_service_port(
-    out: RuleSet,
-    family: Family,
-    config: NodeConfig,
-    local_cidr: str | None,
+    ctx: _Context,
     svc: Service,
     port: ServicePort,
     spn: str,
     cluster_ip: str,
     node_port: int,
-    endpoints: list[ResolvedEndpoint],
+    all_endpoints: list[ResolvedEndpoint],
 ) -> None:
+    """One Service port, following upstream's syncProxyRules step by step."""
+    out, fam = ctx.out, ctx.family
     proto = port.protocol.lower()
     suffix = service_chain_suffix(spn, proto)
-    svc_chain = "KUBE-SVC-" + suffix
+    cluster_chain = "KUBE-SVC-" + suffix
+    local_chain = "KUBE-SVL-" + suffix
     ext_chain = "KUBE-EXT-" + suffix
-    dst_match = f"-d {family.host(cluster_ip)} -p {proto}"
-    port_match = f"-m {proto} --dport {port.port}"
-    cluster_comment = quote(f"{spn} cluster IP")
+    fw_chain = "KUBE-FW-" + suffix
 
-    if not endpoints:
-        reject = f"-j REJECT --reject-with {family.reject_with}"
-        no_eps = quote(f"{spn} has no endpoints")
-        out.chain("filter", "KUBE-SERVICES").append(
-            f"{dst_match} -m comment --comment {no_eps} {port_match} {reject}"
+    external_ips = _family_ips(svc.external_ips, fam)
+    lb_ips = _family_ips(svc.load_balancer_ips, fam)
+    source_ranges = _family_cidrs(svc.load_balancer_source_ranges, fam)
+    externally_accessible = bool(node_port or lb_ips or external_ips)
+    # Upstream sets externalPolicyLocal only for Services the API calls externally
+    # accessible (LoadBalancer, NodePort, or ClusterIP with externalIPs).
+    api_external = svc.type in ("NodePort", "LoadBalancer") or bool(svc.external_ips)
+    ext_local = svc.external_policy_local and api_external
+    int_local = svc.internal_policy_local
+    uses_cluster = not int_local or externally_accessible
+    uses_local = int_local or (ext_local and externally_accessible)
+    health_port = svc.health_check_node_port if svc.type == "LoadBalancer" and ext_local else 0
+
+    cat = categorize(all_endpoints, ctx.config.node_name, ctx.zone, uses_cluster, uses_local)
+    has_endpoints = cat.has_any
+    uses_cluster_chain = bool(cat.cluster) and uses_cluster
+    uses_local_chain = bool(cat.local) and uses_local
+    internal_chain = local_chain if int_local else cluster_chain
+    has_internal = has_endpoints and not (int_local and not cat.local)
+    external_policy_chain = local_chain if ext_local else cluster_chain
+    has_external = has_endpoints and not (ext_local and not cat.local)
+    uses_ext_chain = has_endpoints and externally_accessible
+    uses_fw_chain = has_endpoints and bool(lb_ips) and bool(source_ranges)
+    lb_chain = fw_chain if uses_fw_chain else ext_chain
+
+    if not has_endpoints:
+        internal_filter = external_filter = f"REJECT --reject-with {fam.reject_with}"
+        internal_comment = external_comment = quote(f"{spn} has no endpoints")
+    else:
+        internal_filter = external_filter = "DROP"
+        internal_comment = external_comment = quote(f"{spn} has no local endpoints")
+        if not has_internal:
+            ctx.result.no_local_endpoints["internal"] += 1
+        if not has_external:
+            ctx.result.no_local_endpoints["external"] += 1
+
+    def dst(ip: str) -> str:
+        return f"-d {fam.host(ip)} -p {proto}"
+
+    dport = f"-m {proto} --dport {port.port}"
+    nat_services = out.chain("nat", "KUBE-SERVICES")
+    filter_services = out.chain("filter", "KUBE-SERVICES")
+    external_services = out.chain("filter", "KUBE-EXTERNAL-SERVICES")
+    cluster_ip_comment = quote(f"{spn} cluster IP")
+
+    if has_internal:
+        nat_services.append(
+            f"{dst(cluster_ip)} -m comment --comment {cluster_ip_comment} {dport} "
+            f"-j {internal_chain}"
         )
-        if node_port:
-            out.chain("filter", "KUBE-EXTERNAL-SERVICES").append(
-                f"-p {proto} -m comment --comment {no_eps} -m addrtype --dst-type LOCAL "
-                f"-m {proto} --dport {node_port} {reject}"
+    else:
+        filter_services.append(
+            f"{dst(cluster_ip)} -m comment --comment {internal_comment} {dport} "
+            f"-j {internal_filter}"
+        )
+
+    for ip in external_ips:
+        if has_endpoints:
+            nat_services.append(
+                f"{dst(ip)} -m comment --comment {quote(f'{spn} external IP')} {dport} "
+                f"-j {ext_chain}"
             )
-        return
-
-    out.chain("nat", "KUBE-SERVICES").append(
-        f"{dst_match} -m comment --comment {cluster_comment} {port_match} -j {svc_chain}"
-    )
-
-    rules = out.chain("nat", svc_chain)
-    if config.masquerade_all:
-        rules.append(
-            f"{dst_match} -m comment --comment {cluster_comment} {port_match} -j KUBE-MARK-MASQ"
-        )
-    elif local_cidr:
-        rules.append(
-            f"! -s {local_cidr} {dst_match} -m comment --comment {cluster_comment} "
-            f"{port_match} -j KUBE-MARK-MASQ"
-        )
-    n = len(endpoints)
-    sep_names = []
-    for i, ep in enumerate(endpoints):
-        addr = family.join(ep.ip, ep.port)
-        sep = endpoint_chain(spn, proto, addr)
-        sep_names.append(sep)
-        comment = f"-m comment --comment {quote(f'{spn} -> {addr}')}"
-        if i < n - 1:
-            rules.append(
-                f"{comment} -m statistic --mode random --probability {probability(n - i)} -j {sep}"
+        if not has_external:
+            external_services.append(
+                f"{dst(ip)} -m comment --comment {external_comment} {dport} -j {external_filter}"
             )
-        else:
-            rules.append(f"{comment} -j {sep}")
-        out.chain("nat", sep).extend(
-            [
-                f"-s {family.host(ep.ip)} -m comment --comment {quote(spn)} -j KUBE-MARK-MASQ",
-                f"-p {proto} -m comment --comment {quote(spn)} -m {proto} "
-                f"-j DNAT --to-destination {addr}",
-            ]
-        )
+
+    for ip in lb_ips:
+        if has_endpoints:
+            nat_services.append(
+                f"{dst(ip)} -m comment --comment {quote(f'{spn} loadbalancer IP')} {dport} "
+                f"-j {lb_chain}"
+            )
+        if uses_fw_chain:
+            out.chain("filter", "KUBE-PROXY-FIREWALL").append(
+                f"{dst(ip)} -m comment --comment "
+                f"{quote(f'{spn} traffic not accepted by {fw_chain}')} {dport} -j DROP"
+            )
+    if not has_external:
+        for ip in lb_ips:
+            external_services.append(
+                f"{dst(ip)} -m comment --comment {external_comment} {dport} -j {external_filter}"
+            )
 
     if node_port:
-        out.chain("nat", "KUBE-NODEPORTS").append(
-            f"-p {proto} -m comment --comment {quote(spn)} -m {proto} --dport {node_port} "
-            f"-j {ext_chain}"
+        np_match = f"-m {proto} --dport {node_port}"
+        if has_endpoints:
+            # NodePorts are not subject to loadBalancerSourceRanges (as upstream).
+            out.chain("nat", "KUBE-NODEPORTS").append(
+                f"-p {proto} -m comment --comment {quote(spn)} {np_match} -j {ext_chain}"
+            )
+        if not has_external:
+            external_services.append(
+                f"-p {proto} -m comment --comment {external_comment} "
+                f"-m addrtype --dst-type LOCAL {np_match} -j {external_filter}"
+            )
+
+    if health_port:
+        out.chain("filter", "KUBE-NODEPORTS").append(
+            f"-p tcp -m comment --comment {quote(f'{spn} health check node port')} "
+            f"-m tcp --dport {health_port} -j ACCEPT"
         )
-        masq_comment = quote(f"masquerade traffic for {spn} external destinations")
-        out.chain("nat", ext_chain).extend(
-            [
-                f"-m comment --comment {masq_comment} -j KUBE-MARK-MASQ",
-                f"-j {svc_chain}",
-            ]
+
+    nat = out.table("nat").chains
+    if has_internal:
+        masq = (
+            f"{dst(cluster_ip)} -m comment --comment {cluster_ip_comment} {dport} -j KUBE-MARK-MASQ"
         )
+        if ctx.config.masquerade_all:
+            nat.setdefault(internal_chain, []).append(masq)
+        elif ctx.local_cidr:
+            nat.setdefault(internal_chain, []).append(f"! -s {ctx.local_cidr} {masq}")
+
+    if uses_ext_chain:
+        rules = nat.setdefault(ext_chain, [])
+        if not ext_local:
+            rules.append(
+                f"-m comment --comment "
+                f"{quote(f'masquerade traffic for {spn} external destinations')} "
+                "-j KUBE-MARK-MASQ"
+            )
+        else:
+            if ctx.local_cidr:
+                # Pod traffic to an external destination is treated as if it had gone out to
+                # the load balancer and come back: no traffic policy applies.
+                rules.append(
+                    f"-s {ctx.local_cidr} -m comment --comment "
+                    f"{quote(f'pod traffic for {spn} external destinations')} -j {cluster_chain}"
+                )
+            rules.append(
+                f"-m comment --comment "
+                f"{quote(f'masquerade LOCAL traffic for {spn} external destinations')} "
+                "-m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"
+            )
+            rules.append(
+                f"-m comment --comment "
+                f"{quote(f'route LOCAL traffic for {spn} external destinations')} "
+                f"-m addrtype --src-type LOCAL -j {cluster_chain}"
+            )
+        if has_external:
+            rules.append(f"-j {external_policy_chain}")
+
+    if uses_fw_chain:
+        rules = nat.setdefault(fw_chain, [])
+        lb_comment = f"-m comment --comment {quote(f'{spn} loadbalancer IP')}"
+        allow_from_node = False
+        for cidr in source_ranges:
+            rules.append(f"-s {cidr} {lb_comment} -j {ext_chain}")
+            network = ipaddress.ip_network(cidr)
+            if any(ipaddress.ip_address(ip) in network for ip in ctx.node_ips):
+                allow_from_node = True
+        if allow_from_node:
+            # A VIP-like LB's address is often local: the node's own requests loop back with
+            # the VIP as source.
+            for ip in lb_ips:
+                rules.append(f"-s {fam.host(ip)} {lb_comment} -j {ext_chain}")
+        rules.append(
+            "-m comment --comment "
+            + quote(f"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL")
+        )
+
+    if uses_cluster_chain:
+        _endpoint_dispatch(ctx, svc, spn, proto, nat.setdefault(cluster_chain, []), cat.cluster)
+    if uses_local_chain:
+        _endpoint_dispatch(ctx, svc, spn, proto, nat.setdefault(local_chain, []), cat.local)
+
+    for ep in cat.reachable:
+        addr = fam.join(ep.ip, ep.port)
+        sep = endpoint_chain(spn, proto, addr)
+        comment = "" if ctx.large else f"-m comment --comment {quote(spn)} "
+        recent = ""
+        if svc.affinity_timeout is not None:
+            recent = f"-m recent --set --name {sep} --mask {fam.recent_mask} --rsource "
+        nat[sep] = [
+            f"-s {fam.host(ep.ip)} {comment}-j KUBE-MARK-MASQ",
+            f"-p {proto} {comment}{recent}-m {proto} -j DNAT --to-destination {addr}",
+        ]
+
+
+def _endpoint_dispatch(
+    ctx: _Context,
+    svc: Service,
+    spn: str,
+    proto: str,
+    rules: list[str],
+    endpoints: list[ResolvedEndpoint],
+) -> None:
+    """Rules of a KUBE-SVC/KUBE-SVL chain: affinity checks, then the random choice."""
+    fam = ctx.family
+    targets = []
+    for ep in endpoints:
+        addr = fam.join(ep.ip, ep.port)
+        comment = "" if ctx.large else f"-m comment --comment {quote(f'{spn} -> {addr}')} "
+        targets.append((comment, endpoint_chain(spn, proto, addr)))
+    if svc.affinity_timeout is not None:
+        for comment, sep in targets:
+            rules.append(
+                f"{comment}-m recent --rcheck --seconds {svc.affinity_timeout} --reap "
+                f"--name {sep} --mask {fam.recent_mask} --rsource -j {sep}"
+            )
+    n = len(targets)
+    for i, (comment, sep) in enumerate(targets):
+        if i < n - 1:
+            rules.append(
+                f"{comment}-m statistic --mode random --probability {probability(n - i)} -j {sep}"
+            )
+        else:
+            rules.append(f"{comment}-j {sep}")
