@@ -13,9 +13,12 @@ import time
 from kproxy import __version__, nodeinfo
 from kproxy.backends.iptables import IptablesBackend, IptablesError, detect_variant
 from kproxy.model import ClusterState, NodeConfig
+from kproxy.plan import full_table
 from kproxy.render.iptables import IPV4, IPV6, render
+from kproxy.ruleset import Table
 from kproxy.sources.statefile import StateFileError, load_state
-from kproxy.syncer import sync_family
+from kproxy.syncer import read_live, sync_family
+from kproxy.trace import Packet, Tracer, format_outcomes
 
 log = logging.getLogger("kproxy")
 
@@ -72,11 +75,11 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
-def _add_node_flags(p: argparse.ArgumentParser) -> None:
+def _add_node_flags(p: argparse.ArgumentParser, state_required: bool = True) -> None:
     p.add_argument(
         "--state",
         metavar="FILE",
-        required=True,
+        required=state_required,
         help="Services/EndpointSlices (and optionally this Node) as a Kubernetes "
         "List, multi-document YAML or JSON",
     )
@@ -170,6 +173,41 @@ def build_parser() -> argparse.ArgumentParser:
         "matches, 1 when a sync would change something, 2 on error.",
     )
     _add_node_flags(p_diff)
+    p_trace = sub.add_parser(
+        "trace",
+        help="show the path a new connection takes through the rules",
+        description="Follow a new connection through the rules kproxy renders from --state "
+        "(or, with --live, the rules in this network namespace): chains visited, endpoints "
+        "with their probability, masquerading, DROP or REJECT. Reads nothing else and "
+        "changes nothing.",
+    )
+    _add_node_flags(p_trace, state_required=False)
+    p_trace.add_argument(
+        "--live",
+        action="store_true",
+        help="trace the kernel's current rules instead of a render of --state",
+    )
+    p_trace.add_argument("--src", type=_ip, required=True, help="client address")
+    p_trace.add_argument("--dst", type=_ip, required=True, help="address connected to")
+    p_trace.add_argument("--dport", type=int, required=True, help="port connected to")
+    p_trace.add_argument("--proto", choices=("tcp", "udp", "sctp"), default="tcp")
+    p_trace.add_argument(
+        "--from",
+        dest="origin",
+        choices=("auto", "pod", "node", "external"),
+        default="auto",
+        help="where the connection starts (default: the node when --src is one of its "
+        "addresses, a pod when it is in --cluster-cidr, else external)",
+    )
+    p_trace.add_argument(
+        "--local-ip",
+        action="append",
+        default=[],
+        type=_ip,
+        metavar="IP",
+        help="an address of this node, for `-m addrtype LOCAL` (default: --node-ip, and with "
+        "--live the namespace's addresses)",
+    )
     return parser
 
 
@@ -264,6 +302,54 @@ def _run_sync(args: argparse.Namespace, dry_run: bool) -> int:
     return EXIT_CHANGES if changes else EXIT_OK
 
 
+def _run_trace(args: argparse.Namespace) -> int:
+    if not args.live and not args.state:
+        log.error("trace needs --state FILE or --live")
+        return EXIT_ERROR
+    src, dst = ipaddress.ip_address(args.src), ipaddress.ip_address(args.dst)
+    if src.version != dst.version:
+        log.error("--src and --dst must be of one IP family")
+        return EXIT_ERROR
+    family = IPV4 if dst.version == 4 else IPV6
+    state = ClusterState()
+    if args.state:
+        try:
+            state, warnings = load_state(args.state, args.node_name)
+        except StateFileError as err:
+            log.error("%s", err)
+            return EXIT_ERROR
+        for warning in warnings:
+            log.warning("%s", warning)
+    config = _node_config(args, state, apply=False)
+    local = {ipaddress.ip_address(ip) for ip in (*args.local_ip, *config.node_ips)}
+    if args.live:
+        local |= {ipaddress.ip_address(ip) for ip in nodeinfo.local_addresses()}
+        variant = args.iptables_backend
+        backend = IptablesBackend(
+            family.version, detect_variant(family.version) if variant == "auto" else variant
+        )
+        try:
+            tables = read_live(backend, ["nat", "filter"])
+        except IptablesError as err:
+            log.error("%s", err)
+            return EXIT_ERROR
+    else:
+        ruleset = render(state, config, family).ruleset
+        tables = {name: full_table(ruleset, name, Table(name)) for name in ("nat", "filter")}
+    origin = args.origin
+    if origin == "auto":
+        in_cluster = any(
+            src in ipaddress.ip_network(c)
+            for c in config.cluster_cidrs
+            if ipaddress.ip_network(c).version == src.version
+        )
+        origin = "node" if src in local or src.is_loopback else "pod" if in_cluster else "external"
+    packet = Packet(src, dst, args.proto, args.dport)
+    outcomes = Tracer(tables, local).trace(packet, origin)
+    print(format_outcomes(packet, origin, outcomes))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -272,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_sync(args, dry_run=False)
     if args.command == "diff":
         return _run_sync(args, dry_run=True)
+    if args.command == "trace":
+        return _run_trace(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_ERROR
 

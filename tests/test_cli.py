@@ -52,3 +52,40 @@ def test_bad_cidr_is_a_usage_error(tmp_path):
     res = kproxy("sync", "--state", "x.yaml", "--cluster-cidr", "10.0.0.0/33")
     assert res.returncode == 2
     assert "is not a CIDR" in res.stderr
+
+
+def test_trace_from_a_state_file(tmp_path):
+    state = tmp_path / "s.yaml"
+    state.write_text(
+        """
+kind: List
+items:
+- kind: Service
+  metadata: {name: web, namespace: default}
+  spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+- kind: EndpointSlice
+  metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  ports: [{name: http, port: 8080}]
+  endpoints: [{addresses: [10.244.1.2]}, {addresses: [10.244.1.3]}]
+"""
+    )
+    res = kproxy(
+        "trace",
+        "--state",
+        str(state),
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "--src",
+        "10.244.1.9",
+        "--dst",
+        "10.96.0.10",
+        "--dport",
+        "80",
+    )
+    assert res.returncode == 0, res.stderr
+    assert "(from a pod)" in res.stdout
+    assert res.stdout.count("50.00%  ACCEPT DNAT to 10.244.1.") == 2
+    assert "source kept" in res.stdout
+    res = kproxy("trace", "--src", "10.0.0.1", "--dst", "10.96.0.10", "--dport", "80")
+    assert res.returncode == 2 and "--state FILE or --live" in res.stderr

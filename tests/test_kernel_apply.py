@@ -206,3 +206,24 @@ def test_legacy_backend_is_detected_and_driven(kernel_support, tmp_path):
         assert kproxy(topo.node, "diff", "--state", str(state)).returncode == 0
     finally:
         topo.close()
+
+
+def test_trace_live_agrees_with_trace_of_the_state(node, tmp_path):
+    state = write(tmp_path / "s.json", synthetic.generate(4, 3))
+    assert kproxy(node, "sync", "--state", str(state)).returncode == 0
+    # svc-0 is a NodePort (30000) with ClusterIP 10.96.1.0 and endpoints 10.128.0.0-2.
+    pod_to_cluster_ip = ["--src", "10.244.1.9", "--dst", "10.96.1.0", "--dport", "80"]
+    # The node's FORWARD policy is DROP (see FOREIGN) and nothing accepts new pod traffic:
+    # the live trace reads that policy and says so.
+    live = kproxy(node, "trace", "--live", *pod_to_cluster_ip)
+    assert live.stdout.count("DROP   DNAT to 10.128.0.") == 3, live.stdout
+    netns.run(node, ["iptables", "-P", "FORWARD", "ACCEPT"])
+    for args in (
+        ["--src", "10.244.1.9", "--dst", "10.96.1.0", "--dport", "80"],
+        ["--src", "192.0.2.50", "--dst", "127.0.0.1", "--dport", "30000", "--from", "external"],
+    ):
+        live = kproxy(node, "trace", "--live", *args)
+        rendered = kproxy(node, "trace", "--state", str(state), *args)
+        assert live.returncode == 0 and rendered.returncode == 0, live.stderr + rendered.stderr
+        assert live.stdout == rendered.stdout
+        assert live.stdout.count("DNAT to 10.128.0.") == 3, live.stdout
