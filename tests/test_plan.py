@@ -16,9 +16,7 @@ from kproxy.ruleset import (
 )
 from kproxy.syncer import wants_full_restore
 
-CONFIG = NodeConfig(
-    node_name="node-1", cluster_cidrs=("10.244.0.0/16",), localhost_nodeports=False
-)
+CONFIG = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",), localhost_nodeports=False)
 
 FOREIGN_NAT = """*nat
 :PREROUTING ACCEPT [0:0]
