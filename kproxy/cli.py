@@ -17,7 +17,7 @@ from kproxy.plan import full_table
 from kproxy.render.iptables import IPV4, IPV6, render
 from kproxy.ruleset import Table
 from kproxy.sources.statefile import StateFileError, load_state
-from kproxy.syncer import read_live, sync_family
+from kproxy.syncer import describe, read_live, sync_family
 from kproxy.trace import Packet, Tracer, format_outcomes
 
 log = logging.getLogger("kproxy")
@@ -277,23 +277,16 @@ def _run_sync(args: argparse.Namespace, dry_run: bool) -> int:
                 sys.stdout.write(f"# {name} (iptables-{variant})\n{text}")
                 changes = True
             continue
-        changed = {t: c.summary for t, c in result.plan.changes.items() if c.summary}
-        how = f"whole {'+'.join(result.full_tables)} restored, " if result.full_tables else ""
         log.info(
-            "synced %s (iptables-%s): %d services, %d lines sent, %s%s; load %.3fs render "
-            "%.3fs read %.3fs plan %.3fs apply %.3fs",
+            "synced %s (iptables-%s): %d services, %s; load %.3fs render %.3fs",
             name,
             variant,
             len(state.services),
-            result.lines_sent,
-            how,
-            ", ".join(f"{t}: {len(s)} chain(s) changed" for t, s in changed.items()) or "no change",
+            describe(result),
             loaded - started,
             rendered_at - t0,
-            result.timings.get("read", 0.0),
-            result.timings.get("plan", 0.0),
-            result.timings.get("apply", 0.0),
         )
+        changed = {t: c.summary for t, c in result.plan.changes.items() if c.summary}
         for table, summary in changed.items():
             for chain, what in summary.items():
                 log.debug("%s %s %s: %s", name, table, chain, what)

@@ -26,9 +26,22 @@ FULL_RESTORE_FACTOR = 1600
 @dataclass
 class SyncResult:
     plan: Plan
+    read_kernel: bool = True  # planned against the kernel's tables (not an assumed record)
     lines_sent: int = 0
     full_tables: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def describe(result: SyncResult) -> str:
+    """One line for the log: what was sent and what changed."""
+    changed = {t: c.summary for t, c in result.plan.changes.items() if c.summary}
+    how = f"whole {'+'.join(result.full_tables)} restored, " if result.full_tables else ""
+    what = ", ".join(f"{t}: {len(s)} chain(s) changed" for t, s in changed.items())
+    t = result.timings
+    return (
+        f"{result.lines_sent} lines sent, {how}{what or 'no change'}; read {t.get('read', 0):.3f}s "
+        f"plan {t.get('plan', 0):.3f}s apply {t.get('apply', 0):.3f}s"
+    )
 
 
 def read_live(backend: IptablesBackend, tables: list[str]) -> dict[str, Table]:
@@ -45,23 +58,55 @@ def wants_full_restore(changed_lines: int, table_lines: int) -> bool:
     )
 
 
-def sync_family(backend: IptablesBackend, desired: RuleSet, dry_run: bool = False) -> SyncResult:
-    """Bring the kernel's owned rules of `backend`'s family to `desired`."""
+def sync_family(
+    backend: IptablesBackend,
+    desired: RuleSet,
+    dry_run: bool = False,
+    assumed: dict[str, Table] | None = None,
+) -> SyncResult:
+    """Bring the kernel's owned rules of `backend`'s family to `desired`.
+
+    `assumed` is what the caller believes the kernel holds (the daemon's record of its last
+    apply): planning against it skips reading the kernel, which costs seconds at 10k Services.
+    Without it, or when the change is big enough for a whole-table restore (which must carry
+    the foreign rules, so needs the kernel's real tables), the kernel is read.
+    """
     t0 = time.perf_counter()
+    read_s = 0.0
     tables = sorted(set(desired.tables) | {j.table for j in desired.jumps})
-    live = read_live(backend, tables)
-    t1 = time.perf_counter()
+
+    def read() -> dict[str, Table]:
+        nonlocal read_s
+        started = time.perf_counter()
+        tables_read = read_live(backend, tables)
+        read_s += time.perf_counter() - started
+        return tables_read
+
+    live = assumed if assumed is not None else read()
     the_plan = plan(desired, live)
+    if assumed is not None and any(
+        wants_full_restore(c.line_count(), _size(live, desired, n))
+        for n, c in the_plan.changes.items()
+    ):
+        live = read()
+        the_plan = plan(desired, live)
+        assumed = None
     t2 = time.perf_counter()
-    result = SyncResult(the_plan, timings={"read": t1 - t0, "plan": t2 - t1})
+    result = SyncResult(
+        the_plan,
+        read_kernel=assumed is None,
+        timings={"read": read_s, "plan": t2 - t0 - read_s},
+    )
     if dry_run or the_plan.empty():
         return result
 
     full: list[str] = []
-    for name, change in the_plan.changes.items():
-        size = live.get(name, Table(name)).rule_count() + desired.table(name).rule_count()
-        if wants_full_restore(change.line_count(), size):
-            full.append(name)
+    if assumed is None:
+        full = [
+            n
+            for n, c in the_plan.changes.items()
+            if wants_full_restore(c.line_count(), _size(live, desired, n))
+        ]
     if full:
         payload = "".join(
             table_text(full_table(desired, name, live.get(name, Table(name)))) for name in full
@@ -86,3 +131,14 @@ def sync_family(backend: IptablesBackend, desired: RuleSet, dry_run: bool = Fals
         result.lines_sent += payload.count("\n")
     result.timings["apply"] = time.perf_counter() - t2
     return result
+
+
+def _size(live: dict[str, Table], desired: RuleSet, name: str) -> int:
+    return live.get(name, Table(name)).rule_count() + desired.table(name).rule_count()
+
+
+def applied_tables(desired: RuleSet) -> dict[str, Table]:
+    """What the kernel holds of kproxy's rules after `desired` was applied: the owned chains
+    and the built-in chains with exactly kproxy's jumps (foreign rules are never planned on)."""
+    names = sorted(set(desired.tables) | {j.table for j in desired.jumps})
+    return {name: full_table(desired, name, Table(name)) for name in names}
