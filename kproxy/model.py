@@ -102,6 +102,8 @@ class Node:
     labels: Mapping[str, str] = field(default_factory=dict)
     addresses: tuple[str, ...] = ()
     deleting: bool = False
+    # Tainted ToBeDeletedByClusterAutoscaler: /healthz fails so load balancers drain the node.
+    tainted_for_deletion: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,11 +435,17 @@ def node_from_k8s(obj: Mapping[str, Any]) -> Node:
         a = c.mapping(raw, f"status.addresses[{i}]")
         if a.get("type") in ("InternalIP", "ExternalIP") and a.get("address"):
             addresses.append(c.ip(a.get("address"), f"status.addresses[{i}].address"))
+    spec = c.mapping(obj.get("spec"), "spec")
+    taints = c.sequence(spec.get("taints"), "spec.taints")
     return Node(
         name=c.name,
         labels=labels,
         addresses=tuple(addresses),
         deleting=meta.get("deletionTimestamp") is not None,
+        tainted_for_deletion=any(
+            isinstance(t, Mapping) and t.get("key") == "ToBeDeletedByClusterAutoscaler"
+            for t in taints
+        ),
     )
 
 
