@@ -1,0 +1,286 @@
+"""The daemon's loop: changes -> coalesce (min sync period) -> render -> plan -> apply.
+
+- Nothing is written before the source has listed Services and EndpointSlices completely.
+- A change is applied by planning against the record of the last apply (no kernel read); the
+  kernel itself is read and every difference repaired ("verify") at start, after a failed
+  apply, when a canary chain has vanished, and once per sync period.
+- Empty KUBE-PROXY-CANARY chains in mangle, nat and filter of each family are checked every
+  canary interval (upstream watches mangle only, k8s issue 129128): a missing one means a
+  table was flushed behind kproxy's back, and triggers a verify at once.
+- A failed apply leaves the kernel as it was (every restore is atomic) and is retried with
+  exponential backoff, up to the sync period.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kproxy.backends.iptables import IptablesBackend, IptablesError
+from kproxy.endpoints import endpoints_for_port
+from kproxy.model import ClusterState, NodeConfig
+from kproxy.render.iptables import Family, render
+from kproxy.ruleset import Table
+from kproxy.store import Changes, ObjectStore
+from kproxy.syncer import applied_tables, describe, sync_family
+
+log = logging.getLogger(__name__)
+
+CANARY = "KUBE-PROXY-CANARY"
+CANARY_TABLES = ("mangle", "nat", "filter")
+
+
+class SyncObserver(Protocol):
+    """What the reconciler reports (implemented by kproxy.metrics and kproxy.health)."""
+
+    def queued(self) -> None: ...
+    def changes(self, service_events: int, endpoint_events: int) -> None: ...
+    def synced(
+        self,
+        full: bool,
+        seconds: float,
+        lines_sent: dict[str, int],
+        rules: dict[str, int],
+        no_local: dict[str, int],
+    ) -> None: ...
+    def failed(self, family: str, partial: bool) -> None: ...
+    def drift_repaired(self, reason: str) -> None: ...
+    def programming_latency(self, seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+@dataclass
+class FamilyState:
+    family: Family
+    backend: IptablesBackend
+    # What kproxy last applied, as the kernel should now hold it; None: unknown, read it.
+    applied: dict[str, Table] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"IPv{self.family.version}"
+
+
+@dataclass
+class SyncReport:
+    ok: bool
+    full: bool
+    state: ClusterState
+    changes: Changes
+    failed_families: list[str] = field(default_factory=list)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: ObjectStore,
+        config: NodeConfig,
+        families: list[FamilyState],
+        *,
+        min_sync_period: float = 1.0,
+        sync_period: float = 30.0,
+        canary_interval: float = 5.0,
+        observer: SyncObserver | None = None,
+        after_sync: Callable[[SyncReport], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.families = families
+        self.min_sync_period = min_sync_period
+        self.sync_period = sync_period
+        self.canary_interval = canary_interval
+        self.observer = observer or _NoObserver()
+        self.after_sync = after_sync
+        self._cv = threading.Condition()
+        self._pending = False
+        self._verify_reason: str | None = "start"
+        self.first_sync = threading.Event()
+        self.syncs = 0  # completed sync attempts, for tests and logs
+
+    # --- called from other threads ---
+
+    def notify(self) -> None:
+        """The store changed: sync soon (coalesced, at most once per min sync period)."""
+        self.observer.queued()
+        with self._cv:
+            self._pending = True
+            self._cv.notify()
+
+    def request_verify(self, reason: str) -> None:
+        with self._cv:
+            self._verify_reason = self._verify_reason or reason
+            self._cv.notify()
+
+    # --- the loop ---
+
+    def run(self, stop: threading.Event, source_synced: threading.Event) -> None:
+        """Sync until `stop` is set. Waits for `source_synced` before writing anything."""
+        while not source_synced.wait(0.2):
+            if stop.is_set():
+                return
+        last_start = float("-inf")
+        last_verify = time.monotonic()
+        last_canary = time.monotonic()
+        retry_at = 0.0
+        backoff = 1.0
+        while not stop.is_set():
+            now = time.monotonic()
+            with self._cv:
+                if now - last_verify >= self.sync_period and self._verify_reason is None:
+                    self._verify_reason = "periodic"
+                due = self._pending or self._verify_reason is not None
+                start_at = max(last_start + self.min_sync_period, retry_at)
+                if due and now >= start_at:
+                    verify_reason = self._verify_reason
+                    self._pending = False
+                    self._verify_reason = None
+                else:
+                    deadlines = [last_verify + self.sync_period, last_canary + self.canary_interval]
+                    if due:
+                        deadlines.append(start_at)
+                    self._cv.wait(max(0.01, min(deadlines) - now))
+                    if time.monotonic() - last_canary >= self.canary_interval and not due:
+                        last_canary = time.monotonic()
+                        missing = self.missing_canaries()
+                        if missing:
+                            log.warning(
+                                "owned rules were flushed (%s missing); repairing",
+                                ", ".join(missing),
+                            )
+                            self._verify_reason = "flush"
+                    continue
+            last_start = time.monotonic()
+            report = self.sync(verify_reason)
+            if verify_reason is not None or not report.ok:
+                last_verify = time.monotonic()
+            if report.ok:
+                backoff = 1.0
+                retry_at = 0.0
+            else:
+                # Retry soon, then less often; the next attempt reads the kernel.
+                retry_at = time.monotonic() + backoff
+                backoff = min(backoff * 2, self.sync_period)
+                with self._cv:
+                    self._verify_reason = self._verify_reason or "retry"
+
+    def sync(self, verify_reason: str | None) -> SyncReport:
+        """One sync of every family. `verify_reason` set: plan against the kernel's tables."""
+        started = time.monotonic()
+        state, changes = self.store.snapshot()
+        self.observer.changes(changes.service_events, changes.endpoint_events)
+        report = SyncReport(ok=True, full=verify_reason is not None, state=state, changes=changes)
+        lines: dict[str, int] = {}
+        rules: dict[str, int] = {}
+        no_local = {"internal": 0, "external": 0}
+        for fam in self.families:
+            rendered = render(state, self.config, fam.family)
+            for warning in rendered.warnings:
+                log.warning("%s", warning)
+            assumed = None if verify_reason is not None else fam.applied
+            try:
+                result = sync_family(fam.backend, rendered.ruleset, assumed=assumed)
+            except IptablesError as err:
+                log.error("%s sync failed (rules unchanged, will retry): %s", fam.name, err)
+                fam.applied = None
+                report.ok = False
+                report.failed_families.append(fam.name)
+                self.observer.failed(fam.name, partial=assumed is not None)
+                continue
+            if verify_reason not in (None, "start") and not result.plan.empty():
+                log.warning(
+                    "%s: repaired rules changed behind kproxy's back (%s): %s",
+                    fam.name,
+                    verify_reason,
+                    describe(result),
+                )
+                self.observer.drift_repaired(verify_reason or "verify")
+            elif not result.plan.empty() or verify_reason == "start":
+                log.info(
+                    "synced %s (%s, %d services): %s",
+                    fam.name,
+                    "full" if result.read_kernel else "partial",
+                    len(state.services),
+                    describe(result),
+                )
+            fam.applied = applied_tables(rendered.ruleset)
+            for table, change in result.plan.changes.items():
+                lines[table] = lines.get(table, 0) + change.line_count()
+            for name, table in rendered.ruleset.tables.items():
+                rules[name] = rules.get(name, 0) + table.rule_count()
+            for policy, count in rendered.no_local_endpoints.items():
+                no_local[policy] += count
+        self.syncs += 1
+        if report.ok:
+            self.observer.synced(report.full, time.monotonic() - started, lines, rules, no_local)
+            now = time.time()
+            for trigger in changes.trigger_times:
+                self.observer.programming_latency(max(0.0, now - trigger))
+            self.first_sync.set()
+        if self.after_sync is not None:
+            self.after_sync(report)
+        return report
+
+    def missing_canaries(self) -> list[str]:
+        missing = []
+        for fam in self.families:
+            for table in CANARY_TABLES:
+                if not fam.backend.chain_exists(table, CANARY):
+                    missing.append(f"{fam.name} {table}")
+        return missing
+
+
+def local_ready_endpoints(
+    state: ClusterState, config: NodeConfig
+) -> dict[tuple[str, str], tuple[int, int]]:
+    """(namespace, name) -> (healthCheckNodePort, local ready endpoints) for the Services that
+    need a health check (LoadBalancer with externalTrafficPolicy Local), as upstream counts."""
+    wanted = {}
+    by_service = state.slices_by_service()
+    for key, svc in state.services.items():
+        if svc.type != "LoadBalancer" or not svc.external_policy_local:
+            continue
+        if not svc.health_check_node_port:
+            continue
+        local = {
+            ep.ip
+            for eps in by_service.get(key, [])
+            for ep in eps.endpoints
+            if ep.ready and config.node_name and ep.node_name == config.node_name
+        }
+        wanted[key] = (svc.health_check_node_port, len(local))
+    return wanted
+
+
+def udp_service_ports(
+    state: ClusterState, family: Family
+) -> list[tuple[frozenset[str], int, int, frozenset[tuple[str, int]]]]:
+    """Every UDP Service port of `family`: (its IPs, port, node port, serving endpoints)."""
+    import ipaddress
+
+    out = []
+    by_service = state.slices_by_service()
+    address_type = f"IPv{family.version}"
+    for key, svc in state.services.items():
+        ips = frozenset(
+            ip
+            for ip in (*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips)
+            if ipaddress.ip_address(ip).version == family.version
+        )
+        if not ips:
+            continue
+        for port in svc.ports:
+            if port.protocol != "UDP":
+                continue
+            eps = endpoints_for_port(port, by_service.get(key, []), address_type)
+            serving = frozenset((e.ip, e.port) for e in eps if e.endpoint.serving)
+            node_port = port.node_port if svc.type in ("NodePort", "LoadBalancer") else 0
+            out.append((ips, port.port, node_port, serving))
+    return out

@@ -1,0 +1,194 @@
+"""The daemon's view of the cluster: model objects kept up to date from API events.
+
+Objects are validated once, when they change (so a bad object is reported once per change, not
+once per sync), and the store remembers which Services changed since the last sync. Thread
+safe: the API source's threads write, the reconciler reads. No I/O.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from kproxy.model import (
+    ClusterState,
+    EndpointSlice,
+    InvalidObject,
+    Node,
+    Service,
+    endpoint_slice_from_k8s,
+    node_from_k8s,
+    service_from_k8s,
+)
+
+TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
+
+
+@dataclass
+class Changes:
+    """What changed between two snapshots."""
+
+    services: set[tuple[str, str]] = field(default_factory=set)
+    service_events: int = 0
+    endpoint_events: int = 0
+    node: bool = False
+    # Epoch seconds of the EndpointSlice trigger-time annotations seen, for the
+    # network-programming latency metric.
+    trigger_times: list[float] = field(default_factory=list)
+
+    def any(self) -> bool:
+        return bool(self.services or self.node)
+
+
+def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return (str(meta.get("namespace", "default")), str(meta.get("name", "")))
+
+
+def _rv(obj: Mapping[str, Any]) -> str | None:
+    return (obj.get("metadata") or {}).get("resourceVersion")
+
+
+def parse_time(text: str) -> float | None:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except (ValueError, AttributeError):
+        return None
+
+
+class ObjectStore:
+    def __init__(self, node_name: str, warn: Any = None) -> None:
+        self.node_name = node_name
+        self._warn = warn or (lambda message: None)
+        self._lock = threading.Lock()
+        self._raw: dict[str, dict[tuple[str, str], dict[str, Any]]] = {
+            "Service": {},
+            "EndpointSlice": {},
+            "Node": {},
+        }
+        self._services: dict[tuple[str, str], Service] = {}
+        self._slices: dict[tuple[str, str], EndpointSlice] = {}
+        self._node: Node | None = None
+        self._changes = Changes()
+
+    # --- writers (API source threads) ---
+
+    def apply(self, kind: str, event: str, obj: dict[str, Any]) -> bool:
+        """Record one watch event. True when the cluster state changed."""
+        with self._lock:
+            return self._apply(kind, event, obj)
+
+    def resync(self, kind: str, items: list[dict[str, Any]]) -> bool:
+        """Replace the whole view of `kind` by a fresh list (initial list, relist after 410):
+        only real differences count as changes, so a relist with nothing new churns nothing."""
+        with self._lock:
+            changed = False
+            current = self._raw[kind]
+            seen = set()
+            for obj in items:
+                key = _key(obj)
+                seen.add(key)
+                old = current.get(key)
+                if old is None or _rv(old) != _rv(obj) or _rv(obj) is None:
+                    changed |= self._apply(kind, "MODIFIED" if old else "ADDED", obj)
+            for key in [k for k in current if k not in seen]:
+                changed |= self._apply(kind, "DELETED", current[key])
+            return changed
+
+    def _apply(self, kind: str, event: str, obj: dict[str, Any]) -> bool:
+        key = _key(obj)
+        if kind == "Node":
+            if key[1] != self.node_name:
+                return False
+            if event == "DELETED":
+                self._raw["Node"].pop(key, None)
+                self._node = None
+            else:
+                try:
+                    node = node_from_k8s(obj)
+                except InvalidObject as err:
+                    self._warn(f"{err}; keeping the last valid version")
+                    return False
+                self._raw["Node"][key] = obj
+                if node == self._node:
+                    return False
+                self._node = node
+            self._changes.node = True
+            return True
+
+        if kind == "Service":
+            self._changes.service_events += 1
+            if event == "DELETED":
+                self._raw[kind].pop(key, None)
+                if self._services.pop(key, None) is None:
+                    return False
+            else:
+                warnings: list[str] = []
+                try:
+                    svc = service_from_k8s(obj, warnings)
+                except InvalidObject as err:
+                    # Keep serving the last valid version rather than dropping its traffic.
+                    self._warn(f"{err}; keeping the last valid version")
+                    return False
+                for warning in warnings:
+                    self._warn(warning)
+                self._raw[kind][key] = obj
+                if svc is None:  # headless or ExternalName: not proxied
+                    if self._services.pop(key, None) is None:
+                        return False
+                elif self._services.get(key) == svc:
+                    return False
+                else:
+                    self._services[key] = svc
+            self._changes.services.add(key)
+            return True
+
+        if kind == "EndpointSlice":
+            self._changes.endpoint_events += 1
+            old = self._slices.get(key)
+            if event == "DELETED":
+                self._raw[kind].pop(key, None)
+                if self._slices.pop(key, None) is None:
+                    return False
+                self._changes.services.add((old.namespace, old.service_name))
+                return True
+            try:
+                eps = endpoint_slice_from_k8s(obj)
+            except InvalidObject as err:
+                self._warn(f"{err}; keeping the last valid version")
+                return False
+            self._raw[kind][key] = obj
+            if eps is None:
+                self._slices.pop(key, None)
+            elif eps == old:
+                return False
+            else:
+                self._slices[key] = eps
+                if eps.trigger_time and (t := parse_time(eps.trigger_time)) is not None:
+                    self._changes.trigger_times.append(t)
+                self._changes.services.add((eps.namespace, eps.service_name))
+            if old is not None:
+                self._changes.services.add((old.namespace, old.service_name))
+            return True
+        return False
+
+    # --- readers (reconciler) ---
+
+    def snapshot(self) -> tuple[ClusterState, Changes]:
+        """The current state and the changes since the previous snapshot."""
+        with self._lock:
+            changes, self._changes = self._changes, Changes()
+            state = ClusterState(dict(self._services), dict(self._slices), self._node)
+            return state, changes
+
+    def pending(self) -> Changes:
+        with self._lock:
+            return self._changes
+
+    def raw_objects(self) -> list[dict[str, Any]]:
+        """Every object as the API sent it (for the last-known-good cache)."""
+        with self._lock:
+            return [obj for objs in self._raw.values() for obj in objs.values()]

@@ -1,0 +1,110 @@
+"""The daemon's object store: change tracking, relists without churn, bad updates."""
+
+import copy
+
+from kproxy.store import ObjectStore
+
+
+def service(name, ip="10.96.0.1", rv="1", port=80):
+    return {
+        "kind": "Service",
+        "metadata": {"namespace": "ns", "name": name, "resourceVersion": rv},
+        "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": port}]},
+    }
+
+
+def eps(name, svc, *ips, rv="1", trigger=None):
+    meta = {
+        "namespace": "ns",
+        "name": name,
+        "resourceVersion": rv,
+        "labels": {"kubernetes.io/service-name": svc},
+    }
+    if trigger:
+        meta["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": trigger}
+    return {
+        "kind": "EndpointSlice",
+        "metadata": meta,
+        "addressType": "IPv4",
+        "ports": [{"name": "p", "port": 8080}],
+        "endpoints": [{"addresses": [ip]} for ip in ips],
+    }
+
+
+def test_changes_name_the_services_touched():
+    store = ObjectStore("node-1")
+    store.resync("Service", [service("a"), service("b", "10.96.0.2")])
+    store.resync("EndpointSlice", [eps("a-1", "a", "10.1.0.1")])
+    state, changes = store.snapshot()
+    assert set(state.services) == {("ns", "a"), ("ns", "b")}
+    assert changes.services == {("ns", "a"), ("ns", "b")}
+    # An endpoint change marks its Service only.
+    store.apply(
+        "EndpointSlice",
+        "MODIFIED",
+        eps("a-1", "a", "10.1.0.2", rv="2", trigger="2026-11-30T00:00:00Z"),
+    )
+    _, changes = store.snapshot()
+    assert changes.services == {("ns", "a")}
+    assert changes.endpoint_events == 1 and len(changes.trigger_times) == 1
+    # Nothing since: an empty change set.
+    _, changes = store.snapshot()
+    assert not changes.any()
+
+
+def test_relist_with_nothing_new_changes_nothing():
+    store = ObjectStore("node-1")
+    objs = [service("a"), service("b", "10.96.0.2")]
+    assert store.resync("Service", objs)
+    store.snapshot()
+    assert not store.resync("Service", copy.deepcopy(objs))
+    assert not store.snapshot()[1].any()
+    # A relist that lost one object is its deletion.
+    assert store.resync("Service", objs[:1])
+    state, changes = store.snapshot()
+    assert set(state.services) == {("ns", "a")} and changes.services == {("ns", "b")}
+
+
+def test_new_resource_version_with_equal_content_is_no_change():
+    store = ObjectStore("node-1")
+    store.apply("Service", "ADDED", service("a"))
+    store.snapshot()
+    assert not store.apply("Service", "MODIFIED", service("a", rv="7"))
+
+
+def test_invalid_update_keeps_last_valid_version_and_warns_once():
+    warnings = []
+    store = ObjectStore("node-1", warn=warnings.append)
+    store.apply("Service", "ADDED", service("a"))
+    store.snapshot()
+    assert not store.apply("Service", "MODIFIED", service("a", rv="2", port=70000))
+    state, changes = store.snapshot()
+    assert state.services[("ns", "a")].ports[0].port == 80
+    assert not changes.services
+    assert len(warnings) == 1 and "Service ns/a: spec.ports[0].port" in warnings[0]
+
+
+def test_only_this_node_is_kept():
+    store = ObjectStore("node-1")
+    store.apply("Node", "ADDED", {"kind": "Node", "metadata": {"name": "node-2"}})
+    assert store.snapshot()[0].node is None
+    store.apply(
+        "Node",
+        "ADDED",
+        {
+            "kind": "Node",
+            "metadata": {"name": "node-1"},
+            "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]},
+        },
+    )
+    state, changes = store.snapshot()
+    assert state.node.name == "node-1" and state.node.tainted_for_deletion and changes.node
+
+
+def test_deleted_slice_marks_its_service():
+    store = ObjectStore("node-1")
+    store.apply("EndpointSlice", "ADDED", eps("a-1", "a", "10.1.0.1"))
+    store.snapshot()
+    store.apply("EndpointSlice", "DELETED", eps("a-1", "a", "10.1.0.1"))
+    state, changes = store.snapshot()
+    assert not state.slices and changes.services == {("ns", "a")}
