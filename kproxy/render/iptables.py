@@ -12,8 +12,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 
 from kproxy.endpoints import ResolvedEndpoint, categorize, endpoints_for_port
 from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig, Service, ServicePort
@@ -177,8 +178,69 @@ def _family_cidrs(cidrs: tuple[str, ...], family: Family) -> list[str]:
     return [c for c in cidrs if ipaddress.ip_network(c, strict=False).version == family.version]
 
 
-def render(state: ClusterState, config: NodeConfig, family: Family = IPV4) -> RenderResult:
+class RenderCache:
+    """Per Service port, the rules of the last render and the inputs they came from.
+
+    The daemon's store hands out the same model objects until they change, so an unchanged
+    Service port is recognised by identity and its rules reused: a sync after one change
+    renders one Service, not all of them. The result is identical to a render without cache.
+    """
+
+    def __init__(self) -> None:
+        self._endpoints: dict[tuple, tuple[tuple, list[ResolvedEndpoint]]] = {}
+        self._fragments: dict[tuple, tuple[tuple, _Fragment]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def endpoints(self, key: tuple, inputs: tuple, compute: Callable[[], list]) -> list:
+        entry = self._endpoints.get(key)
+        if entry is not None and _same(entry[0], inputs):
+            return entry[1]
+        value = compute()
+        self._endpoints[key] = (inputs, value)
+        return value
+
+    def fragment(self, key: tuple, inputs: tuple, compute: Callable[[], _Fragment]) -> _Fragment:
+        entry = self._fragments.get(key)
+        if entry is not None and _same(entry[0], inputs):
+            self.hits += 1
+            return entry[1]
+        self.misses += 1
+        value = compute()
+        self._fragments[key] = (inputs, value)
+        return value
+
+    def retain(self, keys: set[tuple]) -> None:
+        """Forget Service ports that are gone."""
+        for cache in (self._endpoints, self._fragments):
+            for key in [k for k in cache if k not in keys]:
+                del cache[key]
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b, strict=True))
+
+
+@dataclass
+class _Fragment:
+    """The rules one Service port contributes, chain by chain, in order."""
+
+    chains: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    no_local_internal: int = 0
+    no_local_external: int = 0
+
+    def chain(self, table: str, chain: str) -> list[str]:
+        return self.chains.setdefault((table, chain), [])
+
+
+def render(
+    state: ClusterState,
+    config: NodeConfig,
+    family: Family = IPV4,
+    cache: RenderCache | None = None,
+) -> RenderResult:
     """The complete desired rule set for one IP family."""
+    cache = cache if cache is not None else RenderCache()
     out = RuleSet()
     result = RenderResult(out)
     localhost_nodeports = family.version == 4 and config.localhost_nodeports
@@ -212,13 +274,11 @@ def render(state: ClusterState, config: NodeConfig, family: Family = IPV4) -> Re
         out.jumps.append(Jump("filter", "OUTPUT", "-j KUBE-FIREWALL"))
 
     ctx = _Context(
-        out=out,
-        result=result,
         family=family,
         config=config,
         local_cidr=_local_cidr(config, family, result.warnings),
         zone=(state.node.labels.get(ZONE_LABEL, "") if state.node else ""),
-        node_ips=_family_ips(config.node_ips, family),
+        node_ips=tuple(_family_ips(config.node_ips, family)),
     )
     by_service = state.slices_by_service()
     address_type = f"IPv{family.version}"
@@ -229,15 +289,23 @@ def render(state: ClusterState, config: NodeConfig, family: Family = IPV4) -> Re
         cluster_ip = next(iter(_family_ips(svc.cluster_ips, family)), None)
         if cluster_ip is None:
             continue
+        slices = tuple(by_service.get(key, ()))
         for port in svc.ports:
-            eps = endpoints_for_port(port, by_service.get(key, []), address_type)
+            pkey = (key, port.name, port.protocol)
+            eps = cache.endpoints(
+                pkey,
+                (port, slices),
+                lambda port=port, slices=slices: endpoints_for_port(
+                    port, list(slices), address_type
+                ),
+            )
             total_endpoints += len(eps)
-            ports.append((svc, port, cluster_ip, eps))
+            ports.append((pkey, svc, port, cluster_ip, slices, eps))
     ctx.large = total_endpoints > LARGE_CLUSTER_ENDPOINTS
 
     claimed: dict[tuple[str, str, int], str] = {}
     claimed_node_ports: dict[tuple[str, int], str] = {}
-    for svc, port, cluster_ip, eps in ports:
+    for pkey, svc, port, cluster_ip, slices, eps in ports:
         spn = service_port_name(svc, port)
         proto = port.protocol.lower()
         owner = claimed.setdefault((cluster_ip, proto, port.port), spn)
@@ -256,7 +324,16 @@ def render(state: ClusterState, config: NodeConfig, family: Family = IPV4) -> Re
                     f"{node_port} is already used by {np_owner}; nodePort skipped"
                 )
                 node_port = 0
-        _render_service_port(ctx, svc, port, spn, cluster_ip, node_port, eps)
+        fragment = cache.fragment(
+            pkey,
+            (svc, port, cluster_ip, node_port, slices, ctx),
+            partial(_render_service_port, ctx, svc, port, spn, cluster_ip, node_port, eps),
+        )
+        for (table, chain), rules in fragment.chains.items():
+            out.chain(table, chain).extend(rules)
+        result.no_local_endpoints["internal"] += fragment.no_local_internal
+        result.no_local_endpoints["external"] += fragment.no_local_external
+    cache.retain({p[0] for p in ports})
 
     comment = f"-m comment --comment {quote(NODEPORTS_COMMENT)}"
     services = out.chain("nat", "KUBE-SERVICES")
@@ -304,13 +381,13 @@ UNORDERED = (
 
 @dataclass
 class _Context:
-    out: RuleSet
-    result: RenderResult
+    """What every Service port's rules depend on besides the Service itself."""
+
     family: Family
     config: NodeConfig
     local_cidr: str | None
     zone: str
-    node_ips: list[str]
+    node_ips: tuple[str, ...]
     large: bool = False
 
 
@@ -335,9 +412,9 @@ def _render_service_port(
     cluster_ip: str,
     node_port: int,
     all_endpoints: list[ResolvedEndpoint],
-) -> None:
+) -> _Fragment:
     """One Service port, following upstream's syncProxyRules step by step."""
-    out, fam = ctx.out, ctx.family
+    out, fam = _Fragment(), ctx.family
     proto = port.protocol.lower()
     suffix = service_chain_suffix(spn, proto)
     cluster_chain = "KUBE-SVC-" + suffix
@@ -376,10 +453,8 @@ def _render_service_port(
     else:
         internal_filter = external_filter = "DROP"
         internal_comment = external_comment = quote(f"{spn} has no local endpoints")
-        if not has_internal:
-            ctx.result.no_local_endpoints["internal"] += 1
-        if not has_external:
-            ctx.result.no_local_endpoints["external"] += 1
+        out.no_local_internal = int(not has_internal)
+        out.no_local_external = int(not has_external)
 
     def dst(ip: str) -> str:
         return f"-d {fam.host(ip)} -p {proto}"
@@ -448,18 +523,17 @@ def _render_service_port(
             f"-m tcp --dport {health_port} -j ACCEPT"
         )
 
-    nat = out.table("nat").chains
     if has_internal:
         masq = (
             f"{dst(cluster_ip)} -m comment --comment {cluster_ip_comment} {dport} -j KUBE-MARK-MASQ"
         )
         if ctx.config.masquerade_all:
-            nat.setdefault(internal_chain, []).append(masq)
+            out.chain("nat", internal_chain).append(masq)
         elif ctx.local_cidr:
-            nat.setdefault(internal_chain, []).append(f"! -s {ctx.local_cidr} {masq}")
+            out.chain("nat", internal_chain).append(f"! -s {ctx.local_cidr} {masq}")
 
     if uses_ext_chain:
-        rules = nat.setdefault(ext_chain, [])
+        rules = out.chain("nat", ext_chain)
         if not ext_local:
             rules.append(
                 f"-m comment --comment "
@@ -488,7 +562,7 @@ def _render_service_port(
             rules.append(f"-j {external_policy_chain}")
 
     if uses_fw_chain:
-        rules = nat.setdefault(fw_chain, [])
+        rules = out.chain("nat", fw_chain)
         lb_comment = f"-m comment --comment {quote(f'{spn} loadbalancer IP')}"
         allow_from_node = False
         for cidr in source_ranges:
@@ -507,9 +581,9 @@ def _render_service_port(
         )
 
     if uses_cluster_chain:
-        _endpoint_dispatch(ctx, svc, spn, proto, nat.setdefault(cluster_chain, []), cat.cluster)
+        _endpoint_dispatch(ctx, svc, spn, proto, out.chain("nat", cluster_chain), cat.cluster)
     if uses_local_chain:
-        _endpoint_dispatch(ctx, svc, spn, proto, nat.setdefault(local_chain, []), cat.local)
+        _endpoint_dispatch(ctx, svc, spn, proto, out.chain("nat", local_chain), cat.local)
 
     for ep in cat.reachable:
         addr = fam.join(ep.ip, ep.port)
@@ -518,10 +592,11 @@ def _render_service_port(
         recent = ""
         if svc.affinity_timeout is not None:
             recent = f"-m recent --set --name {sep} --mask {fam.recent_mask} --rsource "
-        nat[sep] = [
+        out.chain("nat", sep)[:] = [
             f"-s {fam.host(ep.ip)} {comment}-j KUBE-MARK-MASQ",
             f"-p {proto} {comment}{recent}-m {proto} -j DNAT --to-destination {addr}",
         ]
+    return out
 
 
 def _endpoint_dispatch(
