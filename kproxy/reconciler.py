@@ -23,7 +23,7 @@ from typing import Protocol
 from kproxy.backends.iptables import IptablesBackend, IptablesError
 from kproxy.endpoints import endpoints_for_port
 from kproxy.model import ClusterState, NodeConfig
-from kproxy.render.iptables import Family, render
+from kproxy.render.iptables import Family, RenderCache, render
 from kproxy.ruleset import Table
 from kproxy.store import Changes, ObjectStore
 from kproxy.syncer import applied_tables, describe, sync_family
@@ -63,6 +63,7 @@ class FamilyState:
     backend: IptablesBackend
     # What kproxy last applied, as the kernel should now hold it; None: unknown, read it.
     applied: dict[str, Table] | None = None
+    cache: RenderCache = field(default_factory=RenderCache)
 
     @property
     def name(self) -> str:
@@ -181,7 +182,7 @@ class Reconciler:
         rules: dict[str, int] = {}
         no_local = {"internal": 0, "external": 0}
         for fam in self.families:
-            rendered = render(state, self.config, fam.family)
+            rendered = render(state, self.config, fam.family, cache=fam.cache)
             for warning in rendered.warnings:
                 log.warning("%s", warning)
             assumed = None if verify_reason is not None else fam.applied
