@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import shutil
 import socket
@@ -29,6 +30,8 @@ EXIT_ERROR = 2  # bad input or usage; the kernel was not touched
 
 
 class _Formatter(logging.Formatter):
+    """One-shot commands: `kproxy: [level: ]message`."""
+
     def format(self, record: logging.LogRecord) -> str:
         prefix = "kproxy: " + (
             "" if record.levelno == logging.INFO else record.levelname.lower() + ": "
@@ -36,9 +39,34 @@ class _Formatter(logging.Formatter):
         return prefix + record.getMessage()
 
 
-def _setup_logging(verbose: bool) -> None:
+class _DaemonFormatter(logging.Formatter):
+    """The daemon: a UTC timestamp and the level on every line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{ts}.{int(record.msecs):03d}Z {record.levelname.lower():<7} {record.getMessage()}"
+
+
+class _JsonFormatter(logging.Formatter):
+    """`--log-format json`: one JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        entry = {
+            "ts": f"{ts}.{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(verbose: bool, fmt: str = "oneshot") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
+    formatter = {"json": _JsonFormatter, "text": _DaemonFormatter}.get(fmt, _Formatter)
+    handler.setFormatter(formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -84,6 +112,11 @@ def _add_node_flags(p: argparse.ArgumentParser, state_required: bool = True) -> 
         "List, multi-document YAML or JSON",
     )
     p.add_argument("--mode", choices=("iptables", "nftables"), default="iptables")
+    _add_proxy_flags(p)
+
+
+def _add_proxy_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of how this node proxies, shared by every command (spelled as kube-proxy's)."""
     p.add_argument(
         "--node-name",
         "--hostname-override",
@@ -208,7 +241,111 @@ def build_parser() -> argparse.ArgumentParser:
         help="an address of this node, for `-m addrtype LOCAL` (default: --node-ip, and with "
         "--live the namespace's addresses)",
     )
+    p_run = sub.add_parser(
+        "run",
+        help="the daemon: watch the API server and keep the rules in sync",
+        description="Watch Services, EndpointSlices and this Node through the API server and "
+        "keep this network namespace's rules equal to them; serve metrics and health.",
+    )
+    _add_proxy_flags(p_run)
+    p_run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    p_run.add_argument(
+        "--master",
+        action="extend",
+        type=_urls,
+        default=[],
+        metavar="URL[,URL]",
+        help="API server address(es); several give failover, tried in order",
+    )
+    p_run.add_argument(
+        "--iptables-sync-period",
+        dest="sync_period",
+        type=_duration,
+        default=30.0,
+        metavar="DURATION",
+        help="verify and repair the kernel's rules at least this often (default 30s)",
+    )
+    p_run.add_argument(
+        "--iptables-min-sync-period",
+        dest="min_sync_period",
+        type=_duration,
+        default=1.0,
+        metavar="DURATION",
+        help="apply changes at most this often (default 1s)",
+    )
+    p_run.add_argument(
+        "--canary-interval",
+        type=_duration,
+        default=5.0,
+        metavar="DURATION",
+        help="check the canary chains in mangle, nat and filter this often (default 5s)",
+    )
+    p_run.add_argument(
+        "--metrics-bind-address",
+        default="127.0.0.1:10249",
+        help="host:port for /metrics (default 127.0.0.1:10249)",
+    )
+    p_run.add_argument(
+        "--healthz-bind-address",
+        default="0.0.0.0:10256",
+        help="host:port for /healthz, /livez and /readyz (default 0.0.0.0:10256)",
+    )
+    p_run.add_argument(
+        "--conntrack-cleanup",
+        type=_boolean,
+        default=True,
+        metavar="true|false",
+        help="delete stale UDP conntrack entries after endpoint changes (default true)",
+    )
+    p_run.add_argument("--log-format", choices=("text", "json"), default="text")
     return parser
+
+
+def _urls(text: str) -> list[str]:
+    return [u.strip() for u in text.split(",") if u.strip()]
+
+
+def _duration(text: str) -> float:
+    """A Go-style duration (`500ms`, `30s`, `1m`, `1h30m`) or plain seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    total, number, i = 0.0, "", 0
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    while i < len(text):
+        if text[i].isdigit() or text[i] == ".":
+            number += text[i]
+            i += 1
+            continue
+        unit = "ms" if text.startswith("ms", i) else text[i]
+        if unit not in units or not number:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a duration (like 30s, 1m)")
+        total += float(number) * units[unit]
+        number = ""
+        i += len(unit)
+    if number:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (like 30s, 1m)")
+    return total
+
+
+def _run_daemon(args: argparse.Namespace) -> int:
+    from kproxy.daemon import Daemon, DaemonOptions  # imports the kubernetes client (slow)
+
+    opts = DaemonOptions(
+        node_name=args.node_name,
+        config=_node_config(args, ClusterState(), apply=True),
+        servers=args.master,
+        kubeconfig=args.kubeconfig,
+        backend=args.iptables_backend,
+        min_sync_period=args.min_sync_period,
+        sync_period=args.sync_period,
+        canary_interval=args.canary_interval,
+        metrics_bind=args.metrics_bind_address,
+        healthz_bind=args.healthz_bind_address,
+        conntrack=args.conntrack_cleanup,
+    )
+    return Daemon(opts).run()
 
 
 def _node_config(args: argparse.Namespace, state: ClusterState, apply: bool) -> NodeConfig:
@@ -346,13 +483,18 @@ def _run_trace(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(getattr(args, "verbose", False))
+    _setup_logging(
+        getattr(args, "verbose", False),
+        getattr(args, "log_format", "text") if args.command == "run" else "oneshot",
+    )
     if args.command == "sync":
         return _run_sync(args, dry_run=False)
     if args.command == "diff":
         return _run_sync(args, dry_run=True)
     if args.command == "trace":
         return _run_trace(args)
+    if args.command == "run":
+        return _run_daemon(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_ERROR
 

@@ -184,6 +184,10 @@ class ObjectStore:
             state = ClusterState(dict(self._services), dict(self._slices), self._node)
             return state, changes
 
+    def snapshot_node(self) -> Node | None:
+        with self._lock:
+            return self._node
+
     def pending(self) -> Changes:
         with self._lock:
             return self._changes
