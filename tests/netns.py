@@ -18,6 +18,23 @@ crosses the node's netfilter hooks)::
 
 The node's default route points at the client namespace so that ClusterIPs are routable
 from the node before DNAT; the client namespace does not forward, so nothing leaves.
+Later clients (.3, ...) reach the node's 192.168.100.1 over their own veth (a /32 route on
+the node side). ``client_route(CIDR)`` makes every client send CIDR (externalIPs, load
+balancer IPs) via 192.168.100.1.
+
+Optional second node (``add_node2()``), where no kproxy runs, with its own routed pods::
+
+    node ns  vn2 192.168.200.1/24 --veth-- vn1 192.168.200.2/24  node2 ns
+             route 10.244.2.0/24 via .2         route 10.244.1.0/24 via .1, default via .1
+                                                ip_forward=1, rp_filter=0
+    node2 pods: eth0 10.244.2.X/32 -- vpX 10.244.2.1/32 (``add_pod(name, X, node=2)``)
+
+Optional IPv6 (``Topology(ipv6=True)``; every address is added ``nodad``)::
+
+    pods     eth0 fd00:10:244:N::X/128, route fd00:10:244:N::1 dev eth0, default via it
+    nodes    vpX fd00:10:244:N::1/128, route fd00:10:244:N::X/128 dev vpX, forwarding=1
+    clients  eth0 fd00:192:168:100::X/64, node fd00:192:168:100::1, node default via ::2
+    node<->node2  fd00:192:168:200::1/64 and ::2/64, routes as for IPv4
 
 No pytest dependency: the tests and ``scripts/demo.py`` both use it. Typical use::
 
@@ -52,6 +69,22 @@ POD_GATEWAY = "10.244.1.1"
 POD_PREFIX = "10.244.1."
 NODE_EXTERNAL_IP = "192.168.100.1"
 CLIENT_PREFIX = "192.168.100."
+
+NODE_NAME = "node-1"
+NODE2_NAME = "node-2"
+NODE2_POD_GATEWAY = "10.244.2.1"
+NODE2_POD_PREFIX = "10.244.2."
+NODE_LINK_IP = "192.168.200.1"  # node <-> node2 link, node side
+NODE2_LINK_IP = "192.168.200.2"
+
+POD6_GATEWAY = "fd00:10:244:1::1"
+POD6_PREFIX = "fd00:10:244:1::"
+NODE2_POD6_GATEWAY = "fd00:10:244:2::1"
+NODE2_POD6_PREFIX = "fd00:10:244:2::"
+NODE6_EXTERNAL_IP = "fd00:192:168:100::1"
+CLIENT6_PREFIX = "fd00:192:168:100::"
+NODE_LINK_IP6 = "fd00:192:168:200::1"
+NODE2_LINK_IP6 = "fd00:192:168:200::2"
 
 _SBIN_PATHS = ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/local/bin", "/usr/bin", "/bin")
 
@@ -131,14 +164,25 @@ def sysctl(ns: str, key: str, value: str | int) -> None:
 _COUNTERS = re.compile(r"\[\d+:\d+\]")
 
 
-def iptables_save(ns: str, table: str | None = None, *, raw: bool = False) -> str:
-    """``iptables-save [-t table]`` inside ``ns``.
+def iptables_save(
+    ns: str,
+    table: str | None = None,
+    *,
+    raw: bool = False,
+    family: int = 4,
+    counters: bool = False,
+) -> str:
+    """``iptables-save [-t table]`` (``ip6tables-save`` for family 6) inside ``ns``.
 
     Unless ``raw``, the comment lines (they carry timestamps) are dropped and chain counters
-    are zeroed, so two saves of the same rules compare equal.
+    are zeroed, so two saves of the same rules compare equal. ``counters`` adds ``-c``
+    (every rule line then starts with ``[packets:bytes]``) and implies ``raw``.
     """
-    argv = ["iptables-save"] + (["-t", table] if table else [])
+    argv = ["iptables-save" if family == 4 else "ip6tables-save"]
+    argv += (["-t", table] if table else []) + (["-c"] if counters else [])
     text = run(ns, argv).stdout
+    if counters:
+        return text
     if raw:
         return text
     lines = [_COUNTERS.sub("[0:0]", line) for line in text.splitlines() if not line.startswith("#")]
@@ -255,6 +299,9 @@ class Pod:
     ns: str
     ip: str
     host_if: str  # the node-side veth
+    node: str = ""  # namespace of the node the pod runs on
+    node_name: str = NODE_NAME  # that node's Kubernetes name (EndpointSlice nodeName)
+    ip6: str = ""  # with Topology(ipv6=True)
 
 
 @dataclass
@@ -263,6 +310,7 @@ class Client:
     ns: str
     ip: str
     host_if: str
+    ip6: str = ""
 
 
 @dataclass
@@ -283,25 +331,22 @@ class Topology:
     every namespace it created; it is idempotent and never raises.
     """
 
-    def __init__(self, tag: str | None = None):
+    def __init__(self, tag: str | None = None, *, ipv6: bool = False):
         self.tag = tag or f"kpt-{secrets.token_hex(3)}"
         self.node = f"{self.tag}-node"
+        self.node2: str | None = None  # set by add_node2()
+        self.ipv6 = ipv6
         self.namespaces: list[str] = []
         self.pods: dict[str, Pod] = {}
         self.clients: dict[str, Client] = {}
         self.servers: list[Server] = []
+        self.client_routes: list[str] = []
         self._tmp = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
         self._closed = False
         try:
             self._add_ns(self.node)
             ip(self.node, "link", "set", "lo", "up")
-            for key, value in (
-                ("net.ipv4.ip_forward", 1),
-                ("net.ipv4.icmp_ratelimit", 0),
-                ("net.ipv4.conf.all.rp_filter", 0),
-                ("net.ipv4.conf.default.rp_filter", 0),
-            ):
-                sysctl(self.node, key, value)
+            self._router_sysctls(self.node)
         except BaseException:
             self.close()
             raise
@@ -313,27 +358,98 @@ class Topology:
             raise RuntimeError("topology already closed")
         _run([_ip(), "netns", "add", ns])
         self.namespaces.append(ns)
+        if self.ipv6:
+            # links created in this namespace from now on skip duplicate address detection
+            # (link-local addresses included), so IPv6 works the moment a link is up
+            for key in ("net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"):
+                sysctl(ns, key, 0)
 
-    def add_pod(self, name: str, octet: int) -> Pod:
-        """Pod namespace ``<tag>-<name>`` with 10.244.1.<octet>, routed via node veth vp<octet>."""
+    def _router_sysctls(self, ns: str) -> None:
+        settings: list[tuple[str, int]] = [
+            ("net.ipv4.ip_forward", 1),
+            ("net.ipv4.icmp_ratelimit", 0),
+            ("net.ipv4.conf.all.rp_filter", 0),
+            ("net.ipv4.conf.default.rp_filter", 0),
+        ]
+        if self.ipv6:
+            settings += [("net.ipv6.conf.all.forwarding", 1), ("net.ipv6.icmp.ratelimit", 0)]
+        for key, value in settings:
+            sysctl(ns, key, value)
+
+    def add_node2(self) -> str:
+        """Second node namespace ``<tag>-node2`` (no kproxy), linked to the node; returns it.
+
+        node vn2 192.168.200.1/24 <-> node2 vn1 192.168.200.2/24; the node routes
+        10.244.2.0/24 via node2, node2 routes 10.244.1.0/24 and its default via the node.
+        """
+        if self.node2 is not None:
+            return self.node2
+        ns = f"{self.tag}-node2"
+        self._add_ns(ns)
+        self.node2 = ns
+        ip(ns, "link", "set", "lo", "up")
+        self._router_sysctls(ns)
+        ip(self.node, "link", "add", "vn2", "type", "veth", "peer", "name", "vn1", "netns", ns)
+        ip(self.node, "addr", "add", f"{NODE_LINK_IP}/24", "dev", "vn2")
+        ip(ns, "addr", "add", f"{NODE2_LINK_IP}/24", "dev", "vn1")
+        if self.ipv6:
+            ip(self.node, "addr", "add", f"{NODE_LINK_IP6}/64", "dev", "vn2", "nodad")
+            ip(ns, "addr", "add", f"{NODE2_LINK_IP6}/64", "dev", "vn1", "nodad")
+        ip(self.node, "link", "set", "vn2", "up")
+        ip(ns, "link", "set", "vn1", "up")
+        ip(self.node, "route", "add", f"{NODE2_POD_PREFIX}0/24", "via", NODE2_LINK_IP)
+        ip(ns, "route", "add", f"{POD_PREFIX}0/24", "via", NODE_LINK_IP)
+        ip(ns, "route", "add", "default", "via", NODE_LINK_IP)
+        if self.ipv6:
+            ip(self.node, "-6", "route", "add", f"{NODE2_POD6_PREFIX}/64", "via", NODE2_LINK_IP6)
+            ip(ns, "-6", "route", "add", f"{POD6_PREFIX}/64", "via", NODE_LINK_IP6)
+            ip(ns, "-6", "route", "add", "default", "via", NODE_LINK_IP6)
+        return ns
+
+    def add_pod(self, name: str, octet: int, *, node: int = 1) -> Pod:
+        """Pod namespace ``<tag>-<name>`` with 10.244.<node>.<octet>, routed via veth vp<octet>
+        of the node (``node=1``) or of node2 (``node=2``, created on first use).
+
+        With ``ipv6`` the pod also gets fd00:10:244:<node>::<octet>.
+        """
         if name in self.pods:
             raise ValueError(f"pod {name} exists")
         if not 2 <= octet <= 254:
             raise ValueError("octet must be 2..254")
+        if node == 1:
+            node_ns, node_name = self.node, NODE_NAME
+            gateway, prefix, gateway6, prefix6 = POD_GATEWAY, POD_PREFIX, POD6_GATEWAY, POD6_PREFIX
+        elif node == 2:
+            node_ns, node_name = self.add_node2(), NODE2_NAME
+            gateway, prefix = NODE2_POD_GATEWAY, NODE2_POD_PREFIX
+            gateway6, prefix6 = NODE2_POD6_GATEWAY, NODE2_POD6_PREFIX
+        else:
+            raise ValueError("node must be 1 or 2")
+        if any(p.node == node_ns and p.host_if == f"vp{octet}" for p in self.pods.values()):
+            raise ValueError(f"octet {octet} already used on node {node}")
         ns = f"{self.tag}-{name}"
-        pod_ip = f"{POD_PREFIX}{octet}"
+        pod_ip = f"{prefix}{octet}"
+        pod_ip6 = f"{prefix6}{octet}" if self.ipv6 else ""
         host_if = f"vp{octet}"
         self._add_ns(ns)
-        ip(self.node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        ip(self.node, "addr", "add", f"{POD_GATEWAY}/32", "dev", host_if)
-        ip(self.node, "link", "set", host_if, "up")
-        ip(self.node, "route", "add", f"{pod_ip}/32", "dev", host_if)
+        ip(node_ns, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip(node_ns, "addr", "add", f"{gateway}/32", "dev", host_if)
+        if self.ipv6:
+            ip(node_ns, "addr", "add", f"{gateway6}/128", "dev", host_if, "nodad")
+        ip(node_ns, "link", "set", host_if, "up")
+        ip(node_ns, "route", "add", f"{pod_ip}/32", "dev", host_if)
         ip(ns, "link", "set", "lo", "up")
         ip(ns, "addr", "add", f"{pod_ip}/32", "dev", "eth0")
+        if self.ipv6:
+            ip(ns, "addr", "add", f"{pod_ip6}/128", "dev", "eth0", "nodad")
         ip(ns, "link", "set", "eth0", "up")
-        ip(ns, "route", "add", POD_GATEWAY, "dev", "eth0")
-        ip(ns, "route", "add", "default", "via", POD_GATEWAY)
-        pod = Pod(name, ns, pod_ip, host_if)
+        ip(ns, "route", "add", gateway, "dev", "eth0")
+        ip(ns, "route", "add", "default", "via", gateway)
+        if self.ipv6:
+            ip(node_ns, "-6", "route", "add", f"{pod_ip6}/128", "dev", host_if)
+            ip(ns, "-6", "route", "add", gateway6, "dev", "eth0")
+            ip(ns, "-6", "route", "add", "default", "via", gateway6)
+        pod = Pod(name, ns, pod_ip, host_if, node_ns, node_name, pod_ip6)
         self.pods[name] = pod
         return pod
 
@@ -349,22 +465,50 @@ class Topology:
         octet = octet or (2 + len(self.clients))
         ns = f"{self.tag}-{name}"
         client_ip = f"{CLIENT_PREFIX}{octet}"
+        client_ip6 = f"{CLIENT6_PREFIX}{octet}" if self.ipv6 else ""
         host_if = f"vc{octet}"
         self._add_ns(ns)
         ip(self.node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
         node_prefix = 24 if first else 32
         ip(self.node, "addr", "add", f"{NODE_EXTERNAL_IP}/{node_prefix}", "dev", host_if)
+        if self.ipv6:
+            node6 = f"{NODE6_EXTERNAL_IP}/{64 if first else 128}"
+            ip(self.node, "addr", "add", node6, "dev", host_if, "nodad")
         ip(self.node, "link", "set", host_if, "up")
         ip(ns, "link", "set", "lo", "up")
         ip(ns, "addr", "add", f"{client_ip}/24", "dev", "eth0")
+        if self.ipv6:
+            ip(ns, "addr", "add", f"{client_ip6}/64", "dev", "eth0", "nodad")
         ip(ns, "link", "set", "eth0", "up")
         if first:
             ip(self.node, "route", "add", "default", "via", client_ip, "dev", host_if)
         else:
             ip(self.node, "route", "add", f"{client_ip}/32", "dev", host_if)
-        client = Client(name, ns, client_ip, host_if)
+        if self.ipv6:
+            if first:
+                ip(self.node, "-6", "route", "add", "default", "via", client_ip6, "dev", host_if)
+            else:
+                ip(self.node, "-6", "route", "add", f"{client_ip6}/128", "dev", host_if)
+        client = Client(name, ns, client_ip, host_if, client_ip6)
         self.clients[name] = client
+        for cidr in self.client_routes:
+            self._client_route(client, cidr)
         return client
+
+    def _client_route(self, client: Client, cidr: str) -> None:
+        v6 = ":" in cidr
+        if v6 and not self.ipv6:
+            raise ValueError(f"{cidr}: this topology has no IPv6")
+        via = NODE6_EXTERNAL_IP if v6 else NODE_EXTERNAL_IP
+        ip(client.ns, "-6" if v6 else "-4", "route", "add", cidr, "via", via, "dev", "eth0")
+
+    def client_route(self, cidr: str) -> None:
+        """Every client, present and future, sends ``cidr`` to the node (192.168.100.1)."""
+        if cidr in self.client_routes:
+            return
+        for client in self.clients.values():
+            self._client_route(client, cidr)
+        self.client_routes.append(cidr)
 
     def start_server(
         self,
@@ -374,11 +518,20 @@ class Topology:
         udp: Sequence[int] = (),
         name: str | None = None,
         ready_timeout: float = 10.0,
+        dual_stack: bool | None = None,
     ) -> Server:
-        """Start tests/podserver.py in the pod's namespace; returns once it listens."""
+        """Start tests/podserver.py in the pod's namespace; returns once it listens.
+
+        ``dual_stack`` (default: when the pod has an IPv6 address) binds ``::`` so the
+        server answers IPv4 and IPv6 alike.
+        """
         name = name or pod.name
+        if dual_stack is None:
+            dual_stack = bool(pod.ip6)
         log = self._tmp / f"server-{pod.name}-{len(self.servers)}.log"
         argv = [_ip(), "netns", "exec", pod.ns, sys.executable, str(PODSERVER), "--name", name]
+        if dual_stack:
+            argv += ["--bind", "::"]
         for port in tcp:
             argv += ["--tcp", str(port)]
         for port in udp:
@@ -425,6 +578,9 @@ class Topology:
 
     def iptables_save(self, table: str | None = None, **kwargs) -> str:
         return iptables_save(self.node, table, **kwargs)
+
+    def ip6tables_save(self, table: str | None = None, **kwargs) -> str:
+        return iptables_save(self.node, table, family=6, **kwargs)
 
     # -- teardown
 
@@ -476,17 +632,26 @@ class Topology:
 def build(
     pods: Sequence[tuple[str, int]] = (("a", 2), ("b", 3), ("c", 4)),
     clients: int = 1,
+    *,
+    node2_pods: Sequence[tuple[str, int]] = (),
+    ipv6: bool = False,
+    client_routes: Sequence[str] = (),
 ) -> Topology:
-    """A node, the given (name, octet) pods and ``clients`` external clients.
+    """A node, the given (name, octet) pods and ``clients`` external clients; with
+    ``node2_pods`` also node2 and those pods on it; ``client_routes`` as client_route().
 
     On any failure the partial topology is torn down before the exception propagates.
     """
-    topo = Topology()
+    topo = Topology(ipv6=ipv6)
     try:
         for name, octet in pods:
             topo.add_pod(name, octet)
+        for name, octet in node2_pods:
+            topo.add_pod(name, octet, node=2)
         for i in range(clients):
             topo.add_client("client" if i == 0 else f"client{i + 1}")
+        for cidr in client_routes:
+            topo.client_route(cidr)
         return topo
     except BaseException:
         topo.close()

@@ -6,14 +6,17 @@ Server mode (run inside a pod network namespace)::
     podserver.py --name web-a --tcp 8080 [--tcp 9090] [--udp 5353]
 
 prints ``READY`` on stdout once every socket listens, then serves until SIGTERM/SIGINT.
+``--bind ::`` serves IPv6 and IPv4 on the same sockets (IPV6_V6ONLY off); an IPv4 peer is
+still printed as ``10.244.1.10``, never ``::ffff:10.244.1.10``.
 
 Client mode (used by the tests and the demo from any namespace)::
 
     podserver.py --client tcp|udp --host H --port P [--timeout T] [--count N] [--json]
 
 prints one line per attempt: the answer (``web-a 10.244.1.10``), ``REFUSED`` or ``TIMEOUT``
-(``ERROR <text>`` for anything else). With ``--json`` each line is a JSON object with the keys
-``result`` (ok/refused/timeout/error), ``answer``, ``pod``, ``peer`` and ``elapsed`` (seconds).
+(``ERROR <text>`` for anything else); ``H`` may be an IPv6 address. With ``--json`` each line
+is a JSON object with the keys ``result`` (ok/refused/timeout/error), ``answer``, ``pod``,
+``peer`` and ``elapsed`` (seconds).
 Exit status: 0 when every attempt was answered, otherwise that of the first failure:
 3 refused, 4 timeout, 5 other error.
 
@@ -41,14 +44,33 @@ EXIT_ERROR = 5
 # --------------------------------------------------------------------------- server
 
 
+def _peer(address: str) -> str:
+    """The peer address as the pod would name it: IPv4-mapped IPv6 shown as plain IPv4."""
+    if address.lower().startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
 def _reply(name: str, peer_ip: str) -> bytes:
-    return f"{name} {peer_ip}\n".encode()
+    return f"{name} {_peer(peer_ip)}\n".encode()
+
+
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 128
+
+
+class _TCP6Server(_TCPServer):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
 
 def _tcp_handler(name: str) -> type[socketserver.BaseRequestHandler]:
@@ -75,13 +97,16 @@ def _serve_udp(sock: socket.socket, name: str) -> None:
 
 def serve(name: str, tcp_ports: list[int], udp_ports: list[int], bind: str) -> int:
     servers = []
+    v6 = _family(bind) == socket.AF_INET6
     for port in tcp_ports:
-        srv = _TCPServer((bind, port), _tcp_handler(name))
+        srv = (_TCP6Server if v6 else _TCPServer)((bind, port), _tcp_handler(name))
         servers.append(srv)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
     for port in udp_ports:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = socket.socket(_family(bind), socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((bind, port))
         threading.Thread(target=_serve_udp, args=(sock, name), daemon=True).start()
 
@@ -129,7 +154,7 @@ def _one_tcp(host: str, port: int, timeout: float) -> tuple[str, str]:
 
 def _one_udp(host: str, port: int, timeout: float) -> tuple[str, str]:
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        with socket.socket(_family(host), socket.SOCK_DGRAM) as sock:
             sock.settimeout(timeout)
             sock.connect((host, port))
             sock.send(b"ping\n")
@@ -183,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="server: the pod name put in every answer")
     parser.add_argument("--tcp", type=int, action="append", default=[], help="server: TCP port")
     parser.add_argument("--udp", type=int, action="append", default=[], help="server: UDP port")
-    parser.add_argument("--bind", default="0.0.0.0", help="server: address to bind")
+    parser.add_argument(
+        "--bind", default="0.0.0.0", help="server: address to bind (:: for IPv6 and IPv4)"
+    )
     parser.add_argument("--client", choices=["tcp", "udp"], help="client mode: protocol")
     parser.add_argument("--host", help="client: destination address")
     parser.add_argument("--port", type=int, help="client: destination port")
