@@ -227,3 +227,60 @@ def test_trace_live_agrees_with_trace_of_the_state(node, tmp_path):
         assert live.returncode == 0 and rendered.returncode == 0, live.stderr + rendered.stderr
         assert live.stdout == rendered.stdout
         assert live.stdout.count("DNAT to 10.128.0.") == 3, live.stdout
+
+
+def test_one_family_failing_does_not_block_the_other(node, tmp_path):
+    def objects(v4_ip, v6_ip):
+        return [
+            {
+                "kind": "Service",
+                "metadata": {"namespace": "ns", "name": "v4"},
+                "spec": {"clusterIP": "10.96.5.1", "ports": [{"name": "p", "port": 80}]},
+            },
+            {
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "namespace": "ns",
+                    "name": "v4-1",
+                    "labels": {"kubernetes.io/service-name": "v4"},
+                },
+                "addressType": "IPv4",
+                "ports": [{"name": "p", "port": 8080}],
+                "endpoints": [{"addresses": [v4_ip]}],
+            },
+            {
+                "kind": "Service",
+                "metadata": {"namespace": "ns", "name": "v6"},
+                "spec": {"clusterIPs": ["fd00:10:96::5"], "ports": [{"name": "p", "port": 80}]},
+            },
+            {
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "namespace": "ns",
+                    "name": "v6-1",
+                    "labels": {"kubernetes.io/service-name": "v6"},
+                },
+                "addressType": "IPv6",
+                "ports": [{"name": "p", "port": 8080}],
+                "endpoints": [{"addresses": [v6_ip]}],
+            },
+        ]
+
+    state = write(tmp_path / "s.json", objects("10.1.0.1", "fd00:1::1"))
+    assert kproxy(node, "sync", "--state", str(state)).returncode == 0
+    v6 = netns.run(node, ["ip6tables-save", "-t", "nat"]).stdout
+    sep = next(
+        ln.split()[1]
+        for ln in v6.splitlines()
+        if ln.startswith("-A KUBE-SEP-") and "[fd00:1::1]:8080" in ln
+    )
+    # A foreign IPv6 chain pinning that endpoint's chain makes the IPv6 apply fail.
+    netns.run(node, ["ip6tables", "-t", "nat", "-N", "PINNED"])
+    netns.run(node, ["ip6tables", "-t", "nat", "-A", "PINNED", "-j", sep])
+    write(state, objects("10.1.0.2", "fd00:1::2"))
+    res = kproxy(node, "sync", "--state", str(state))
+    assert res.returncode == 1, res.stderr
+    assert "IPv6:" in res.stderr and "synced IPv4" in res.stderr, res.stderr
+    assert "--to-destination 10.1.0.2:8080" in netns.iptables_save(node, "nat")
+    v6_after = netns.run(node, ["ip6tables-save", "-t", "nat"]).stdout
+    assert "[fd00:1::1]:8080" in v6_after and "[fd00:1::2]:8080" not in v6_after

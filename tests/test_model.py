@@ -260,3 +260,21 @@ def test_empty_list_is_an_empty_cluster(tmp_path):
     path.write_text("apiVersion: v1\nkind: List\nitems: []\n")
     state, warnings = load_state(path)
     assert not state.services and warnings == []
+
+
+def test_source_ranges_tolerate_space_and_leading_zeros_and_skip_invalid_with_a_warning():
+    svc = mutate(
+        GOOD_SERVICE,
+        ["spec", "loadBalancerSourceRanges"],
+        [" 203.0.113.0/25", "010.000.0.1/8", "not-a-cidr", "fd00::1/64"],
+    )
+    state, warnings = build_state([svc])
+    assert state.services[("shop", "cart")].load_balancer_source_ranges == (
+        "203.0.113.0/25",
+        "10.0.0.0/8",
+        "fd00::/64",
+    )
+    assert warnings == [
+        "Service shop/cart: spec.loadBalancerSourceRanges[2]: 'not-a-cidr' is not a CIDR; "
+        "range ignored"
+    ]

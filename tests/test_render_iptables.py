@@ -137,3 +137,22 @@ def test_two_services_claiming_one_ip_and_port_keep_the_first_and_warn():
     services = result.ruleset.tables["nat"].chains["KUBE-SERVICES"]
     assert len([r for r in services if "10.96.0.5" in r]) == 1
     assert "zz/copy" not in "".join(result.ruleset.tables["filter"].chains["KUBE-SERVICES"])
+
+
+def test_large_clusters_leave_out_per_endpoint_comments():
+    from tests.synthetic import generate
+
+    def comments(n_services, n_endpoints):
+        state, _ = build_state(generate(n_services, n_endpoints))
+        nat = render(state, NodeConfig()).ruleset.tables["nat"].chains
+        svc_rules = [r for c, rules in nat.items() if c.startswith("KUBE-SVC-") for r in rules]
+        sep_rules = [r for c, rules in nat.items() if c.startswith("KUBE-SEP-") for r in rules]
+        return (
+            any("--comment" in r for r in svc_rules),
+            any("--comment" in r for r in sep_rules),
+            any("--comment" in r for r in nat["KUBE-SERVICES"]),
+        )
+
+    assert comments(100, 10) == (True, True, True)  # exactly 1000 endpoints: not large
+    # 1001 endpoints: per-endpoint comments go, the Service-level ones stay (as upstream).
+    assert comments(91, 11) == (False, False, True)

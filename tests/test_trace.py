@@ -328,3 +328,25 @@ def test_ipv4_rules_never_capture_ipv6_services():
     assert dnats(trace(POD, "10.96.0.10")) and not dnats(trace(POD, "10.96.0.99"))
     o = only(trace("fd00:10:244:1::9", "fd00:10:96::99"))
     assert o.dnat is None
+
+
+def test_node_hints_prefer_this_node_when_every_endpoint_has_them():
+    objs = [
+        *svc(
+            "by-node",
+            "10.96.0.30",
+            {**ep(A), "hints": {"forNodes": [{"name": "node-1"}]}},
+            {**ep(R, "node-2"), "hints": {"forNodes": [{"name": "node-2"}]}},
+        ),
+    ]
+    state, _ = build_state(objs, node_name="node-1")
+    config = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",))
+    ruleset = render(state, config).ruleset
+    tables = {n: full_table(ruleset, n, Table(n)) for n in ("nat", "filter")}
+    packet = Packet(ipaddress.ip_address(POD), ipaddress.ip_address("10.96.0.30"), "tcp", 80)
+    assert dnats(Tracer(tables, set()).trace(packet, "pod")) == pytest.approx({A: 1.0})
+    # On node-2 the same Service goes to node-2's endpoint.
+    config2 = NodeConfig(node_name="node-2", cluster_cidrs=("10.244.0.0/16",))
+    ruleset = render(state, config2).ruleset
+    tables = {n: full_table(ruleset, n, Table(n)) for n in ("nat", "filter")}
+    assert dnats(Tracer(tables, set()).trace(packet, "pod")) == pytest.approx({R: 1.0})
