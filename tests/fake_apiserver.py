@@ -351,7 +351,7 @@ class _Handler(BaseHTTPRequestHandler):
     api: FakeApiServer
     protocol_version = "HTTP/1.1"  # keep-alive and chunked watch streams, as the real server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # the request log is self.api.requests
 
     def setup(self) -> None:
@@ -405,7 +405,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(path, query, 200, self._list(query, spec, namespace, fields))
         except _HTTPError as err:
             self._send_json(path, query, err.code, status_object(err.code, err.reason, err.message))
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # the client went away (or cut_watches/stop shut the socket)
             self.close_connection = True
 
     # --- list ---
