@@ -656,3 +656,62 @@ def build(
     except BaseException:
         topo.close()
         raise
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def call_in(ns: str, fn, *args, **kwargs):
+    """Run `fn(*args, **kwargs)` in a fresh thread that has entered namespace `ns`, and return
+    its result (or raise its exception).
+
+    Only that short-lived thread ever changes namespace (setns acts per thread), so the test
+    process itself never leaves its own. Sockets created inside `fn` belong to `ns` for their
+    whole life: a server started this way listens on `ns`'s addresses, e.g. its 127.0.0.1.
+    """
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    outcome: dict[str, object] = {}
+
+    def runner() -> None:
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns({ns}): {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+
+    def guarded() -> None:
+        try:
+            runner()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=guarded, name=f"in-{ns}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome.get("value")
+
+
+def http_get(ns: str, url: str, timeout: float = 5.0) -> tuple[int, dict[str, str], str]:
+    """GET `url` from inside `ns`: (status, headers, body); HTTP errors are returned too."""
+    import urllib.error
+    import urllib.request
+
+    def get() -> tuple[int, dict[str, str], str]:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                return resp.status, dict(resp.headers), resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read().decode()
+
+    return call_in(ns, get)

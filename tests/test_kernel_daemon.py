@@ -1,0 +1,414 @@
+"""`kproxy run` in a network namespace against the test API server, with real traffic.
+
+The API server runs in this process but listens on the node namespace's 127.0.0.1 (see
+netns.call_in); the daemon runs in the node namespace and is killed by pid afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import netns  # noqa: E402
+from fake_apiserver import FakeApiServer  # noqa: E402
+
+pytestmark = pytest.mark.kernel
+
+WEB_IP = "10.96.0.10"
+POD_A, POD_B = "10.244.1.2", "10.244.1.3"
+METRICS = "http://127.0.0.1:10249/metrics"
+HEALTH = "http://127.0.0.1:10256"
+CANARY_INTERVAL = 0.5
+
+
+def service(name, ip, port=80, **spec):
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"namespace": "default", "name": name},
+        "spec": {
+            "clusterIP": ip,
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+            **spec,
+        },
+    }
+
+
+def slice_(name, service_name, *ips, node="node-1"):
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "namespace": "default",
+            "name": name,
+            "labels": {"kubernetes.io/service-name": service_name},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": [ip], "conditions": {"ready": True}, "nodeName": node} for ip in ips
+        ],
+    }
+
+
+class Daemon:
+    def __init__(self, topo: netns.Topology, api: FakeApiServer, log: Path) -> None:
+        self.topo, self.api, self.log_path = topo, api, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *extra: str) -> None:
+        argv = [
+            netns._ip(),
+            "netns",
+            "exec",
+            self.topo.node,
+            sys.executable,
+            "-m",
+            "kproxy",
+            "run",
+            "--master",
+            self.api.url,
+            "--node-name",
+            "node-1",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--iptables-min-sync-period",
+            "0.2s",
+            "--iptables-sync-period",
+            "30s",
+            "--canary-interval",
+            f"{CANARY_INTERVAL}s",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            *extra,
+        ]
+        self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            argv, stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.log_file.close()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        try:
+            status, _, body = netns.http_get(self.topo.node, METRICS)
+        except OSError:  # not listening yet
+            return None
+        assert status == 200
+        for line in body.splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            head, _, value = line.rpartition(" ")
+            if head == name or (
+                head.startswith(name + "{") and all(f'{k}="{v}"' in head for k, v in labels.items())
+            ):
+                return float(value)
+        return None
+
+
+def status_of(topo, url: str) -> int | None:
+    """HTTP status of a GET from the node namespace; None while nothing listens."""
+    try:
+        return netns.http_get(topo.node, url, timeout=1.0)[0]
+    except OSError:
+        return None
+
+
+def wait_for(what: str, check, timeout: float = 10.0, daemon: Daemon | None = None):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            log = daemon.log()[-3000:] if daemon else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what}\n--- daemon log ---\n{log}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def env(kernel_support: None, tmp_path: Path) -> Iterator[tuple]:
+    topo = netns.build(pods=(("a", 2), ("b", 3), ("c", 4)), clients=0)
+    api = None
+    daemon = None
+    try:
+        for name in ("a", "b"):
+            topo.start_server(topo.pods[name], tcp=[8080], udp=[5353])
+        api = netns.call_in(topo.node, lambda: FakeApiServer(host="127.0.0.1").start())
+        api.apply(
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1", "labels": {}}}
+        )
+        daemon = Daemon(topo, api, tmp_path / "kproxy.log")
+        yield topo, api, daemon
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        if api is not None:
+            api.stop()
+        topo.close()
+
+
+def pods_reached(topo, dst=WEB_IP, count=12) -> set[str]:
+    replies = topo.tcp(topo.pods["c"].ns, dst, 80, count=count, timeout=1.0)
+    return {r.pod for r in replies if r.ok}
+
+
+def test_daemon_follows_changes_with_traffic(env):
+    topo, api, daemon = env
+    api.apply(service("web", WEB_IP))
+    api.apply(slice_("web-1", "web", POD_A))
+    daemon.start()
+    wait_for(
+        "pod a reached through the ClusterIP", lambda: pods_reached(topo) == {"a"}, daemon=daemon
+    )
+    # Scale up: both answer.
+    api.apply(slice_("web-1", "web", POD_A, POD_B))
+    wait_for(
+        "a and b both reached", lambda: pods_reached(topo, count=30) == {"a", "b"}, daemon=daemon
+    )
+    # Scale down to b: a gets no new connection.
+    api.apply(slice_("web-1", "web", POD_B))
+    wait_for(
+        "only b",
+        lambda: "--to-destination 10.244.1.2:8080" not in topo.iptables_save("nat"),
+        daemon=daemon,
+    )
+    assert pods_reached(topo, count=30) == {"b"}
+    # Delete the Service: its chains go.
+    svc_chains = {
+        ln.split()[0][1:]
+        for ln in topo.iptables_save("nat").splitlines()
+        if ln.startswith(":KUBE-SVC-") or ln.startswith(":KUBE-SEP-")
+    }
+    assert svc_chains
+    api.delete("Service", "default", "web")
+    api.delete("EndpointSlice", "default", "web-1")
+    wait_for(
+        "web's chains deleted",
+        lambda: not any(c in topo.iptables_save("nat") for c in svc_chains),
+        daemon=daemon,
+    )
+    # Each change was applied by a partial sync: no full restore of the table.
+    assert "whole nat restored" not in daemon.log().split("synced IPv4 (full", 1)[-1]
+
+
+def test_api_outage_keeps_traffic_and_catches_up(env):
+    topo, api, daemon = env
+    api.apply(service("web", WEB_IP))
+    api.apply(slice_("web-1", "web", POD_A))
+    daemon.start()
+    wait_for("first sync", lambda: pods_reached(topo) == {"a"}, daemon=daemon)
+    api.set_fail("drop")
+    api.cut_watches()
+    time.sleep(3)
+    assert daemon.proc.poll() is None, "the daemon died when the API server went away"
+    assert pods_reached(topo, count=20) == {"a"}, "traffic stopped during the API outage"
+    # Changes made while the daemon cannot see them...
+    api.apply(slice_("web-1", "web", POD_B))
+    api.apply(service("extra", "10.96.0.11"))
+    api.apply(slice_("extra-1", "extra", POD_A))
+    time.sleep(1)
+    assert pods_reached(topo, count=10) == {"a"}
+    # ...are caught up once it answers again.
+    api.set_fail(None)
+    wait_for(
+        "caught up after the outage", lambda: pods_reached(topo) == {"b"}, timeout=20, daemon=daemon
+    )
+    assert pods_reached(topo, dst="10.96.0.11") == {"a"}
+
+
+def test_relist_after_410_churns_nothing(env):
+    topo, api, daemon = env
+    api.apply(service("web", WEB_IP))
+    api.apply(slice_("web-1", "web", POD_A, POD_B))
+    daemon.start()
+    wait_for(
+        "first sync",
+        lambda: daemon.metric("kubeproxy_sync_proxy_rules_duration_seconds_count"),
+        daemon=daemon,
+    )
+    time.sleep(0.5)
+    syncs = daemon.metric("kubeproxy_sync_proxy_rules_duration_seconds_count")
+    before = topo.iptables_save()
+    lists = sum(1 for r in api.requests if "watch" not in r.query)
+    # Unrelated churn moves the resourceVersion on; compaction makes the daemon's too old.
+    for i in range(5):
+        api.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"other-{i}"}})
+    api.compact()
+    api.cut_watches()
+    wait_for(
+        "a relist",
+        lambda: sum(1 for r in api.requests if "watch" not in r.query) > lists,
+        daemon=daemon,
+    )
+    time.sleep(1.5)
+    assert daemon.metric("kproxy_watch_restarts_total", resource="Service") >= 1
+    assert daemon.metric("kubeproxy_sync_proxy_rules_duration_seconds_count") == syncs, (
+        "a relist with no change triggered a sync"
+    )
+    assert topo.iptables_save() == before
+
+
+@pytest.mark.parametrize("table", ["nat", "filter", "mangle"])
+def test_flushed_table_is_repaired(env, table):
+    topo, api, daemon = env
+    api.apply(service("web", WEB_IP))
+    api.apply(slice_("web-1", "web", POD_A))
+    daemon.start()
+    wait_for("first sync", lambda: pods_reached(topo) == {"a"}, daemon=daemon)
+    good = topo.iptables_save(table)
+    netns.run(topo.node, ["iptables", "-t", table, "-F"])
+    netns.run(topo.node, ["iptables", "-t", table, "-X"])
+    assert "KUBE-" not in topo.iptables_save(table)
+    flushed = time.monotonic()
+    wait_for(
+        f"{table} repaired",
+        lambda: topo.iptables_save(table) == good,
+        timeout=2 * CANARY_INTERVAL + 3,
+        daemon=daemon,
+    )
+    took = time.monotonic() - flushed
+    assert pods_reached(topo) == {"a"}
+    assert daemon.metric("kproxy_drift_repairs_total", reason="flush") >= 1
+    print(f"{table} flush repaired in {took:.2f}s")
+
+
+def test_metrics_and_health_endpoints(env):
+    topo, api, daemon = env
+    api.apply(service("web", WEB_IP))
+    api.apply(slice_("web-1", "web", POD_A))
+    lb = service(
+        "lb",
+        "10.96.0.20",
+        type="LoadBalancer",
+        externalTrafficPolicy="Local",
+        healthCheckNodePort=32100,
+    )
+    lb["spec"]["ports"][0]["nodePort"] = 30100
+    api.apply(lb)
+    api.apply(slice_("lb-1", "lb", POD_A, POD_B))
+    daemon.start()
+    wait_for("ready", lambda: status_of(topo, f"{HEALTH}/readyz") == 200, daemon=daemon)
+    status, _, body = netns.http_get(topo.node, f"{HEALTH}/healthz")
+    assert status == 200
+    doc = json.loads(body)
+    assert doc["healthy"] is True and doc["nodeEligible"] is True and "lastUpdated" in doc
+    assert netns.http_get(topo.node, f"{HEALTH}/livez")[0] == 200
+
+    for name in (
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "kubeproxy_proxy_healthz_total",
+    ):
+        assert daemon.metric(name), f"{name} missing or zero"
+    assert daemon.metric("kubeproxy_sync_proxy_rules_iptables_total", table="nat") > 10
+    assert daemon.metric("rest_client_requests_total", verb="LIST", code="200") >= 2
+    assert daemon.metric("kproxy_apiserver_reachable") == 1
+
+    # The health check node port of the ETP=Local LoadBalancer Service.
+    wait_for(
+        "service health check",
+        lambda: status_of(topo, "http://127.0.0.1:32100/") == 200,
+        daemon=daemon,
+    )
+    status, headers, body = netns.http_get(topo.node, "http://127.0.0.1:32100/")
+    assert headers["X-Load-Balancing-Endpoint-Weight"] == "2"
+    assert json.loads(body) == {
+        "service": {"namespace": "default", "name": "lb"},
+        "localEndpoints": 2,
+        "serviceProxyHealthy": True,
+    }
+    # Endpoints move off this node: 503, and the server closes when the Service goes.
+    api.apply(slice_("lb-1", "lb", POD_A, POD_B, node="node-2"))
+    wait_for(
+        "health check 503", lambda: status_of(topo, "http://127.0.0.1:32100/") == 503, daemon=daemon
+    )
+    api.delete("Service", "default", "lb")
+
+    wait_for(
+        "health check server closed",
+        lambda: status_of(topo, "http://127.0.0.1:32100/") is None,
+        daemon=daemon,
+    )
+
+    # The node is being deleted: /healthz fails, /livez does not.
+    api.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": "node-1", "deletionTimestamp": "2026-11-30T00:00:00Z"},
+        }
+    )
+    wait_for(
+        "healthz 503",
+        lambda: netns.http_get(topo.node, f"{HEALTH}/healthz")[0] == 503,
+        daemon=daemon,
+    )
+    assert netns.http_get(topo.node, f"{HEALTH}/livez")[0] == 200
+
+
+def test_nothing_written_before_the_first_complete_list(env, tmp_path):
+    topo, api, daemon = env
+    # Rules already on the node (an earlier kproxy or kube-proxy).
+    state = tmp_path / "state.json"
+    objs = [service("web", WEB_IP), slice_("web-1", "web", POD_A)]
+    state.write_text(json.dumps({"kind": "List", "items": objs}))
+    res = netns.run(
+        topo.node,
+        [
+            sys.executable,
+            "-m",
+            "kproxy",
+            "sync",
+            "--state",
+            str(state),
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--node-name",
+            "node-1",
+        ],
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    before = topo.iptables_save()
+    api.set_fail("500")
+    daemon.start()
+    time.sleep(3)
+    assert topo.iptables_save() == before, "rules changed before the API server was listed"
+    assert pods_reached(topo) == {"a"}
+    # The API has changed meanwhile; once it answers the daemon converges.
+    for obj in (service("web", WEB_IP), slice_("web-1", "web", POD_B)):
+        api.apply(copy.deepcopy(obj))
+    api.set_fail(None)
+    wait_for("converged", lambda: pods_reached(topo) == {"b"}, timeout=20, daemon=daemon)
