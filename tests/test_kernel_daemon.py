@@ -412,3 +412,47 @@ def test_nothing_written_before_the_first_complete_list(env, tmp_path):
         api.apply(copy.deepcopy(obj))
     api.set_fail(None)
     wait_for("converged", lambda: pods_reached(topo) == {"b"}, timeout=20, daemon=daemon)
+
+
+def test_udp_flows_to_a_removed_endpoint_are_cleaned(env):
+    from test_conntrack import send  # one datagram per fixed source port, answers by pod
+
+    topo, api, daemon = env
+    dns = service("dns", "10.96.0.53", port=53)
+    dns["spec"]["ports"][0].update(protocol="UDP", name="dns")
+    api.apply(dns)
+    eps = slice_("dns-1", "dns", POD_A, POD_B)
+    eps["ports"] = [{"name": "dns", "port": 5353, "protocol": "UDP"}]
+    api.apply(eps)
+    daemon.start()
+    sports = list(range(41000, 41012))
+    first = wait_for(
+        "UDP answers",
+        lambda: (
+            (r := send(topo.pods["c"].ns, "10.96.0.53", 53, sports))
+            and set(r.values()) <= {"a", "b"}
+            and r
+        ),
+        daemon=daemon,
+    )
+    assert set(first.values()) == {"a", "b"}, first
+    # Remove b. Its pod still answers, so without cleanup the existing flows would stay on it.
+    eps["endpoints"] = eps["endpoints"][:1]
+    api.apply(eps)
+    wait_for(
+        "b's rules gone", lambda: "10.244.1.3:5353" not in topo.iptables_save("nat"), daemon=daemon
+    )
+    again = wait_for(
+        "flows moved to a",
+        lambda: (
+            (r := send(topo.pods["c"].ns, "10.96.0.53", 53, sports))
+            and set(r.values()) == {"a"}
+            and r
+        ),
+        timeout=5,
+        daemon=daemon,
+    )
+    assert set(again.values()) == {"a"}
+    assert daemon.metric("kubeproxy_conntrack_reconciler_deleted_entries_total") >= sum(
+        1 for p in first.values() if p == "b"
+    )
