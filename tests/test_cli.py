@@ -89,3 +89,28 @@ items:
     assert "source kept" in res.stdout
     res = kproxy("trace", "--src", "10.0.0.1", "--dst", "10.96.0.10", "--dport", "80")
     assert res.returncode == 2 and "--state FILE or --live" in res.stderr
+
+
+def test_json_log_format_is_one_object_per_line():
+    import json
+    import logging
+
+    from kproxy.cli import _JsonFormatter
+
+    record = logging.LogRecord(
+        "kproxy.reconciler", logging.WARNING, __file__, 1, 'synced "x"\nnext', None, None
+    )
+    line = _JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["level"] == "warning" and entry["msg"] == 'synced "x"\nnext'
+    assert entry["logger"] == "kproxy.reconciler" and entry["ts"].endswith("Z")
+
+
+def test_durations_are_spelled_as_kube_proxy_spells_them():
+    from kproxy.cli import _duration
+
+    assert _duration("30s") == 30 and _duration("1m") == 60 and _duration("500ms") == 0.5
+    assert _duration("1h30m") == 5400 and _duration("2.5") == 2.5
+    with pytest.raises(Exception, match="not a duration"):
+        _duration("10 parsecs")
