@@ -11,12 +11,22 @@ import socket
 import sys
 import time
 
-from kproxy import __version__, nodeinfo
-from kproxy.backends.iptables import IptablesBackend, IptablesError, detect_variant
-from kproxy.model import ClusterState, NodeConfig
+from kproxy import __version__, nodeinfo, recovery
+from kproxy.backends.iptables import (
+    IptablesBackend,
+    IptablesError,
+    detect_variant,
+    family_backends,
+)
+from kproxy.fileio import write_atomically
+from kproxy.lockfile import DEFAULT_LOCK_FILE, LockHeld, locked
+from kproxy.model import ClusterState, NodeConfig, build_state
 from kproxy.plan import full_table
+from kproxy.recovery import DEFAULT_SNAPSHOT_DIR
 from kproxy.render.iptables import IPV4, IPV6, render
 from kproxy.ruleset import Table
+from kproxy.snapshot import SnapshotError
+from kproxy.sources.cache import DEFAULT_STATE_CACHE
 from kproxy.sources.statefile import StateFileError, load_state
 from kproxy.syncer import describe, read_live, sync_family
 from kproxy.trace import Packet, Tracer, format_outcomes
@@ -109,7 +119,8 @@ def _add_node_flags(p: argparse.ArgumentParser, state_required: bool = True) -> 
         metavar="FILE",
         required=state_required,
         help="Services/EndpointSlices (and optionally this Node) as a Kubernetes "
-        "List, multi-document YAML or JSON",
+        "List, multi-document YAML or JSON (default: read them from the API server, or from "
+        "the last-known-good cache when it cannot be reached)",
     )
     p.add_argument("--mode", choices=("iptables", "nftables"), default="iptables")
     _add_proxy_flags(p)
@@ -198,14 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
         "network namespace once. Exit 0 on success, 1 when the kernel refused "
         "the change (previous rules stay), 2 on unusable input (kernel untouched).",
     )
-    _add_node_flags(p_sync)
+    _add_node_flags(p_sync, state_required=False)
+    _add_api_flags(p_sync)
+    _add_lock_flag(p_sync)
     p_diff = sub.add_parser(
         "diff",
         help="print what a sync would change",
         description="Print the change a sync would apply. Exit 0 when the kernel already "
         "matches, 1 when a sync would change something, 2 on error.",
     )
-    _add_node_flags(p_diff)
+    _add_node_flags(p_diff, state_required=False)
+    _add_api_flags(p_diff)
     p_trace = sub.add_parser(
         "trace",
         help="show the path a new connection takes through the rules",
@@ -248,14 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
         "keep this network namespace's rules equal to them; serve metrics and health.",
     )
     _add_proxy_flags(p_run)
-    p_run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    _add_api_flags(p_run)
+    _add_lock_flag(p_run)
     p_run.add_argument(
-        "--master",
-        action="extend",
-        type=_urls,
-        default=[],
-        metavar="URL[,URL]",
-        help="API server address(es); several give failover, tried in order",
+        "--snapshot-dir",
+        default=DEFAULT_SNAPSHOT_DIR,
+        help=f"where a snapshot is written after each full sync (default {DEFAULT_SNAPSHOT_DIR})",
+    )
+    p_run.add_argument("--snapshot-keep", type=int, default=5, help="snapshots kept (default 5)")
+    p_run.add_argument(
+        "--api-wait",
+        type=_duration,
+        default=10.0,
+        metavar="DURATION",
+        help="how long to wait at start for the API server before programming the rules from "
+        "the state cache (default 10s)",
     )
     p_run.add_argument(
         "--iptables-sync-period",
@@ -298,7 +319,89 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete stale UDP conntrack entries after endpoint changes (default true)",
     )
     p_run.add_argument("--log-format", choices=("text", "json"), default="text")
+
+    p_snap = sub.add_parser(
+        "snapshot",
+        help="save kproxy's own rules to a file",
+        description="Write the rules kproxy owns (both families) with a checksummed header.",
+    )
+    p_snap.add_argument("--out", required=True, metavar="FILE")
+    p_snap.add_argument("--mode", choices=("iptables",), default="iptables")
+    _add_backend_flags(p_snap)
+    _add_lock_flag(p_snap)
+    p_restore = sub.add_parser(
+        "restore",
+        help="put a snapshot back, atomically",
+        description="Verify a snapshot (format, checksum, only kproxy's chains) and apply it "
+        "with the same minimal, atomic path as a sync. A refused file changes nothing: exit "
+        "2 with the reason; exit 1 when the kernel refused the change.",
+    )
+    which = p_restore.add_mutually_exclusive_group(required=True)
+    which.add_argument("file", nargs="?", metavar="FILE")
+    which.add_argument(
+        "--latest", action="store_true", help="the newest valid snapshot in --snapshot-dir"
+    )
+    p_restore.add_argument("--snapshot-dir", default=DEFAULT_SNAPSHOT_DIR)
+    p_restore.add_argument("--dry-run", action="store_true", help="print what would change")
+    _add_backend_flags(p_restore)
+    _add_lock_flag(p_restore)
+    p_clean = sub.add_parser(
+        "cleanup",
+        help="remove every rule and chain kproxy owns",
+        description="Remove kproxy's chains and the jumps into them, in both families; "
+        "everything else stays.",
+    )
+    p_clean.add_argument("--dry-run", action="store_true", help="print what would be removed")
+    _add_backend_flags(p_clean)
+    _add_lock_flag(p_clean)
     return parser
+
+
+def _add_backend_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--node-name", "--hostname-override", dest="node_name", default=socket.gethostname()
+    )
+    p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+
+
+def _add_lock_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lock-file",
+        default=DEFAULT_LOCK_FILE,
+        help=f"kproxy commands that change rules hold this lock (default {DEFAULT_LOCK_FILE})",
+    )
+
+
+def _add_api_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    p.add_argument(
+        "--master",
+        action="extend",
+        type=_urls,
+        default=[],
+        metavar="URL[,URL]",
+        help="API server address(es); several give failover, tried in order",
+    )
+    p.add_argument(
+        "--api-timeout",
+        type=_duration,
+        default=10.0,
+        metavar="DURATION",
+        help="give up on the API server after this long (one-shot commands; default 10s)",
+    )
+    p.add_argument(
+        "--state-cache",
+        default=DEFAULT_STATE_CACHE,
+        help=f"last-known-good cluster state (default {DEFAULT_STATE_CACHE})",
+    )
+    p.add_argument(
+        "--state-cache-max-age",
+        type=_duration,
+        default=3600.0,
+        metavar="DURATION",
+        help="a cache older than this is still used, but flagged (default 1h)",
+    )
 
 
 def _urls(text: str) -> list[str]:
@@ -344,6 +447,12 @@ def _run_daemon(args: argparse.Namespace) -> int:
         metrics_bind=args.metrics_bind_address,
         healthz_bind=args.healthz_bind_address,
         conntrack=args.conntrack_cleanup,
+        snapshot_dir=args.snapshot_dir or None,
+        snapshot_keep=args.snapshot_keep,
+        state_cache=args.state_cache or None,
+        state_cache_max_age=args.state_cache_max_age,
+        api_wait=args.api_wait,
+        lock_file=args.lock_file or None,
     )
     return Daemon(opts).run()
 
@@ -371,9 +480,67 @@ def _run_sync(args: argparse.Namespace, dry_run: bool) -> int:
     if args.mode != "iptables":
         log.error("--mode %s: not available yet; use --mode iptables", args.mode)
         return EXIT_ERROR
+    if dry_run:
+        return _sync_families(args, dry_run)
+    try:
+        with locked(args.lock_file, what="sync"):
+            return _sync_families(args, dry_run)
+    except LockHeld as err:
+        log.error("%s", err)
+        return EXIT_ERROR
+
+
+def _load_cluster(args: argparse.Namespace, dry_run: bool) -> tuple[ClusterState, list[str]]:
+    """From --state, else from the API server, else from the last-known-good cache.
+    Raises StateFileError when none can be used."""
+    if args.state:
+        return load_state(args.state, args.node_name)
+    from kproxy.sources import cache
+    from kproxy.sources.kube import KubeSource, SourceUnavailable  # loads the client: slow
+
+    try:
+        source = KubeSource(
+            args.master or None,
+            args.kubeconfig,
+            args.node_name,
+            on_event=lambda e: None,
+            on_resync=lambda k, i: None,
+        )
+        objects = source.list_once(timeout=args.api_timeout)
+    except SourceUnavailable as err:
+        try:
+            cached = cache.load(args.state_cache)
+        except (OSError, ValueError) as cache_err:
+            raise StateFileError(
+                f"API server unreachable ({err}) and no usable state cache at "
+                f"{args.state_cache} ({getattr(cache_err, 'strerror', None) or cache_err})"
+            ) from None
+        age = cached.age()
+        flag = " — older than --state-cache-max-age" if age > args.state_cache_max_age else ""
+        log.warning(
+            "API server unreachable (%s); using the last-known-good state from %s, "
+            "saved %.0fs ago%s",
+            err,
+            args.state_cache,
+            age,
+            flag,
+        )
+        return build_state(cached.objects, args.node_name)
+    state, warnings = build_state(objects, args.node_name)
+    if not dry_run:
+        try:
+            cache.save(args.state_cache, objects, args.node_name)
+        except OSError as err:
+            log.warning(
+                "could not refresh the state cache %s: %s", args.state_cache, err.strerror or err
+            )
+    return state, warnings
+
+
+def _sync_families(args: argparse.Namespace, dry_run: bool) -> int:
     started = time.perf_counter()
     try:
-        state, warnings = load_state(args.state, args.node_name)
+        state, warnings = _load_cluster(args, dry_run)
     except StateFileError as err:
         log.error("%s", err)
         return EXIT_ERROR
@@ -430,6 +597,82 @@ def _run_sync(args: argparse.Namespace, dry_run: bool) -> int:
     if failed:
         return EXIT_ERROR if dry_run else EXIT_FAILED
     return EXIT_CHANGES if changes else EXIT_OK
+
+
+def _run_snapshot(args: argparse.Namespace) -> int:
+    backends = family_backends(args.iptables_backend)
+    try:
+        with locked(args.lock_file, what="snapshot"):
+            text = recovery.take_snapshot(backends, args.node_name)
+        write_atomically(args.out, text)
+    except (LockHeld, IptablesError) as err:
+        log.error("%s", err)
+        return EXIT_ERROR
+    except OSError as err:
+        log.error("cannot write %s: %s", args.out, err.strerror or err)
+        return EXIT_ERROR
+    rules = text.count("\n-A ")
+    log.info(
+        "snapshot of %d rules (%s) written to %s",
+        rules,
+        ", ".join(recovery.family_name(b) for b in backends),
+        args.out,
+    )
+    return EXIT_OK
+
+
+def _run_restore(args: argparse.Namespace) -> int:
+    try:
+        if args.latest:
+            path, snap = recovery.latest_snapshot(args.snapshot_dir)
+        else:
+            path, snap = args.file, recovery.read_snapshot(args.file)
+    except SnapshotError as err:
+        log.error("refused: %s", err)
+        return EXIT_ERROR
+    backends = family_backends(args.iptables_backend)
+    try:
+        with locked(args.lock_file, what="restore"):
+            results = recovery.restore(snap, backends, dry_run=args.dry_run)
+    except LockHeld as err:
+        log.error("%s", err)
+        return EXIT_ERROR
+    except IptablesError as err:
+        log.error("restore of %s failed, rules unchanged: %s", path, err)
+        return EXIT_FAILED
+    for family, result in results.items():
+        if args.dry_run:
+            sys.stdout.write(f"# {family}\n{result.plan.restore_text()}")
+        else:
+            log.info(
+                "restored %s from %s (created %s on %s): %s",
+                family,
+                path,
+                snap.meta["created"],
+                snap.meta["node"],
+                describe(result),
+            )
+    return EXIT_OK
+
+
+def _run_cleanup(args: argparse.Namespace) -> int:
+    backends = family_backends(args.iptables_backend)
+    try:
+        with locked(args.lock_file, what="cleanup"):
+            results = recovery.cleanup(backends, dry_run=args.dry_run)
+    except LockHeld as err:
+        log.error("%s", err)
+        return EXIT_ERROR
+    except IptablesError as err:
+        log.error("cleanup failed, rules unchanged: %s", err)
+        return EXIT_FAILED
+    for family, result in results.items():
+        if args.dry_run:
+            sys.stdout.write(f"# {family}\n{result.plan.restore_text()}")
+        else:
+            removed = sum(len(c.delete_chains) for c in result.plan.changes.values())
+            log.info("cleanup %s: %d chains removed; %s", family, removed, describe(result))
+    return EXIT_OK
 
 
 def _run_trace(args: argparse.Namespace) -> int:
@@ -495,6 +738,12 @@ def main(argv: list[str] | None = None) -> int:
         return _run_trace(args)
     if args.command == "run":
         return _run_daemon(args)
+    if args.command == "snapshot":
+        return _run_snapshot(args)
+    if args.command == "restore":
+        return _run_restore(args)
+    if args.command == "cleanup":
+        return _run_cleanup(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_ERROR
 

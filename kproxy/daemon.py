@@ -8,10 +8,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from kproxy import conntrack
 from kproxy.backends.iptables import IptablesBackend, detect_variant
 from kproxy.health import HealthServer, ProxyHealth, ServiceHealthServers
+from kproxy.lockfile import locked
 from kproxy.metrics import Metrics
 from kproxy.model import NodeConfig
 from kproxy.reconciler import (
@@ -21,7 +23,10 @@ from kproxy.reconciler import (
     local_ready_endpoints,
     udp_service_ports,
 )
+from kproxy.recovery import SnapshotStore
 from kproxy.render.iptables import IPV4, IPV6
+from kproxy.snapshot import owned_ruleset
+from kproxy.sources import cache
 from kproxy.sources.kube import KubeEvent, KubeSource
 from kproxy.store import ObjectStore
 
@@ -98,6 +103,52 @@ class DaemonOptions:
     metrics_bind: str = "127.0.0.1:10249"
     healthz_bind: str = "0.0.0.0:10256"
     conntrack: bool = True
+    snapshot_dir: str | None = None
+    snapshot_keep: int = 5
+    state_cache: str | None = None
+    state_cache_max_age: float = 3600.0
+    api_wait: float = 10.0
+    lock_file: str | None = None
+
+
+class CacheWriter:
+    """Writes the last-known-good state in the background: the latest submission wins, so a
+    burst of syncs costs one write, and a slow disk never delays a sync."""
+
+    def __init__(self, path: str, node: str) -> None:
+        self.path, self.node = path, node
+        self._pending: list[dict] | None = None
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="state-cache", daemon=True)
+        self._thread.start()
+
+    def submit(self, objects: list[dict]) -> None:
+        with self._cv:
+            self._pending = objects
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._pending is None and not self._stop:
+                    self._cv.wait()
+                objects, self._pending = self._pending, None
+                if objects is None:
+                    return
+            try:
+                cache.save(self.path, objects, self.node)
+            except OSError as err:
+                # The previous cache file is intact (atomic write); say so and go on.
+                log.warning(
+                    "could not write the state cache %s: %s", self.path, err.strerror or err
+                )
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(5)
 
 
 class Daemon:
@@ -112,6 +163,16 @@ class Daemon:
         for family in (IPV4, IPV6):
             variant = detect_variant(family.version) if opts.backend == "auto" else opts.backend
             families.append(FamilyState(family, IptablesBackend(family.version, variant)))
+        self.ready = threading.Event()  # the store holds a complete state (API or cache)
+        self.from_cache = False
+        self.snapshots = (
+            SnapshotStore(Path(opts.snapshot_dir), opts.snapshot_keep)
+            if opts.snapshot_dir
+            else None
+        )
+        self.cache_writer = (
+            CacheWriter(opts.state_cache, opts.node_name) if opts.state_cache else None
+        )
         self.reconciler = Reconciler(
             self.store,
             opts.config,
@@ -121,6 +182,9 @@ class Daemon:
             canary_interval=opts.canary_interval,
             observer=DaemonObserver(self.metrics, self.health, self.store),
             after_sync=self._after_sync,
+            lock=(lambda: locked(opts.lock_file, timeout=10, what="sync"))
+            if opts.lock_file
+            else None,
         )
         self.source = KubeSource(
             opts.servers or None,
@@ -149,7 +213,15 @@ class Daemon:
 
     def _after_sync(self, report: SyncReport) -> None:
         self.service_health.sync(local_ready_endpoints(report.state, self.opts.config))
-        if not (report.ok and self.opts.conntrack):
+        if not report.ok:
+            return
+        if self.cache_writer is not None and self.source.synced.is_set():
+            # Only the API's state is cached: re-saving a state read from the cache would
+            # make it look fresh.
+            self.cache_writer.submit(self.store.raw_objects())
+        if report.full and self.snapshots is not None:
+            self._snapshot()
+        if not self.opts.conntrack:
             return
         udp_changed = any(
             p.protocol == "UDP"
@@ -169,6 +241,76 @@ class Daemon:
             if deleted:
                 log.info("removed %d stale UDP conntrack entries (IPv%d)", deleted, family.version)
 
+    def _snapshot(self) -> None:
+        families = {
+            fam.name: owned_ruleset(fam.applied)
+            for fam in self.reconciler.families
+            if fam.applied is not None
+        }
+        backend = f"iptables-{self.reconciler.families[0].backend.variant}"
+        try:
+            path = self.snapshots.save(families, self.opts.node_name, backend)
+        except OSError as err:
+            log.warning(
+                "could not write a snapshot in %s: %s",
+                self.snapshots.directory,
+                err.strerror or err,
+            )
+            return
+        self.metrics.last_snapshot_timestamp_seconds.set(time.time())
+        if path is not None:
+            log.info("snapshot written: %s", path)
+
+    def _wait_for_state(self) -> None:
+        """Until the API source has listed everything; if it cannot within --api-wait, start
+        from the last-known-good cache instead of waiting forever (upstream waits)."""
+        if self.source.synced.wait(self.opts.api_wait) or self.stop_event.is_set():
+            self.ready.set()
+            return
+        if self.opts.state_cache:
+            try:
+                cached = cache.load(self.opts.state_cache)
+            except (OSError, ValueError) as err:
+                log.warning(
+                    "API server not listed after %.0fs and no usable state cache (%s); "
+                    "waiting for the API server, rules left as they are",
+                    self.opts.api_wait,
+                    getattr(err, "strerror", None) or err,
+                )
+            else:
+                age = cached.age()
+                stale = age > self.opts.state_cache_max_age
+                log.warning(
+                    "API server not listed after %.0fs: programming the rules from the "
+                    "state cache %s, saved %.0fs ago%s; still watching the API server",
+                    self.opts.api_wait,
+                    self.opts.state_cache,
+                    age,
+                    " (older than --state-cache-max-age)" if stale else "",
+                )
+                by_kind: dict[str, list[dict]] = {"Service": [], "EndpointSlice": [], "Node": []}
+                for obj in cached.objects:
+                    if isinstance(obj, dict) and obj.get("kind") in by_kind:
+                        by_kind[obj["kind"]].append(obj)
+                for kind, items in by_kind.items():
+                    self.store.resync(kind, items)
+                self._update_node()
+                self.from_cache = True
+                self.health.set_state_cache_age(age)
+                self.metrics.state_cache_age_seconds.set(age)
+                self.metrics.running_from_state_cache.set(1)
+                self.ready.set()
+        while not self.source.synced.wait(0.5):
+            if self.stop_event.is_set():
+                return
+        if self.from_cache:
+            log.info("API server listed: leaving the state cache")
+            self.from_cache = False
+            self.health.set_state_cache_age(None)
+            self.metrics.state_cache_age_seconds.set(0)
+            self.metrics.running_from_state_cache.set(0)
+        self.ready.set()
+
     def run(self) -> int:
         opts = self.opts
         metrics_server = self.metrics.serve(opts.metrics_bind)
@@ -183,10 +325,14 @@ class Daemon:
             opts.healthz_bind,
         )
         self.source.start()
+        waiter = threading.Thread(target=self._wait_for_state, name="wait-for-state", daemon=True)
+        waiter.start()
         try:
-            self.reconciler.run(self.stop_event, self.source.synced)
+            self.reconciler.run(self.stop_event, self.ready)
         finally:
             self.source.stop()
+            if self.cache_writer is not None:
+                self.cache_writer.stop()
             self.service_health.stop()
             health_server.stop()
             metrics_server.stop()

@@ -221,6 +221,22 @@ class Metrics:
             "Lines sent to iptables-restore / nft in the last apply",
             subsystem="",
         )
+        self.state_cache_age_seconds = gauge(
+            "kproxy_state_cache_age_seconds",
+            "Age of the last-known-good state the rules were programmed from; 0 while the "
+            "API server's state is in use",
+            subsystem="",
+        )
+        self.running_from_state_cache = gauge(
+            "kproxy_running_from_state_cache",
+            "1 while the rules come from the state cache because the API server was unreachable",
+            subsystem="",
+        )
+        self.last_snapshot_timestamp_seconds = gauge(
+            "kproxy_last_snapshot_timestamp_seconds",
+            "When the daemon last wrote (or confirmed) a snapshot of its rules",
+            subsystem="",
+        )
         self.sync_failures_total = counter(
             "kproxy_sync_failures",
             "Failed syncs, per IP family",

@@ -17,11 +17,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kproxy.backends.iptables import IptablesBackend, IptablesError
 from kproxy.endpoints import endpoints_for_port
+from kproxy.lockfile import LockHeld
 from kproxy.model import ClusterState, NodeConfig
 from kproxy.render.iptables import Family, RenderCache, render
 from kproxy.ruleset import Table
@@ -92,6 +94,7 @@ class Reconciler:
         canary_interval: float = 5.0,
         observer: SyncObserver | None = None,
         after_sync: Callable[[SyncReport], None] | None = None,
+        lock: Callable[[], AbstractContextManager[None]] | None = None,
     ) -> None:
         self.store = store
         self.config = config
@@ -101,6 +104,8 @@ class Reconciler:
         self.canary_interval = canary_interval
         self.observer = observer or _NoObserver()
         self.after_sync = after_sync
+        # Held around each apply so `kproxy sync`/`restore` never interleave with the daemon.
+        self.lock = lock or nullcontext
         self._cv = threading.Condition()
         self._pending = False
         self._verify_reason: str | None = "start"
@@ -175,6 +180,19 @@ class Reconciler:
 
     def sync(self, verify_reason: str | None) -> SyncReport:
         """One sync of every family. `verify_reason` set: plan against the kernel's tables."""
+        try:
+            with self.lock():
+                return self._sync(verify_reason)
+        except LockHeld as err:
+            log.warning("sync postponed: %s", err)
+            state, changes = self.store.snapshot()
+            report = SyncReport(ok=False, full=False, state=state, changes=changes)
+            # The changes were taken out of the store: make the retry a full one.
+            for fam in self.families:
+                fam.applied = None
+            return report
+
+    def _sync(self, verify_reason: str | None) -> SyncReport:
         started = time.monotonic()
         state, changes = self.store.snapshot()
         self.observer.changes(changes.service_events, changes.endpoint_events)

@@ -93,6 +93,13 @@ class Daemon:
             "127.0.0.1:10249",
             "--healthz-bind-address",
             "127.0.0.1:10256",
+            # Everything the daemon writes stays in the test's own directory.
+            "--snapshot-dir",
+            str(self.log_path.parent / "snapshots"),
+            "--state-cache",
+            str(self.log_path.parent / "state.json"),
+            "--lock-file",
+            str(self.log_path.parent / "kproxy.lock"),
             *extra,
         ]
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()

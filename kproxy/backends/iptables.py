@@ -134,3 +134,20 @@ def detect_variant(family: int = 4) -> str:
             return variant
     counts = {v: sum(1 for ln in dump(v).splitlines() if ln.startswith("-")) for v in available}
     return "legacy" if counts["legacy"] > counts["nft"] else "nft"
+
+
+FAMILY_VERSIONS = (4, 6)
+
+
+def family_backends(variant: str = "auto") -> list[IptablesBackend]:
+    """A backend per IP family whose iptables-restore is installed, in the node's variant
+    (or the one forced by `variant`)."""
+    out = []
+    for version in FAMILY_VERSIONS:
+        base = "ip6tables" if version == 6 else "iptables"
+        if not shutil.which(f"{base}-restore") and not shutil.which(f"{base}-nft-restore"):
+            log.warning("IPv%d: %s-restore not found; family skipped", version, base)
+            continue
+        chosen = detect_variant(version) if variant == "auto" else variant
+        out.append(IptablesBackend(version, chosen))
+    return out

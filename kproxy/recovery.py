@@ -1,0 +1,111 @@
+"""Snapshots, verified restore and cleanup against the kernel (the I/O around snapshot.py)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from kproxy.backends.iptables import IptablesBackend
+from kproxy.fileio import write_atomically
+from kproxy.ruleset import RuleSet, Table
+from kproxy.snapshot import TABLES, Snapshot, SnapshotError, dump, owned_ruleset, parse
+from kproxy.syncer import SyncResult, read_live, sync_family
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SNAPSHOT_DIR = "/var/lib/kproxy/snapshots"
+SNAPSHOT_SUFFIX = ".snapshot"
+
+
+def family_name(backend: IptablesBackend) -> str:
+    return f"IPv{backend.family}"
+
+
+def take_snapshot(backends: list[IptablesBackend], node: str) -> str:
+    """The text of a snapshot of the owned rules in the kernel, every family."""
+    families = {family_name(b): owned_ruleset(read_live(b, list(TABLES))) for b in backends}
+    variant = backends[0].variant if backends else "nft"
+    return dump(families, node=node, backend=f"iptables-{variant}")
+
+
+def read_snapshot(path: str | Path) -> Snapshot:
+    """A verified snapshot from a file; SnapshotError names the path and the reason."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise SnapshotError(f"{path}: is a directory") from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise SnapshotError(f"{path}: cannot read: {reason}") from None
+    try:
+        return parse(text)
+    except SnapshotError as err:
+        raise SnapshotError(f"{path}: {err}") from None
+
+
+def latest_snapshot(directory: str | Path) -> tuple[Path, Snapshot]:
+    """The newest valid snapshot in `directory`; corrupted ones are skipped with a warning."""
+    candidates = sorted(
+        Path(directory).glob(f"*{SNAPSHOT_SUFFIX}"),
+        key=lambda p: (p.stat().st_mtime, p.name),
+        reverse=True,
+    )
+    for path in candidates:
+        try:
+            return path, read_snapshot(path)
+        except SnapshotError as err:
+            log.warning("skipping %s", err)
+    raise SnapshotError(f"no valid snapshot in {directory}")
+
+
+def restore(
+    snap: Snapshot, backends: list[IptablesBackend], dry_run: bool = False
+) -> dict[str, SyncResult]:
+    """Apply a verified snapshot through the plan/apply path (minimal, atomic, foreign rules
+    untouched). Families missing from the snapshot are left alone."""
+    results = {}
+    for backend in backends:
+        rs = snap.families.get(family_name(backend))
+        if rs is None:
+            continue
+        results[family_name(backend)] = sync_family(backend, rs, dry_run=dry_run)
+    return results
+
+
+def cleanup(backends: list[IptablesBackend], dry_run: bool = False) -> dict[str, SyncResult]:
+    """Remove every owned chain and jump, in every family; nothing else is named."""
+    results = {}
+    for backend in backends:
+        empty = RuleSet(tables={name: Table(name) for name in TABLES})
+        results[family_name(backend)] = sync_family(backend, empty, dry_run=dry_run)
+    return results
+
+
+@dataclass
+class SnapshotStore:
+    """The daemon's snapshot directory: newest `keep` files, written atomically, mode 0600."""
+
+    directory: Path
+    keep: int = 5
+    _last_body: str | None = None
+
+    def save(self, families: dict[str, RuleSet], node: str, backend: str) -> Path | None:
+        """Write a snapshot unless it equals the last one written; returns its path."""
+        text = dump(families, node=node, backend=backend)
+        body = text.split("\n", 6)[6]
+        if body == self._last_body:
+            return None
+        created = text.split("\n", 2)[1].split()[2].replace(":", "")
+        path = self.directory / f"kproxy-{created}{SNAPSHOT_SUFFIX}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = self.directory / f"kproxy-{created}-{n}{SNAPSHOT_SUFFIX}"
+        write_atomically(path, text)
+        self._last_body = body
+        old = sorted(self.directory.glob(f"*{SNAPSHOT_SUFFIX}"), key=lambda p: p.stat().st_mtime)
+        for stale in old[: max(0, len(old) - self.keep)]:
+            stale.unlink(missing_ok=True)
+        return path

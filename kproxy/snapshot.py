@@ -1,0 +1,205 @@
+"""Snapshots of kproxy's own rules: write, verify, turn back into RuleSets to restore.
+
+A snapshot is text: a header, then per IP family the owned chains and the jump rules into
+them in iptables-save form. The header carries a SHA-256 of the body. Reading one checks the
+format version, the checksum, and that the body touches nothing but kproxy's chains: only
+owned (or shared) chains declared, no built-in chain policy, built-in chains holding only
+jumps into owned chains, owned chains jumping only to owned chains or the standard targets
+kproxy writes. Anything else is refused with a one-line reason, before any rule is applied.
+Restoring goes through the same plan/apply path as a sync. Parsing and checking do no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+from kproxy import __version__
+from kproxy.render.iptables import UNORDERED
+from kproxy.ruleset import (
+    BUILTIN_CHAINS,
+    Jump,
+    RuleSet,
+    Table,
+    is_managed_chain,
+    parse_save,
+    rule_target,
+)
+
+FORMAT_VERSION = 1
+MAGIC = "# kproxy-snapshot"
+TABLES = ("filter", "nat", "mangle")
+FAMILIES = ("IPv4", "IPv6")
+# Targets kproxy's own chains use besides its chains.
+STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "REJECT", "RETURN", "DNAT", "MARK", "MASQUERADE"})
+NODEPORTS_JUMP = "-j KUBE-NODEPORTS"
+
+
+class SnapshotError(Exception):
+    """The file is not a usable snapshot; str() is the one-line reason."""
+
+
+@dataclass
+class Snapshot:
+    meta: dict[str, str]
+    families: dict[str, RuleSet] = field(default_factory=dict)
+    body: str = ""
+
+
+def owned_ruleset(tables: dict[str, Table]) -> RuleSet:
+    """The part of parsed tables that is kproxy's: managed chains and jumps into them."""
+    out = RuleSet()
+    for name in TABLES:
+        table = tables.get(name)
+        if table is None:
+            continue
+        out.table(name)
+        for chain, rules in table.chains.items():
+            if chain in BUILTIN_CHAINS.get(name, ()):
+                for rule in rules:
+                    target = rule_target(rule)
+                    if target is not None and is_managed_chain(name, target):
+                        out.jumps.append(Jump(name, chain, rule))
+            elif is_managed_chain(name, chain):
+                out.chain(name, chain).extend(rules)
+    _layout(out)
+    return out
+
+
+def _layout(rs: RuleSet) -> None:
+    """The shared chains' order rules (see RuleSet.unordered), as the renderer sets them."""
+    for key in UNORDERED:
+        rs.unordered[key] = 0
+    services = rs.tables.get("nat", Table("nat")).chains.get("KUBE-SERVICES", [])
+    tail = 0
+    for rule in reversed(services):
+        if not rule.endswith(NODEPORTS_JUMP):
+            break
+        tail += 1
+    rs.unordered[("nat", "KUBE-SERVICES")] = tail
+
+
+def ruleset_text(rs: RuleSet) -> str:
+    """iptables-save form of an owned RuleSet (built-in chains only through their rules)."""
+    lines = []
+    for name in TABLES:
+        table = rs.tables.get(name)
+        jumps = [j for j in rs.jumps if j.table == name]
+        if table is None and not jumps:
+            continue
+        lines.append(f"*{name}")
+        chains = table.chains if table else {}
+        lines.extend(f":{chain} - [0:0]" for chain in sorted(chains))
+        lines.extend(f"-A {j.chain} {j.rule}" for j in jumps)
+        for chain in sorted(chains):
+            lines.extend(f"-A {chain} {rule}" for rule in chains[chain])
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def dump(families: dict[str, RuleSet], node: str, backend: str, now: float | None = None) -> str:
+    body = "".join(
+        f"# family {name}\n{ruleset_text(families[name])}" for name in FAMILIES if name in families
+    )
+    created = time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(now if now is not None else time.time())
+    )
+    header = (
+        f"{MAGIC} {FORMAT_VERSION}\n"
+        f"# created {created}\n"
+        f"# node {node}\n"
+        f"# kproxy {__version__}\n"
+        f"# backend {backend}\n"
+        f"# sha256 {hashlib.sha256(body.encode()).hexdigest()}\n"
+    )
+    return header + body
+
+
+def parse(text: str) -> Snapshot:
+    """A verified snapshot. Raises SnapshotError with the reason it is refused."""
+    if not text.strip():
+        raise SnapshotError("empty file")
+    lines = text.split("\n")
+    first = lines[0].split()
+    if lines[0].startswith(MAGIC + " ") and len(first) == 3:
+        try:
+            version = int(first[2])
+        except ValueError:
+            raise SnapshotError(f"bad format version {first[2]!r}") from None
+    else:
+        raise SnapshotError("not a kproxy snapshot (no '# kproxy-snapshot' header)")
+    if version > FORMAT_VERSION:
+        raise SnapshotError(
+            f"format version {version} is newer than this kproxy understands ({FORMAT_VERSION})"
+        )
+    if version < 1:
+        raise SnapshotError(f"bad format version {version}")
+    meta: dict[str, str] = {}
+    i = 1
+    while i < len(lines) and lines[i].startswith("# ") and not lines[i].startswith("# family "):
+        key, _, value = lines[i][2:].partition(" ")
+        meta[key] = value
+        i += 1
+    for key in ("created", "node", "kproxy", "backend", "sha256"):
+        if key not in meta:
+            raise SnapshotError(f"header has no {key!r} line")
+    body = "\n".join(lines[i:])
+    if hashlib.sha256(body.encode()).hexdigest() != meta["sha256"]:
+        raise SnapshotError(
+            "checksum mismatch: the file was changed or truncated after it was written"
+        )
+
+    snap = Snapshot(meta=meta, body=body)
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in body.split("\n"):
+        if line.startswith("# family "):
+            current = line.split()[2]
+            if current not in FAMILIES:
+                raise SnapshotError(f"unknown family {current!r}")
+            sections[current] = []
+        elif line.strip():
+            if current is None:
+                raise SnapshotError("rules before any '# family' line")
+            sections[current].append(line)
+    for family, section in sections.items():
+        try:
+            tables = parse_save("\n".join(section))
+        except ValueError as err:
+            raise SnapshotError(f"{family}: {err}") from None
+        _check_owned(family, tables)
+        snap.families[family] = owned_ruleset(tables)
+    return snap
+
+
+def _check_owned(family: str, tables: dict[str, Table]) -> None:
+    for name, table in tables.items():
+        if name not in TABLES:
+            raise SnapshotError(f"{family}: table {name!r} is not one kproxy writes")
+        builtins = BUILTIN_CHAINS.get(name, ())
+        for chain, policy in table.policies.items():
+            raise SnapshotError(f"{family} {name}: sets the policy of {chain} to {policy}")
+        for chain, rules in table.chains.items():
+            if chain in builtins:
+                for rule in rules:
+                    target = rule_target(rule)
+                    if target is None or not is_managed_chain(name, target):
+                        raise SnapshotError(
+                            f"{family} {name}: rule in built-in chain {chain} jumps to "
+                            f"{target or 'nothing'}, not to a kproxy chain"
+                        )
+                continue
+            if not is_managed_chain(name, chain):
+                raise SnapshotError(f"{family} {name}: chain {chain} is not kproxy's")
+            for rule in rules:
+                target = rule_target(rule)
+                if (
+                    target is not None
+                    and target not in STANDARD_TARGETS
+                    and not (is_managed_chain(name, target))
+                ):
+                    raise SnapshotError(
+                        f"{family} {name}: rule in {chain} jumps to {target}, "
+                        "which is neither a kproxy chain nor a standard target"
+                    )
