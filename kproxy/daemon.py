@@ -305,6 +305,8 @@ class Daemon:
                 return
         if self.from_cache:
             log.info("API server listed: leaving the state cache")
+            # A full sync now checks the kernel against the API's state and snapshots it.
+            self.reconciler.request_verify("api-back")
             self.from_cache = False
             self.health.set_state_cache_age(None)
             self.metrics.state_cache_age_seconds.set(0)
