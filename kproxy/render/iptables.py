@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 
-from kproxy.endpoints import ResolvedEndpoint, categorize, endpoints_for_port
+from kproxy.endpoints import ResolvedEndpoint, endpoints_for_port
 from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig, Service, ServicePort
+from kproxy.policy import family_cidrs, family_ips, port_policy
 from kproxy.ruleset import Jump, RuleSet
 
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
@@ -170,14 +171,6 @@ class RenderResult:
 LARGE_CLUSTER_ENDPOINTS = 1000
 
 
-def _family_ips(ips: tuple[str, ...], family: Family) -> list[str]:
-    return [ip for ip in ips if ipaddress.ip_address(ip).version == family.version]
-
-
-def _family_cidrs(cidrs: tuple[str, ...], family: Family) -> list[str]:
-    return [c for c in cidrs if ipaddress.ip_network(c, strict=False).version == family.version]
-
-
 class RenderCache:
     """Per Service port, the rules of the last render and the inputs they came from.
 
@@ -278,7 +271,7 @@ def render(
         config=config,
         local_cidr=_local_cidr(config, family, result.warnings),
         zone=(state.node.labels.get(ZONE_LABEL, "") if state.node else ""),
-        node_ips=tuple(_family_ips(config.node_ips, family)),
+        node_ips=tuple(family_ips(config.node_ips, family.version)),
     )
     by_service = state.slices_by_service()
     address_type = f"IPv{family.version}"
@@ -286,7 +279,7 @@ def render(
     total_endpoints = 0
     for key in sorted(state.services):
         svc = state.services[key]
-        cluster_ip = next(iter(_family_ips(svc.cluster_ips, family)), None)
+        cluster_ip = next(iter(family_ips(svc.cluster_ips, family.version)), None)
         if cluster_ip is None:
             continue
         slices = tuple(by_service.get(key, ()))
@@ -343,7 +336,7 @@ def render(
         out.unordered[("nat", "KUBE-SERVICES")] = 1  # this jump stays last
     else:
         tail = 0
-        for ip in _family_ips(config.nodeport_ips, family):
+        for ip in family_ips(config.nodeport_ips, family.version):
             if ipaddress.ip_address(ip).is_loopback and not localhost_nodeports:
                 result.warnings.append(
                     f"--nodeport-addresses: {ip} is a loopback address but localhost NodePorts "
@@ -394,7 +387,7 @@ class _Context:
 def _local_cidr(config: NodeConfig, family: Family, warnings: list[str]) -> str | None:
     cidrs = [
         str(ipaddress.ip_network(c, strict=False))
-        for c in _family_cidrs(config.cluster_cidrs, family)
+        for c in family_cidrs(config.cluster_cidrs, family.version)
     ]
     if len(cidrs) > 1:
         warnings.append(
@@ -422,30 +415,18 @@ def _render_service_port(
     ext_chain = "KUBE-EXT-" + suffix
     fw_chain = "KUBE-FW-" + suffix
 
-    external_ips = _family_ips(svc.external_ips, fam)
-    lb_ips = _family_ips(svc.load_balancer_ips, fam)
-    source_ranges = _family_cidrs(svc.load_balancer_source_ranges, fam)
-    externally_accessible = bool(node_port or lb_ips or external_ips)
-    # Upstream sets externalPolicyLocal only for Services the API calls externally
-    # accessible (LoadBalancer, NodePort, or ClusterIP with externalIPs).
-    api_external = svc.type in ("NodePort", "LoadBalancer") or bool(svc.external_ips)
-    ext_local = svc.external_policy_local and api_external
-    int_local = svc.internal_policy_local
-    uses_cluster = not int_local or externally_accessible
-    uses_local = int_local or (ext_local and externally_accessible)
-    health_port = svc.health_check_node_port if svc.type == "LoadBalancer" and ext_local else 0
-
-    cat = categorize(all_endpoints, ctx.config.node_name, ctx.zone, uses_cluster, uses_local)
-    has_endpoints = cat.has_any
-    uses_cluster_chain = bool(cat.cluster) and uses_cluster
-    uses_local_chain = bool(cat.local) and uses_local
-    internal_chain = local_chain if int_local else cluster_chain
-    has_internal = has_endpoints and not (int_local and not cat.local)
-    external_policy_chain = local_chain if ext_local else cluster_chain
-    has_external = has_endpoints and not (ext_local and not cat.local)
-    uses_ext_chain = has_endpoints and externally_accessible
-    uses_fw_chain = has_endpoints and bool(lb_ips) and bool(source_ranges)
-    lb_chain = fw_chain if uses_fw_chain else ext_chain
+    pol = port_policy(
+        svc, node_port, all_endpoints, fam.version, ctx.config.node_name, ctx.zone, ctx.node_ips
+    )
+    cat = pol.endpoints
+    has_endpoints, has_internal, has_external = (
+        pol.has_endpoints,
+        pol.has_internal,
+        pol.has_external,
+    )
+    internal_chain = local_chain if pol.int_local else cluster_chain
+    external_policy_chain = local_chain if pol.ext_local else cluster_chain
+    lb_chain = fw_chain if pol.uses_fw_chain else ext_chain
 
     if not has_endpoints:
         internal_filter = external_filter = f"REJECT --reject-with {fam.reject_with}"
@@ -476,7 +457,7 @@ def _render_service_port(
             f"-j {internal_filter}"
         )
 
-    for ip in external_ips:
+    for ip in pol.external_ips:
         if has_endpoints:
             nat_services.append(
                 f"{dst(ip)} -m comment --comment {quote(f'{spn} external IP')} {dport} "
@@ -487,19 +468,19 @@ def _render_service_port(
                 f"{dst(ip)} -m comment --comment {external_comment} {dport} -j {external_filter}"
             )
 
-    for ip in lb_ips:
+    for ip in pol.lb_ips:
         if has_endpoints:
             nat_services.append(
                 f"{dst(ip)} -m comment --comment {quote(f'{spn} loadbalancer IP')} {dport} "
                 f"-j {lb_chain}"
             )
-        if uses_fw_chain:
+        if pol.uses_fw_chain:
             out.chain("filter", "KUBE-PROXY-FIREWALL").append(
                 f"{dst(ip)} -m comment --comment "
                 f"{quote(f'{spn} traffic not accepted by {fw_chain}')} {dport} -j DROP"
             )
     if not has_external:
-        for ip in lb_ips:
+        for ip in pol.lb_ips:
             external_services.append(
                 f"{dst(ip)} -m comment --comment {external_comment} {dport} -j {external_filter}"
             )
@@ -517,10 +498,10 @@ def _render_service_port(
                 f"-m addrtype --dst-type LOCAL {np_match} -j {external_filter}"
             )
 
-    if health_port:
+    if pol.health_port:
         out.chain("filter", "KUBE-NODEPORTS").append(
             f"-p tcp -m comment --comment {quote(f'{spn} health check node port')} "
-            f"-m tcp --dport {health_port} -j ACCEPT"
+            f"-m tcp --dport {pol.health_port} -j ACCEPT"
         )
 
     if has_internal:
@@ -532,9 +513,9 @@ def _render_service_port(
         elif ctx.local_cidr:
             out.chain("nat", internal_chain).append(f"! -s {ctx.local_cidr} {masq}")
 
-    if uses_ext_chain:
+    if pol.uses_ext_chain:
         rules = out.chain("nat", ext_chain)
-        if not ext_local:
+        if not pol.ext_local:
             rules.append(
                 f"-m comment --comment "
                 f"{quote(f'masquerade traffic for {spn} external destinations')} "
@@ -561,28 +542,24 @@ def _render_service_port(
         if has_external:
             rules.append(f"-j {external_policy_chain}")
 
-    if uses_fw_chain:
+    if pol.uses_fw_chain:
         rules = out.chain("nat", fw_chain)
         lb_comment = f"-m comment --comment {quote(f'{spn} loadbalancer IP')}"
-        allow_from_node = False
-        for cidr in source_ranges:
+        for cidr in pol.source_ranges:
             rules.append(f"-s {cidr} {lb_comment} -j {ext_chain}")
-            network = ipaddress.ip_network(cidr)
-            if any(ipaddress.ip_address(ip) in network for ip in ctx.node_ips):
-                allow_from_node = True
-        if allow_from_node:
+        if pol.allow_from_node:
             # A VIP-like LB's address is often local: the node's own requests loop back with
             # the VIP as source.
-            for ip in lb_ips:
+            for ip in pol.lb_ips:
                 rules.append(f"-s {fam.host(ip)} {lb_comment} -j {ext_chain}")
         rules.append(
             "-m comment --comment "
             + quote(f"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL")
         )
 
-    if uses_cluster_chain:
+    if pol.uses_cluster_chain:
         _endpoint_dispatch(ctx, svc, spn, proto, out.chain("nat", cluster_chain), cat.cluster)
-    if uses_local_chain:
+    if pol.uses_local_chain:
         _endpoint_dispatch(ctx, svc, spn, proto, out.chain("nat", local_chain), cat.local)
 
     for ep in cat.reachable:
