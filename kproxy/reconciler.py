@@ -25,7 +25,8 @@ from kproxy.backends.iptables import IptablesBackend, IptablesError
 from kproxy.endpoints import endpoints_for_port
 from kproxy.lockfile import LockHeld
 from kproxy.model import ClusterState, NodeConfig
-from kproxy.render.iptables import Family, RenderCache, render
+from kproxy.render.cache import RenderCache
+from kproxy.render.iptables import Family, render
 from kproxy.ruleset import Table
 from kproxy.store import Changes, ObjectStore
 from kproxy.syncer import applied_tables, describe, sync_family

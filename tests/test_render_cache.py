@@ -3,7 +3,8 @@
 import random
 
 from kproxy.model import NodeConfig
-from kproxy.render.iptables import RenderCache, render
+from kproxy.render.cache import RenderCache
+from kproxy.render.iptables import render
 from kproxy.store import ObjectStore
 from tests.synthetic import generate
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 
-from kproxy.endpoints import ResolvedEndpoint, endpoints_for_port
-from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig, Service, ServicePort
+from kproxy.endpoints import ResolvedEndpoint
+from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig, Service
 from kproxy.policy import family_cidrs, family_ips, port_policy
+from kproxy.render.cache import RenderCache
+from kproxy.render.ports import PortJob, service_ports
 from kproxy.ruleset import Jump, RuleSet
 
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
@@ -125,12 +126,6 @@ def hash16(text: str) -> str:
     return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
 
 
-def service_port_name(svc: Service, port: ServicePort) -> str:
-    """Upstream's ServicePortName.String(): `ns/name:port`, or `ns/name` for an unnamed port."""
-    base = f"{svc.namespace}/{svc.name}"
-    return f"{base}:{port.name}" if port.name else base
-
-
 def service_chain_suffix(spn: str, protocol: str) -> str:
     return hash16(spn + protocol.lower())
 
@@ -169,49 +164,6 @@ class RenderResult:
 # Above this many endpoints in total, per-endpoint comments are left out (upstream's
 # largeClusterEndpointsThreshold: it "can reduce size of iptables ... even by 40%+").
 LARGE_CLUSTER_ENDPOINTS = 1000
-
-
-class RenderCache:
-    """Per Service port, the rules of the last render and the inputs they came from.
-
-    The daemon's store hands out the same model objects until they change, so an unchanged
-    Service port is recognised by identity and its rules reused: a sync after one change
-    renders one Service, not all of them. The result is identical to a render without cache.
-    """
-
-    def __init__(self) -> None:
-        self._endpoints: dict[tuple, tuple[tuple, list[ResolvedEndpoint]]] = {}
-        self._fragments: dict[tuple, tuple[tuple, _Fragment]] = {}
-        self.hits = 0
-        self.misses = 0
-
-    def endpoints(self, key: tuple, inputs: tuple, compute: Callable[[], list]) -> list:
-        entry = self._endpoints.get(key)
-        if entry is not None and _same(entry[0], inputs):
-            return entry[1]
-        value = compute()
-        self._endpoints[key] = (inputs, value)
-        return value
-
-    def fragment(self, key: tuple, inputs: tuple, compute: Callable[[], _Fragment]) -> _Fragment:
-        entry = self._fragments.get(key)
-        if entry is not None and _same(entry[0], inputs):
-            self.hits += 1
-            return entry[1]
-        self.misses += 1
-        value = compute()
-        self._fragments[key] = (inputs, value)
-        return value
-
-    def retain(self, keys: set[tuple]) -> None:
-        """Forget Service ports that are gone."""
-        for cache in (self._endpoints, self._fragments):
-            for key in [k for k in cache if k not in keys]:
-                del cache[key]
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b, strict=True))
 
 
 @dataclass
@@ -273,60 +225,19 @@ def render(
         zone=(state.node.labels.get(ZONE_LABEL, "") if state.node else ""),
         node_ips=tuple(family_ips(config.node_ips, family.version)),
     )
-    by_service = state.slices_by_service()
-    address_type = f"IPv{family.version}"
-    ports = []
-    total_endpoints = 0
-    for key in sorted(state.services):
-        svc = state.services[key]
-        cluster_ip = next(iter(family_ips(svc.cluster_ips, family.version)), None)
-        if cluster_ip is None:
-            continue
-        slices = tuple(by_service.get(key, ()))
-        for port in svc.ports:
-            pkey = (key, port.name, port.protocol)
-            eps = cache.endpoints(
-                pkey,
-                (port, slices),
-                lambda port=port, slices=slices: endpoints_for_port(
-                    port, list(slices), address_type
-                ),
-            )
-            total_endpoints += len(eps)
-            ports.append((pkey, svc, port, cluster_ip, slices, eps))
+    jobs, total_endpoints = service_ports(state, family.version, cache, result.warnings)
     ctx.large = total_endpoints > LARGE_CLUSTER_ENDPOINTS
-
-    claimed: dict[tuple[str, str, int], str] = {}
-    claimed_node_ports: dict[tuple[str, int], str] = {}
-    for pkey, svc, port, cluster_ip, slices, eps in ports:
-        spn = service_port_name(svc, port)
-        proto = port.protocol.lower()
-        owner = claimed.setdefault((cluster_ip, proto, port.port), spn)
-        if owner != spn:
-            result.warnings.append(
-                f"Service {svc.namespace}/{svc.name}: spec.ports: {cluster_ip} {proto} "
-                f"{port.port} is already used by {owner}; port skipped"
-            )
-            continue
-        node_port = port.node_port if svc.type in ("NodePort", "LoadBalancer") else 0
-        if node_port:
-            np_owner = claimed_node_ports.setdefault((proto, node_port), spn)
-            if np_owner != spn:
-                result.warnings.append(
-                    f"Service {svc.namespace}/{svc.name}: spec.ports: nodePort {proto} "
-                    f"{node_port} is already used by {np_owner}; nodePort skipped"
-                )
-                node_port = 0
+    for job in jobs:
         fragment = cache.fragment(
-            pkey,
-            (svc, port, cluster_ip, node_port, slices, ctx),
-            partial(_render_service_port, ctx, svc, port, spn, cluster_ip, node_port, eps),
+            job.key,
+            (job.svc, job.port, job.cluster_ip, job.node_port, job.slices, ctx),
+            partial(_render_service_port, ctx, job),
         )
         for (table, chain), rules in fragment.chains.items():
             out.chain(table, chain).extend(rules)
         result.no_local_endpoints["internal"] += fragment.no_local_internal
         result.no_local_endpoints["external"] += fragment.no_local_external
-    cache.retain({p[0] for p in ports})
+    cache.retain({job.key for job in jobs})
 
     comment = f"-m comment --comment {quote(NODEPORTS_COMMENT)}"
     services = out.chain("nat", "KUBE-SERVICES")
@@ -397,17 +308,17 @@ def _local_cidr(config: NodeConfig, family: Family, warnings: list[str]) -> str 
     return cidrs[0] if cidrs else None
 
 
-def _render_service_port(
-    ctx: _Context,
-    svc: Service,
-    port: ServicePort,
-    spn: str,
-    cluster_ip: str,
-    node_port: int,
-    all_endpoints: list[ResolvedEndpoint],
-) -> _Fragment:
+def _render_service_port(ctx: _Context, job: PortJob) -> _Fragment:
     """One Service port, following upstream's syncProxyRules step by step."""
     out, fam = _Fragment(), ctx.family
+    svc, port, spn, cluster_ip, node_port = (
+        job.svc,
+        job.port,
+        job.spn,
+        job.cluster_ip,
+        job.node_port,
+    )
+    all_endpoints = job.endpoints
     proto = port.protocol.lower()
     suffix = service_chain_suffix(spn, proto)
     cluster_chain = "KUBE-SVC-" + suffix
