@@ -6,7 +6,6 @@ import argparse
 import ipaddress
 import json
 import logging
-import shutil
 import socket
 import sys
 import time
@@ -21,6 +20,7 @@ from kproxy.backends.iptables import (
 from kproxy.fileio import write_atomically
 from kproxy.lockfile import DEFAULT_LOCK_FILE, LockHeld, locked
 from kproxy.model import ClusterState, NodeConfig, build_state
+from kproxy.modes import modes_for, remove_other_mode
 from kproxy.plan import full_table
 from kproxy.recovery import DEFAULT_SNAPSHOT_DIR
 from kproxy.render.iptables import IPV4, IPV6, render
@@ -28,7 +28,7 @@ from kproxy.ruleset import Table
 from kproxy.snapshot import SnapshotError
 from kproxy.sources.cache import DEFAULT_STATE_CACHE
 from kproxy.sources.statefile import StateFileError, load_state
-from kproxy.syncer import describe, read_live, sync_family
+from kproxy.syncer import describe, read_live
 from kproxy.trace import Packet, Tracer, format_outcomes
 
 log = logging.getLogger("kproxy")
@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Watch Services, EndpointSlices and this Node through the API server and "
         "keep this network namespace's rules equal to them; serve metrics and health.",
     )
+    p_run.add_argument("--mode", choices=("iptables", "nftables"), default="iptables")
     _add_proxy_flags(p_run)
     _add_api_flags(p_run)
     _add_lock_flag(p_run)
@@ -453,6 +454,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
         state_cache_max_age=args.state_cache_max_age,
         api_wait=args.api_wait,
         lock_file=args.lock_file or None,
+        mode=args.mode,
     )
     return Daemon(opts).run()
 
@@ -477,9 +479,6 @@ def _node_config(args: argparse.Namespace, state: ClusterState, apply: bool) -> 
 
 
 def _run_sync(args: argparse.Namespace, dry_run: bool) -> int:
-    if args.mode != "iptables":
-        log.error("--mode %s: not available yet; use --mode iptables", args.mode)
-        return EXIT_ERROR
     if dry_run:
         return _sync_families(args, dry_run)
     try:
@@ -550,52 +549,39 @@ def _sync_families(args: argparse.Namespace, dry_run: bool) -> int:
     config = _node_config(args, state, apply=not dry_run)
 
     failed = changes = False
-    for family in (IPV4, IPV6):
-        name = f"IPv{family.version}"
-        if not shutil.which(f"{'ip6tables' if family.version == 6 else 'iptables'}-restore"):
-            log.warning(
-                "%s: ip%stables-restore not found; family skipped",
-                name,
-                "6" if family.version == 6 else "",
-            )
-            continue
+    for fam in modes_for(args.mode, args.iptables_backend):
         t0 = time.perf_counter()
-        rendered = render(state, config, family)
+        rendered = fam.render(state, config)
         rendered_at = time.perf_counter()
         for warning in rendered.warnings:
             log.warning("%s", warning)
-        variant = args.iptables_backend
-        if variant == "auto":
-            variant = detect_variant(family.version)
-        backend = IptablesBackend(family.version, variant)
         try:
-            result = sync_family(backend, rendered.ruleset, dry_run=dry_run)
-        except IptablesError as err:
+            outcome = fam.sync(rendered.desired, verify=True, dry_run=dry_run)
+        except IptablesError as err:  # NftError too
             # One family failing never blocks the other: report and go on.
-            log.error("%s: %s", name, err)
+            log.error("%s: %s", fam.name, err)
+            if err.detail:
+                log.error("input around the failing line:\n%s", err.detail)
             failed = True
             continue
         if dry_run:
-            text = result.plan.restore_text()
-            if text:
-                sys.stdout.write(f"# {name} (iptables-{variant})\n{text}")
+            if outcome.changed:
+                sys.stdout.write(f"# {fam.name} ({fam.label})\n{outcome.payload}")
                 changes = True
             continue
         log.info(
-            "synced %s (iptables-%s): %d services, %s; load %.3fs render %.3fs",
-            name,
-            variant,
+            "synced %s (%s): %d services, %s; load %.3fs render %.3fs",
+            fam.name,
+            fam.label,
             len(state.services),
-            describe(result),
+            outcome.summary,
             loaded - started,
             rendered_at - t0,
         )
-        changed = {t: c.summary for t, c in result.plan.changes.items() if c.summary}
-        for table, summary in changed.items():
-            for chain, what in summary.items():
-                log.debug("%s %s %s: %s", name, table, chain, what)
     if failed:
         return EXIT_ERROR if dry_run else EXIT_FAILED
+    if not dry_run:
+        remove_other_mode(args.mode, args.iptables_backend)
     return EXIT_CHANGES if changes else EXIT_OK
 
 

@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kproxy import conntrack
-from kproxy.backends.iptables import IptablesBackend, detect_variant
 from kproxy.health import HealthServer, ProxyHealth, ServiceHealthServers
 from kproxy.lockfile import locked
 from kproxy.metrics import Metrics
 from kproxy.model import NodeConfig
+from kproxy.modes import modes_for, remove_other_mode
 from kproxy.reconciler import (
-    FamilyState,
     Reconciler,
     SyncReport,
     local_ready_endpoints,
@@ -25,7 +24,6 @@ from kproxy.reconciler import (
 )
 from kproxy.recovery import SnapshotStore
 from kproxy.render.iptables import IPV4, IPV6
-from kproxy.snapshot import owned_ruleset
 from kproxy.sources import cache
 from kproxy.sources.kube import KubeEvent, KubeSource
 from kproxy.store import ObjectStore
@@ -109,6 +107,7 @@ class DaemonOptions:
     state_cache_max_age: float = 3600.0
     api_wait: float = 10.0
     lock_file: str | None = None
+    mode: str = "iptables"
 
 
 class CacheWriter:
@@ -159,10 +158,8 @@ class Daemon:
         self.metrics = Metrics()
         self.health = ProxyHealth(opts.sync_period)
         self.service_health = ServiceHealthServers(self.health)
-        families = []
-        for family in (IPV4, IPV6):
-            variant = detect_variant(family.version) if opts.backend == "auto" else opts.backend
-            families.append(FamilyState(family, IptablesBackend(family.version, variant)))
+        families = modes_for(opts.mode, opts.backend)
+        self._other_mode_removed = False
         self.ready = threading.Event()  # the store holds a complete state (API or cache)
         self.from_cache = False
         self.snapshots = (
@@ -219,6 +216,10 @@ class Daemon:
             # Only the API's state is cached: re-saving a state read from the cache would
             # make it look fresh.
             self.cache_writer.submit(self.store.raw_objects())
+        if not self._other_mode_removed:
+            # The first successful sync is in place: now the other mode's rules can go.
+            remove_other_mode(self.opts.mode, self.opts.backend)
+            self._other_mode_removed = True
         if report.full and self.snapshots is not None:
             self._snapshot()
         if not self.opts.conntrack:
@@ -243,11 +244,13 @@ class Daemon:
 
     def _snapshot(self) -> None:
         families = {
-            fam.name: owned_ruleset(fam.applied)
+            fam.name: rs
             for fam in self.reconciler.families
-            if fam.applied is not None
+            if (rs := fam.owned_ruleset()) is not None
         }
-        backend = f"iptables-{self.reconciler.families[0].backend.variant}"
+        if not families:
+            return  # nftables mode: its table is not snapshotted (yet)
+        backend = self.reconciler.families[0].label
         try:
             path = self.snapshots.save(families, self.opts.node_name, backend)
         except OSError as err:

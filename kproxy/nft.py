@@ -153,11 +153,34 @@ def _set_decl(family: str, name: str, s: NftSet) -> str:
     return f"add {s.kind} {family} {TABLE} {name} {{ {' '.join(parts)} }}"
 
 
+NAMED_PRIORITIES = {
+    "raw": -300,
+    "mangle": -150,
+    "dstnat": -100,
+    "filter": 0,
+    "security": 50,
+    "srcnat": 100,
+}
+
+
+def _numeric_priority(base: str) -> str:
+    """nft prints some priorities by name ("dstnat - 10") but does not accept every name in
+    every hook: declare with the number."""
+    head, _, priority = base.partition(" priority ")
+    words = priority.split()
+    value = NAMED_PRIORITIES.get(words[0], None) if words else None
+    if value is None:
+        return base
+    if len(words) == 3 and words[1] in "+-":
+        value += int(words[2]) * (1 if words[1] == "+" else -1)
+    return f"{head} priority {value}"
+
+
 def _chain_decl(family: str, name: str, c: NftChain) -> str:
     parts = []
     if c.base:
         # Printed as "...; policy accept;"; written without the policy (accept is the default).
-        parts.append(c.base.split("; policy")[0] + " ;")
+        parts.append(_numeric_priority(c.base.split("; policy")[0]) + " ;")
     if c.comment:
         parts.append(f'comment "{c.comment}" ;')
     return f"add chain {family} {TABLE} {name}" + (f" {{ {' '.join(parts)} }}" if parts else "")

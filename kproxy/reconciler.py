@@ -21,20 +21,15 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kproxy.backends.iptables import IptablesBackend, IptablesError
+from kproxy.backends.iptables import IptablesError
 from kproxy.endpoints import endpoints_for_port
 from kproxy.lockfile import LockHeld
 from kproxy.model import ClusterState, NodeConfig
-from kproxy.render.cache import RenderCache
-from kproxy.render.iptables import Family, render
-from kproxy.ruleset import Table
+from kproxy.modes import Mode
+from kproxy.render.iptables import Family
 from kproxy.store import Changes, ObjectStore
-from kproxy.syncer import applied_tables, describe, sync_family
 
 log = logging.getLogger(__name__)
-
-CANARY = "KUBE-PROXY-CANARY"
-CANARY_TABLES = ("mangle", "nat", "filter")
 
 
 class SyncObserver(Protocol):
@@ -62,19 +57,6 @@ class _NoObserver:
 
 
 @dataclass
-class FamilyState:
-    family: Family
-    backend: IptablesBackend
-    # What kproxy last applied, as the kernel should now hold it; None: unknown, read it.
-    applied: dict[str, Table] | None = None
-    cache: RenderCache = field(default_factory=RenderCache)
-
-    @property
-    def name(self) -> str:
-        return f"IPv{self.family.version}"
-
-
-@dataclass
 class SyncReport:
     ok: bool
     full: bool
@@ -88,7 +70,7 @@ class Reconciler:
         self,
         store: ObjectStore,
         config: NodeConfig,
-        families: list[FamilyState],
+        families: list[Mode],
         *,
         min_sync_period: float = 1.0,
         sync_period: float = 30.0,
@@ -111,6 +93,7 @@ class Reconciler:
         self._pending = False
         self._verify_reason: str | None = "start"
         self.first_sync = threading.Event()
+        self._warned: set[str] = set()
         self.syncs = 0  # completed sync attempts, for tests and logs
 
     # --- called from other threads ---
@@ -190,7 +173,7 @@ class Reconciler:
             report = SyncReport(ok=False, full=False, state=state, changes=changes)
             # The changes were taken out of the store: make the retry a full one.
             for fam in self.families:
-                fam.applied = None
+                fam.forget()
             return report
 
     def _sync(self, verify_reason: str | None) -> SyncReport:
@@ -201,44 +184,50 @@ class Reconciler:
         lines: dict[str, int] = {}
         rules: dict[str, int] = {}
         no_local = {"internal": 0, "external": 0}
+        warned: set[str] = set()
         for fam in self.families:
-            rendered = render(state, self.config, fam.family, cache=fam.cache)
+            rendered = fam.render(state, self.config)
             for warning in rendered.warnings:
-                log.warning("%s", warning)
-            assumed = None if verify_reason is not None else fam.applied
+                if warning not in self._warned:
+                    log.warning("%s", warning)
+            warned.update(rendered.warnings)
+            partial = verify_reason is None
             try:
-                result = sync_family(fam.backend, rendered.ruleset, assumed=assumed)
-            except IptablesError as err:
+                outcome = fam.sync(rendered.desired, verify=not partial)
+            except IptablesError as err:  # NftError is one too
                 log.error("%s sync failed (rules unchanged, will retry): %s", fam.name, err)
-                fam.applied = None
+                if err.detail:
+                    log.error("input around the failing line:\n%s", err.detail)
                 report.ok = False
                 report.failed_families.append(fam.name)
-                self.observer.failed(fam.name, partial=assumed is not None)
+                self.observer.failed(fam.name, partial=partial)
                 continue
-            if verify_reason not in (None, "start") and not result.plan.empty():
+            if verify_reason not in (None, "start", "api-back") and outcome.changed:
                 log.warning(
                     "%s: repaired rules changed behind kproxy's back (%s): %s",
                     fam.name,
                     verify_reason,
-                    describe(result),
+                    outcome.summary,
                 )
                 self.observer.drift_repaired(verify_reason or "verify")
-            elif not result.plan.empty() or verify_reason == "start":
+            elif outcome.changed or verify_reason == "start":
                 log.info(
-                    "synced %s (%s, %d services): %s",
+                    "synced %s (%s, %s, %d services): %s",
                     fam.name,
-                    "full" if result.read_kernel else "partial",
+                    fam.label,
+                    "full" if outcome.read_kernel else "partial",
                     len(state.services),
-                    describe(result),
+                    outcome.summary,
                 )
-            fam.applied = applied_tables(rendered.ruleset)
             self.observer.updated(fam.name)
-            for table, change in result.plan.changes.items():
-                lines[table] = lines.get(table, 0) + change.line_count()
-            for name, table in rendered.ruleset.tables.items():
-                rules[name] = rules.get(name, 0) + table.rule_count()
+            for table, count in outcome.lines.items():
+                lines[table] = lines.get(table, 0) + count
+            for table, count in rendered.rules.items():
+                rules[table] = rules.get(table, 0) + count
             for policy, count in rendered.no_local_endpoints.items():
                 no_local[policy] += count
+        # A warning is logged once when it appears, not on every sync.
+        self._warned = warned
         self.syncs += 1
         if report.ok:
             self.observer.synced(report.full, time.monotonic() - started, lines, rules, no_local)
@@ -251,12 +240,7 @@ class Reconciler:
         return report
 
     def missing_canaries(self) -> list[str]:
-        missing = []
-        for fam in self.families:
-            for table in CANARY_TABLES:
-                if not fam.backend.chain_exists(table, CANARY):
-                    missing.append(f"{fam.name} {table}")
-        return missing
+        return [m for fam in self.families for m in fam.missing_canaries()]
 
 
 def local_ready_endpoints(

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 
 from kproxy.backends.iptables import IptablesBackend, IptablesError
+from kproxy.backends.nftables import NftBackend
+from kproxy.nft import NftPlan, NftTable, plan_table
 from kproxy.plan import Plan, full_table, plan
 from kproxy.ruleset import RuleSet, Table, parse_save, table_text
 
@@ -142,3 +144,48 @@ def applied_tables(desired: RuleSet) -> dict[str, Table]:
     and the built-in chains with exactly kproxy's jumps (foreign rules are never planned on)."""
     names = sorted(set(desired.tables) | {j.table for j in desired.jumps})
     return {name: full_table(desired, name, Table(name)) for name in names}
+
+
+@dataclass
+class NftSyncResult:
+    plan: NftPlan
+    read_kernel: bool = True
+    lines_sent: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def sync_nft(
+    backend: NftBackend,
+    desired: NftTable,
+    dry_run: bool = False,
+    assumed: NftTable | None = None,
+    known: bool = False,
+) -> NftSyncResult:
+    """Bring the kernel's kproxy table of `backend`'s family to `desired` in one transaction.
+
+    With `known` set, `assumed` (None: no table) is taken as what the kernel holds and is not
+    read; otherwise the kernel's table is listed first.
+    """
+    t0 = time.perf_counter()
+    live = assumed if known else backend.read()
+    t1 = time.perf_counter()
+    the_plan = plan_table(desired, live)
+    t2 = time.perf_counter()
+    result = NftSyncResult(
+        the_plan, read_kernel=not known, timings={"read": t1 - t0, "plan": t2 - t1}
+    )
+    if dry_run or the_plan.empty():
+        return result
+    text = the_plan.text()
+    backend.apply(text)
+    result.lines_sent = len(the_plan.lines)
+    result.timings["apply"] = time.perf_counter() - t2
+    return result
+
+
+def describe_nft(result: NftSyncResult) -> str:
+    t = result.timings
+    return (
+        f"{result.lines_sent} lines sent, {result.plan.summary()}; read {t.get('read', 0):.3f}s "
+        f"plan {t.get('plan', 0):.3f}s apply {t.get('apply', 0):.3f}s"
+    )

@@ -1,0 +1,204 @@
+"""The two proxy modes behind one interface: per IP family, render -> plan -> apply.
+
+`kproxy sync`, `diff` and the daemon's reconciler drive a list of these without knowing
+whether rules go through iptables-restore or nft. Each keeps a render cache and the record of
+its last apply (what the kernel should now hold), so a sync after a change plans against
+memory and reads nothing from the kernel; `verify` reads the kernel and repairs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from kproxy.backends.iptables import IptablesBackend, family_backends
+from kproxy.backends.nftables import NftBackend
+from kproxy.model import ClusterState, NodeConfig
+from kproxy.nft import NftTable
+from kproxy.render.cache import RenderCache
+from kproxy.render.iptables import IPV4, IPV6, render
+from kproxy.render.nftables import NFT_IPV4, NFT_IPV6, render_nft
+from kproxy.ruleset import RuleSet, Table, is_owned_chain
+from kproxy.syncer import (
+    applied_tables,
+    describe,
+    describe_nft,
+    read_live,
+    sync_family,
+    sync_nft,
+)
+
+log = logging.getLogger(__name__)
+
+CANARY = "KUBE-PROXY-CANARY"
+CANARY_TABLES = ("mangle", "nat", "filter")
+OWNED_TABLES = ("filter", "nat", "mangle")
+
+
+@dataclass
+class Rendered:
+    desired: Any  # RuleSet (iptables) or NftTable (nftables)
+    warnings: list[str]
+    no_local_endpoints: dict[str, int]
+    rules: dict[str, int]  # rules per table, for the metrics
+
+
+@dataclass
+class Outcome:
+    """One family's sync."""
+
+    changed: bool
+    read_kernel: bool
+    summary: str  # for the log line
+    payload: str = ""  # the change, as sent (or, dry run, as it would be sent)
+    lines: dict[str, int] = field(default_factory=dict)  # lines per table
+
+
+class IptablesMode:
+    mode = "iptables"
+
+    def __init__(self, backend: IptablesBackend) -> None:
+        self.backend = backend
+        self.family = IPV4 if backend.family == 4 else IPV6
+        self.name = f"IPv{backend.family}"
+        self.cache = RenderCache()
+        self.applied: dict[str, Table] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"iptables-{self.backend.variant}"
+
+    def render(self, state: ClusterState, config: NodeConfig) -> Rendered:
+        r = render(state, config, self.family, cache=self.cache)
+        rules = {name: t.rule_count() for name, t in r.ruleset.tables.items()}
+        return Rendered(r.ruleset, r.warnings, r.no_local_endpoints, rules)
+
+    def sync(self, desired: RuleSet, verify: bool = True, dry_run: bool = False) -> Outcome:
+        assumed = None if verify else self.applied
+        try:
+            result = sync_family(self.backend, desired, dry_run=dry_run, assumed=assumed)
+        except Exception:
+            self.applied = None
+            raise
+        if not dry_run:
+            self.applied = applied_tables(desired)
+        lines = {t: c.line_count() for t, c in result.plan.changes.items()}
+        return Outcome(
+            not result.plan.empty(),
+            result.read_kernel,
+            describe(result),
+            result.plan.restore_text(),
+            lines,
+        )
+
+    def forget(self) -> None:
+        self.applied = None
+
+    def missing_canaries(self) -> list[str]:
+        return [
+            f"{self.name} {t}" for t in CANARY_TABLES if not self.backend.chain_exists(t, CANARY)
+        ]
+
+    def owned_ruleset(self) -> RuleSet | None:
+        from kproxy.snapshot import owned_ruleset  # snapshot imports render: keep it lazy
+
+        return owned_ruleset(self.applied) if self.applied is not None else None
+
+    def remove_all(self, dry_run: bool = False) -> Outcome:
+        """Delete every owned chain and jump of this family."""
+        empty = RuleSet(tables={name: Table(name) for name in OWNED_TABLES})
+        result = sync_family(self.backend, empty, dry_run=dry_run)
+        self.applied = None
+        return Outcome(not result.plan.empty(), True, describe(result), result.plan.restore_text())
+
+    def present(self) -> bool:
+        live = read_live(self.backend, list(OWNED_TABLES))
+        return any(is_owned_chain(t.name, c) for t in live.values() for c in t.chains)
+
+
+class NftablesMode:
+    mode = "nftables"
+
+    def __init__(self, backend: NftBackend) -> None:
+        self.backend = backend
+        self.family = NFT_IPV4 if backend.family == "ip" else NFT_IPV6
+        self.name = f"IPv{self.family.version}"
+        self.cache = RenderCache()
+        self.applied: NftTable | None = None
+        self.known = False  # `applied` is what the kernel holds (None: no table)
+        self.label = "nftables"
+
+    def render(self, state: ClusterState, config: NodeConfig) -> Rendered:
+        r = render_nft(state, config, self.family, cache=self.cache)
+        return Rendered(r.table, r.warnings, r.no_local_endpoints, {"kproxy": r.table.rule_count()})
+
+    def sync(self, desired: NftTable, verify: bool = True, dry_run: bool = False) -> Outcome:
+        known = self.known and not verify
+        try:
+            result = sync_nft(
+                self.backend, desired, dry_run=dry_run, assumed=self.applied, known=known
+            )
+        except Exception:
+            self.forget()
+            raise
+        if not dry_run:
+            self.applied, self.known = desired, True
+        return Outcome(
+            not result.plan.empty(),
+            result.read_kernel,
+            describe_nft(result),
+            result.plan.text(),
+            {"kproxy": len(result.plan.lines)},
+        )
+
+    def forget(self) -> None:
+        self.applied, self.known = None, False
+
+    def missing_canaries(self) -> list[str]:
+        return [] if self.backend.exists() else [f"{self.name} table {self.family.name} kproxy"]
+
+    def owned_ruleset(self) -> None:
+        return None
+
+    def remove_all(self, dry_run: bool = False) -> Outcome:
+        present = self.backend.exists()
+        if present and not dry_run:
+            self.backend.delete_table()
+        self.forget()
+        text = f"delete table {self.family.name} kproxy\n" if present else ""
+        return Outcome(present, True, "table deleted" if present else "no table", text)
+
+    def present(self) -> bool:
+        return self.backend.exists()
+
+
+Mode = IptablesMode | NftablesMode
+
+
+def modes_for(mode: str, iptables_backend: str = "auto") -> list[Mode]:
+    """One driver per IP family for `mode`."""
+    if mode == "nftables":
+        return [NftablesMode(NftBackend("ip")), NftablesMode(NftBackend("ip6"))]
+    return [IptablesMode(b) for b in family_backends(iptables_backend)]
+
+
+def other_mode(mode: str, iptables_backend: str = "auto") -> list[Mode]:
+    return modes_for("iptables" if mode == "nftables" else "nftables", iptables_backend)
+
+
+def remove_other_mode(mode: str, iptables_backend: str = "auto") -> None:
+    """After the first successful sync in `mode`, remove what the other mode left, so a node
+    switching modes never has a gap (the new rules are in place first)."""
+    for other in other_mode(mode, iptables_backend):
+        try:
+            if other.present():
+                outcome = other.remove_all()
+                log.info(
+                    "removed the %s rules of %s mode left on this node: %s",
+                    other.name,
+                    other.mode,
+                    outcome.summary,
+                )
+        except Exception as err:  # the other mode's tools may be missing: not fatal
+            log.warning("could not remove %s mode's %s rules: %s", other.mode, other.name, err)
