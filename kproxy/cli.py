@@ -17,19 +17,23 @@ from kproxy.backends.iptables import (
     detect_variant,
     family_backends,
 )
+from kproxy.backends.nftables import NftBackend
 from kproxy.fileio import write_atomically
 from kproxy.lockfile import DEFAULT_LOCK_FILE, LockHeld, locked
 from kproxy.model import ClusterState, NodeConfig, build_state
 from kproxy.modes import modes_for, remove_other_mode
+from kproxy.nft import NftTable
 from kproxy.plan import full_table
 from kproxy.recovery import DEFAULT_SNAPSHOT_DIR
 from kproxy.render.iptables import IPV4, IPV6, render
+from kproxy.render.nftables import NFT_IPV4, NFT_IPV6, render_nft
 from kproxy.ruleset import Table
 from kproxy.snapshot import SnapshotError
 from kproxy.sources.cache import DEFAULT_STATE_CACHE
 from kproxy.sources.statefile import StateFileError, load_state
 from kproxy.syncer import describe, read_live
 from kproxy.trace import Packet, Tracer, format_outcomes
+from kproxy.trace_nft import NftTracer
 
 log = logging.getLogger("kproxy")
 
@@ -661,6 +665,27 @@ def _run_cleanup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tracer(args: argparse.Namespace, state: ClusterState, config: NodeConfig, family, local):
+    """The rules to trace: the kernel's (--live) or a render of the state, in --mode."""
+    if args.mode == "nftables":
+        nft_family = NFT_IPV4 if family.version == 4 else NFT_IPV6
+        if args.live:
+            table = NftBackend(nft_family.name).read() or NftTable(nft_family.name)
+        else:
+            table = render_nft(state, config, nft_family).table
+        return NftTracer(table, local)
+    if args.live:
+        variant = args.iptables_backend
+        backend = IptablesBackend(
+            family.version, detect_variant(family.version) if variant == "auto" else variant
+        )
+        tables = read_live(backend, ["nat", "filter"])
+    else:
+        ruleset = render(state, config, family).ruleset
+        tables = {name: full_table(ruleset, name, Table(name)) for name in ("nat", "filter")}
+    return Tracer(tables, local)
+
+
 def _run_trace(args: argparse.Namespace) -> int:
     if not args.live and not args.state:
         log.error("trace needs --state FILE or --live")
@@ -683,18 +708,11 @@ def _run_trace(args: argparse.Namespace) -> int:
     local = {ipaddress.ip_address(ip) for ip in (*args.local_ip, *config.node_ips)}
     if args.live:
         local |= {ipaddress.ip_address(ip) for ip in nodeinfo.local_addresses()}
-        variant = args.iptables_backend
-        backend = IptablesBackend(
-            family.version, detect_variant(family.version) if variant == "auto" else variant
-        )
-        try:
-            tables = read_live(backend, ["nat", "filter"])
-        except IptablesError as err:
-            log.error("%s", err)
-            return EXIT_ERROR
-    else:
-        ruleset = render(state, config, family).ruleset
-        tables = {name: full_table(ruleset, name, Table(name)) for name in ("nat", "filter")}
+    try:
+        tracer = _tracer(args, state, config, family, local)
+    except IptablesError as err:  # NftError too
+        log.error("%s", err)
+        return EXIT_ERROR
     origin = args.origin
     if origin == "auto":
         in_cluster = any(
@@ -704,7 +722,7 @@ def _run_trace(args: argparse.Namespace) -> int:
         )
         origin = "node" if src in local or src.is_loopback else "pod" if in_cluster else "external"
     packet = Packet(src, dst, args.proto, args.dport)
-    outcomes = Tracer(tables, local).trace(packet, origin)
+    outcomes = tracer.trace(packet, origin)
     print(format_outcomes(packet, origin, outcomes))
     return EXIT_OK
 

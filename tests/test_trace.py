@@ -8,8 +8,10 @@ import pytest
 from kproxy.model import NodeConfig, build_state
 from kproxy.plan import full_table
 from kproxy.render.iptables import IPV4, IPV6, render
+from kproxy.render.nftables import NFT_IPV4, NFT_IPV6, render_nft
 from kproxy.ruleset import Table
 from kproxy.trace import Packet, Tracer
+from kproxy.trace_nft import NftTracer
 
 NODE_IP = "192.168.100.1"
 CLIENT = "192.168.100.2"
@@ -140,19 +142,36 @@ OBJECTS = [
 ]
 
 
+MODE = {"mode": "iptables"}
+
+
+@pytest.fixture(autouse=True, params=["iptables", "nftables"])
+def mode(request):
+    """Every packet-flow test runs against both renderers: same behaviour expected."""
+    MODE["mode"] = request.param
+    yield request.param
+    MODE["mode"] = "iptables"
+
+
+def tracer_for(state, config, family_version):
+    local = {ipaddress.ip_address(ip) for ip in config.node_ips}
+    if MODE["mode"] == "nftables":
+        fam = NFT_IPV6 if family_version == 6 else NFT_IPV4
+        return NftTracer(render_nft(state, config, fam).table, local)
+    ruleset = render(state, config, IPV6 if family_version == 6 else IPV4).ruleset
+    tables = {n: full_table(ruleset, n, Table(n)) for n in ("nat", "filter")}
+    return Tracer(tables, local)
+
+
 def trace(src, dst, port=80, origin=None, masquerade_all=False, proto="tcp"):
     state, warnings = build_state(OBJECTS, node_name="node-1")
     assert warnings == []
-    family = IPV6 if ":" in dst else IPV4
     config = NodeConfig(
         node_name="node-1",
         cluster_cidrs=("10.244.0.0/16", "fd00:10:244::/48"),
         node_ips=(NODE_IP, "fd00:192:168:100::1"),
         masquerade_all=masquerade_all,
     )
-    ruleset = render(state, config, family).ruleset
-    tables = {n: full_table(ruleset, n, Table(n)) for n in ("nat", "filter")}
-    local = {ipaddress.ip_address(ip) for ip in config.node_ips}
     if origin is None:
         origin = (
             "node"
@@ -160,7 +179,7 @@ def trace(src, dst, port=80, origin=None, masquerade_all=False, proto="tcp"):
             else ("pod" if src.startswith(("10.244.", "fd00:10:244")) else "external")
         )
     packet = Packet(ipaddress.ip_address(src), ipaddress.ip_address(dst), proto, port)
-    return Tracer(tables, local).trace(packet, origin)
+    return tracer_for(state, config, 6 if ":" in dst else 4).trace(packet, origin)
 
 
 def dnats(outcomes):
@@ -208,8 +227,11 @@ def test_nodeport_and_external_ip_from_outside_masquerade_to_all_endpoints():
         assert masq(out) == {True}, dst
 
 
-def test_wrong_port_or_unknown_ip_is_not_touched():
+def test_wrong_port_or_unknown_ip_is_not_touched(mode):
     o = only(trace(POD, "10.96.0.10", 81))
+    # nftables mode refuses unknown ports of a ClusterIP, as upstream's nftables mode does.
+    assert (o.verdict, o.dnat) == ("ACCEPT" if mode == "iptables" else "REJECT", None)
+    o = only(trace(POD, "10.96.99.99", 80))
     assert (o.verdict, o.dnat) == ("ACCEPT", None)
     o = only(trace(CLIENT, NODE_IP, 30999))
     assert (o.verdict, o.dnat, o.delivered) == ("ACCEPT", None, "local")
@@ -274,7 +296,7 @@ def test_source_ranges_allow_listed_clients_and_drop_others():
     assert dnats(out) == pytest.approx({A: 1.0})
     o = only(trace(OTHER_CLIENT, "198.51.100.15"))
     assert o.verdict == "DROP" and o.dnat is None
-    assert "KUBE-PROXY-FIREWALL" in o.path
+    assert any(c in ("KUBE-PROXY-FIREWALL", "firewall-check") for c in o.path), o.path
 
 
 def test_nodeports_are_not_subject_to_source_ranges():
@@ -293,7 +315,10 @@ def test_affinity_checks_recent_lists_before_balancing():
     out = trace(POD, "10.96.0.16")
     assert dnats(out) == pytest.approx({A: 0.5, R: 0.5})
     notes = [n for o in out for n in o.notes]
-    assert any("in the last 600s sticks to KUBE-SEP-" in n for n in notes)
+    assert any(
+        "in the last 600s sticks to KUBE-SEP-" in n or "seen within 10m sticks to" in n
+        for n in notes
+    ), notes
 
 
 # --- terminating endpoints ---
@@ -340,13 +365,9 @@ def test_node_hints_prefer_this_node_when_every_endpoint_has_them():
         ),
     ]
     state, _ = build_state(objs, node_name="node-1")
-    config = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",))
-    ruleset = render(state, config).ruleset
-    tables = {n: full_table(ruleset, n, Table(n)) for n in ("nat", "filter")}
     packet = Packet(ipaddress.ip_address(POD), ipaddress.ip_address("10.96.0.30"), "tcp", 80)
-    assert dnats(Tracer(tables, set()).trace(packet, "pod")) == pytest.approx({A: 1.0})
+    config = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",))
+    assert dnats(tracer_for(state, config, 4).trace(packet, "pod")) == pytest.approx({A: 1.0})
     # On node-2 the same Service goes to node-2's endpoint.
     config2 = NodeConfig(node_name="node-2", cluster_cidrs=("10.244.0.0/16",))
-    ruleset = render(state, config2).ruleset
-    tables = {n: full_table(ruleset, n, Table(n)) for n in ("nat", "filter")}
-    assert dnats(Tracer(tables, set()).trace(packet, "pod")) == pytest.approx({R: 1.0})
+    assert dnats(tracer_for(state, config2, 4).trace(packet, "pod")) == pytest.approx({R: 1.0})
