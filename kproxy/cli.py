@@ -401,6 +401,11 @@ def _add_api_flags(p: argparse.ArgumentParser) -> None:
         help=f"last-known-good cluster state (default {DEFAULT_STATE_CACHE})",
     )
     p.add_argument(
+        "--no-cache-fallback",
+        action="store_true",
+        help="fail (exit 2) when the API server cannot be read, instead of using the cache",
+    )
+    p.add_argument(
         "--state-cache-max-age",
         type=_duration,
         default=3600.0,
@@ -511,6 +516,8 @@ def _load_cluster(args: argparse.Namespace, dry_run: bool) -> tuple[ClusterState
         )
         objects = source.list_once(timeout=args.api_timeout)
     except SourceUnavailable as err:
+        if getattr(args, "no_cache_fallback", False):
+            raise StateFileError(f"API server unreachable ({err})") from None
         try:
             cached = cache.load(args.state_cache)
         except (OSError, ValueError) as cache_err:
