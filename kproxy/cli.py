@@ -31,7 +31,7 @@ from kproxy.ruleset import Table
 from kproxy.snapshot import SnapshotError
 from kproxy.sources.cache import DEFAULT_STATE_CACHE
 from kproxy.sources.statefile import StateFileError, load_state
-from kproxy.syncer import describe, read_live
+from kproxy.syncer import NftSyncResult, describe, describe_nft, read_live
 from kproxy.trace import Packet, Tracer, format_outcomes
 from kproxy.trace_nft import NftTracer
 
@@ -608,12 +608,13 @@ def _run_snapshot(args: argparse.Namespace) -> int:
     except OSError as err:
         log.error("cannot write %s: %s", args.out, err.strerror or err)
         return EXIT_ERROR
-    rules = text.count("\n-A ")
+    nft_part = text.split("\n# nft ", 1)[1] if "\n# nft " in text else ""
     log.info(
-        "snapshot of %d rules (%s) written to %s",
-        rules,
-        ", ".join(recovery.family_name(b) for b in backends),
+        "snapshot written to %s: iptables mode %d rules (%s), nftables mode %s",
         args.out,
+        text.count("\n-A "),
+        ", ".join(recovery.family_name(b) for b in backends),
+        f"{nft_part.count(chr(10))} lines" if nft_part else "not in use",
     )
     return EXIT_OK
 
@@ -638,8 +639,10 @@ def _run_restore(args: argparse.Namespace) -> int:
         log.error("restore of %s failed, rules unchanged: %s", path, err)
         return EXIT_FAILED
     for family, result in results.items():
+        nft = isinstance(result, NftSyncResult)
         if args.dry_run:
-            sys.stdout.write(f"# {family}\n{result.plan.restore_text()}")
+            text = result.plan.text() if nft else result.plan.restore_text()
+            sys.stdout.write(f"# {family}\n{text}")
         else:
             log.info(
                 "restored %s from %s (created %s on %s): %s",
@@ -647,7 +650,7 @@ def _run_restore(args: argparse.Namespace) -> int:
                 path,
                 snap.meta["created"],
                 snap.meta["node"],
-                describe(result),
+                describe_nft(result) if nft else describe(result),
             )
     return EXIT_OK
 
@@ -663,12 +666,16 @@ def _run_cleanup(args: argparse.Namespace) -> int:
     except IptablesError as err:
         log.error("cleanup failed, rules unchanged: %s", err)
         return EXIT_FAILED
-    for family, result in results.items():
+    for family, sent in results.items():
         if args.dry_run:
-            sys.stdout.write(f"# {family}\n{result.plan.restore_text()}")
+            sys.stdout.write(f"# {family}\n{sent}")
         else:
-            removed = sum(len(c.delete_chains) for c in result.plan.changes.values())
-            log.info("cleanup %s: %d chains removed; %s", family, removed, describe(result))
+            removed = (
+                "the kproxy table"
+                if "delete table" in sent
+                else (f"{sent.count(chr(10) + '-X ')} chains")
+            )
+            log.info("cleanup %s: removed %s", family, removed)
     return EXIT_OK
 
 

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kproxy.backends.iptables import IptablesBackend
+from kproxy.backends.nftables import NftBackend, NftError
 from kproxy.fileio import write_atomically
 from kproxy.ruleset import RuleSet, Table
 from kproxy.snapshot import TABLES, Snapshot, SnapshotError, dump, owned_ruleset, parse
-from kproxy.syncer import SyncResult, read_live, sync_family
+from kproxy.syncer import NftSyncResult, SyncResult, read_live, sync_family, sync_nft
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,19 @@ def family_name(backend: IptablesBackend) -> str:
 
 
 def take_snapshot(backends: list[IptablesBackend], node: str) -> str:
-    """The text of a snapshot of the owned rules in the kernel, every family."""
+    """The text of a snapshot of everything kproxy owns in the kernel: iptables mode's rules
+    of every family, and nftables mode's kproxy tables when there are any."""
     families = {family_name(b): owned_ruleset(read_live(b, list(TABLES))) for b in backends}
+    nft = {}
+    for fam in ("ip", "ip6"):
+        try:
+            text = NftBackend(fam).read_text()
+        except (NftError, OSError):
+            text = None  # no nft on this node: nothing of nftables mode to save
+        if text is not None:
+            nft[fam] = text
     variant = backends[0].variant if backends else "nft"
-    return dump(families, node=node, backend=f"iptables-{variant}")
+    return dump(families, node=node, backend=f"iptables-{variant}", nft=nft)
 
 
 def read_snapshot(path: str | Path) -> Snapshot:
@@ -65,22 +75,36 @@ def restore(
 ) -> dict[str, SyncResult]:
     """Apply a verified snapshot through the plan/apply path (minimal, atomic, foreign rules
     untouched). Families missing from the snapshot are left alone."""
-    results = {}
+    results: dict[str, SyncResult | NftSyncResult] = {}
     for backend in backends:
         rs = snap.families.get(family_name(backend))
         if rs is None:
             continue
         results[family_name(backend)] = sync_family(backend, rs, dry_run=dry_run)
+    for fam, table in snap.nft.items():
+        results[f"nftables {fam}"] = sync_nft(NftBackend(fam), table, dry_run=dry_run)
     return results
 
 
-def cleanup(backends: list[IptablesBackend], dry_run: bool = False) -> dict[str, SyncResult]:
-    """Remove every owned chain and jump, in every family; nothing else is named."""
-    results = {}
+def cleanup(backends: list[IptablesBackend], dry_run: bool = False) -> dict[str, str]:
+    """Remove everything kproxy owns in either mode: iptables mode's chains and jumps in every
+    family, nftables mode's kproxy tables. Returns, per family, what was (or would be) sent."""
+    done = {}
     for backend in backends:
         empty = RuleSet(tables={name: Table(name) for name in TABLES})
-        results[family_name(backend)] = sync_family(backend, empty, dry_run=dry_run)
-    return results
+        result = sync_family(backend, empty, dry_run=dry_run)
+        done[family_name(backend)] = result.plan.restore_text()
+    for fam in ("ip", "ip6"):
+        backend_nft = NftBackend(fam)
+        try:
+            present = backend_nft.exists()
+        except OSError:
+            present = False
+        if present:
+            if not dry_run:
+                backend_nft.delete_table()
+            done[f"nftables {fam}"] = f"delete table {fam} kproxy\n"
+    return done
 
 
 @dataclass

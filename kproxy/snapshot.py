@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from kproxy import __version__
+from kproxy.nft import NftTable, parse_table
 from kproxy.render.iptables import UNORDERED
 from kproxy.ruleset import (
     BUILTIN_CHAINS,
@@ -43,7 +44,8 @@ class SnapshotError(Exception):
 @dataclass
 class Snapshot:
     meta: dict[str, str]
-    families: dict[str, RuleSet] = field(default_factory=dict)
+    families: dict[str, RuleSet] = field(default_factory=dict)  # iptables mode, per family
+    nft: dict[str, NftTable] = field(default_factory=dict)  # nftables mode: "ip"/"ip6" table
     body: str = ""
 
 
@@ -98,10 +100,19 @@ def ruleset_text(rs: RuleSet) -> str:
     return "\n".join(lines) + "\n"
 
 
-def dump(families: dict[str, RuleSet], node: str, backend: str, now: float | None = None) -> str:
+def dump(
+    families: dict[str, RuleSet],
+    node: str,
+    backend: str,
+    now: float | None = None,
+    nft: dict[str, str] | None = None,
+) -> str:
+    """`families`: iptables mode's owned rules; `nft`: `nft list table` text of the kproxy
+    table per nft family ("ip", "ip6")."""
     body = "".join(
         f"# family {name}\n{ruleset_text(families[name])}" for name in FAMILIES if name in families
     )
+    body += "".join(f"# nft {fam}\n{text.rstrip()}\n" for fam, text in sorted((nft or {}).items()))
     created = time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime(now if now is not None else time.time())
     )
@@ -137,7 +148,11 @@ def parse(text: str) -> Snapshot:
         raise SnapshotError(f"bad format version {version}")
     meta: dict[str, str] = {}
     i = 1
-    while i < len(lines) and lines[i].startswith("# ") and not lines[i].startswith("# family "):
+    while (
+        i < len(lines)
+        and lines[i].startswith("# ")
+        and not lines[i].startswith(("# family ", "# nft "))
+    ):
         key, _, value = lines[i][2:].partition(" ")
         meta[key] = value
         i += 1
@@ -154,16 +169,20 @@ def parse(text: str) -> Snapshot:
     sections: dict[str, list[str]] = {}
     current = None
     for line in body.split("\n"):
-        if line.startswith("# family "):
-            current = line.split()[2]
-            if current not in FAMILIES:
-                raise SnapshotError(f"unknown family {current!r}")
+        if line.startswith(("# family ", "# nft ")):
+            current = " ".join(line.split()[1:3])
+            if current not in [f"family {f}" for f in FAMILIES] + ["nft ip", "nft ip6"]:
+                raise SnapshotError(f"unknown section {current!r}")
             sections[current] = []
         elif line.strip():
             if current is None:
                 raise SnapshotError("rules before any '# family' line")
             sections[current].append(line)
-    for family, section in sections.items():
+    for name, section in sections.items():
+        kind, family = name.split()
+        if kind == "nft":
+            snap.nft[family] = _check_nft(family, section)
+            continue
         try:
             tables = parse_save("\n".join(section))
         except ValueError as err:
@@ -171,6 +190,39 @@ def parse(text: str) -> Snapshot:
         _check_owned(family, tables)
         snap.families[family] = owned_ruleset(tables)
     return snap
+
+
+NFT_BASE_CHAINS = frozenset(
+    {
+        "filter-prerouting",
+        "filter-input",
+        "filter-forward",
+        "filter-output",
+        "filter-output-post-dnat",
+        "nat-prerouting",
+        "nat-output",
+        "nat-postrouting",
+    }
+)
+
+
+def _check_nft(family: str, lines: list[str]) -> NftTable:
+    """The kproxy table of a snapshot: one `table <family> kproxy` and nothing else, base
+    chains only those kproxy hooks, with policy accept."""
+    tables = [ln for ln in lines if ln.startswith("table ")]
+    if tables != [f"table {family} kproxy {{"]:
+        raise SnapshotError(f"nft {family}: must hold exactly the table {family} kproxy")
+    table = parse_table("\n".join(lines), family)
+    if table is None:
+        raise SnapshotError(f"nft {family}: no table")
+    for name, chain in table.chains.items():
+        if chain.base is None:
+            continue
+        if name not in NFT_BASE_CHAINS:
+            raise SnapshotError(f"nft {family}: base chain {name} is not one kproxy hooks")
+        if not chain.base.rstrip().endswith("policy accept;"):
+            raise SnapshotError(f"nft {family}: base chain {name} sets a policy other than accept")
+    return table
 
 
 def _check_owned(family: str, tables: dict[str, Table]) -> None:

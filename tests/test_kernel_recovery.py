@@ -265,3 +265,22 @@ def test_commands_never_interleave(env):
         release.set()
         holder.join()
     kproxy(topo, "sync", *sync_flags(tmp, api), check_rc=0)
+
+
+def test_nftables_mode_snapshot_restore_and_cleanup(env):
+    topo, api, tmp = env
+    kproxy(topo, "sync", "--mode", "nftables", *sync_flags(tmp, api), check_rc=0)
+    assert pods_reached(topo) == {"a"}
+    assert "KUBE-SERVICES" not in topo.iptables_save()  # nothing of iptables mode
+    snap = tmp / "nft.snapshot"
+    kproxy(topo, "snapshot", "--out", str(snap), "--lock-file", str(tmp / "lock"), check_rc=0)
+    before = netns.run(topo.node, ["nft", "list", "table", "ip", "kproxy"]).stdout
+    netns.run(topo.node, ["nft", "delete", "table", "ip", "kproxy"])
+    assert pods_reached(topo, count=3) == set()
+    kproxy(topo, "restore", str(snap), "--lock-file", str(tmp / "lock"), check_rc=0)
+    assert pods_reached(topo) == {"a"}
+    assert netns.run(topo.node, ["nft", "list", "table", "ip", "kproxy"]).stdout == before
+    kproxy(topo, "cleanup", "--lock-file", str(tmp / "lock"), check_rc=0)
+    tables = netns.run(topo.node, ["nft", "list", "tables"]).stdout
+    assert "kproxy" not in tables
+    assert foreign(topo), "foreign iptables rules must survive the cleanup"

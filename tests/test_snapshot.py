@@ -143,3 +143,30 @@ def test_store_keeps_the_newest_and_latest_skips_corrupted(tmp_path):
         p.write_text("garbage")
     with pytest.raises(SnapshotError, match="no valid snapshot"):
         latest_snapshot(tmp_path)
+
+
+NFT_TABLE = """table ip kproxy {
+	comment "rules for kproxy"
+	chain nat-prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		jump services
+	}
+
+	chain services {
+	}
+}"""
+
+
+def test_nftables_table_round_trip_and_checks():
+    good = dump({}, node="n", backend="iptables-nft", nft={"ip": NFT_TABLE})
+    snap = parse(good)
+    assert set(snap.nft) == {"ip"} and "nat-prerouting" in snap.nft["ip"].chains
+    bad_policy = dump({}, "n", "x", nft={"ip": NFT_TABLE.replace("policy accept", "policy drop")})
+    with pytest.raises(SnapshotError, match="policy other than accept"):
+        parse(bad_policy)
+    foreign = dump({}, "n", "x", nft={"ip": NFT_TABLE.replace("table ip kproxy", "table ip nat")})
+    with pytest.raises(SnapshotError, match="exactly the table ip kproxy"):
+        parse(foreign)
+    hooked = dump({}, "n", "x", nft={"ip": NFT_TABLE.replace("nat-prerouting", "sneaky")})
+    with pytest.raises(SnapshotError, match="base chain sneaky"):
+        parse(hooked)

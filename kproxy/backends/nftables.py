@@ -24,6 +24,11 @@ class NftBackend:
 
     def read(self) -> NftTable | None:
         """The kernel's kproxy table, or None when there is none."""
+        text = self.read_text()
+        return None if text is None else parse_table(text, self.family)
+
+    def read_text(self) -> str | None:
+        """`nft list table <family> kproxy`, or None when there is no such table."""
         proc = subprocess.run(
             ["nft", "list", "table", self.family, TABLE], capture_output=True, text=True
         )
@@ -34,7 +39,7 @@ class NftBackend:
                 f"nft list table {self.family} {TABLE} failed: {_first_line(proc.stderr)}",
                 proc.returncode,
             )
-        return parse_table(proc.stdout, self.family)
+        return proc.stdout
 
     def exists(self) -> bool:
         """Cheap check (no listing of rules) that the table is still there."""
