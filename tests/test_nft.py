@@ -202,7 +202,7 @@ def test_ipv6_render_uses_ip6_and_brackets():
     assert ep.rules[-1] == "meta l4proto tcp dnat to [fd00:1::2]:8080"
     assert next(n for n in t.chains if n.startswith("endpoint-")).endswith("__fd00.1..2/8080")
     assert t.sets["service-ips"].type == "ipv6_addr . inet_proto . inet_service : verdict"
-    svc = next(c for n, c in t.chains.items() if n.startswith("service-"))
+    svc = next(c for n, c in t.chains.items() if n.startswith("service-") and "/" in n)
     assert (
         svc.rules[0]
         == "ip6 daddr fd00::10 tcp dport 80 ip6 saddr != fd00:1::/64 jump mark-for-masquerade"
