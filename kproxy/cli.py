@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_node_flags(p_diff, state_required=False)
     _add_api_flags(p_diff)
+    _add_lock_flag(p_diff)  # accepted for symmetry: diff changes nothing, takes no lock
     p_trace = sub.add_parser(
         "trace",
         help="show the path a new connection takes through the rules",

@@ -1,0 +1,204 @@
+"""nftables mode against a real kernel: big syncs, O(changes) updates, foreign tables kept,
+the daemon repairing its table, and switching modes without a gap."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import netns  # noqa: E402
+import synthetic  # noqa: E402
+from fake_apiserver import FakeApiServer  # noqa: E402
+from test_kernel_daemon import POD_A, POD_B, WEB_IP, Daemon, pods_reached, service, slice_, wait_for  # noqa: E402,E501
+
+pytestmark = pytest.mark.kernel
+
+FOREIGN_NFT = """table inet foreign {
+	chain input {
+		type filter hook input priority 0; policy accept;
+		ip saddr 192.0.2.99 counter accept
+	}
+}
+"""
+
+
+def kproxy(ns, *args):
+    return netns.run(
+        ns,
+        [
+            sys.executable,
+            "-m",
+            "kproxy",
+            *args,
+            "--mode",
+            "nftables",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--lock-file",
+            "/tmp/kproxy-nft-test.lock",
+        ],
+        check=False,
+    )
+
+
+def nft(ns, *args) -> str:
+    return netns.run(ns, ["nft", *args]).stdout
+
+
+def write(path: Path, objects) -> Path:
+    path.write_text(json.dumps(synthetic.as_list(objects)))
+    return path
+
+
+@pytest.fixture
+def node(kernel_support):
+    topo = netns.Topology()
+    try:
+        netns.run(topo.node, ["nft", "-f", "-"], input=FOREIGN_NFT)
+        netns.run(topo.node, ["iptables", "-t", "nat", "-N", "DOCKER"])
+        netns.run(topo.node, ["iptables", "-t", "nat", "-A", "DOCKER", "-j", "RETURN"])
+        yield topo.node
+    finally:
+        topo.close()
+
+
+def test_big_sync_then_one_change_sends_only_that_change(node, tmp_path):
+    objects = synthetic.generate(300, 5)
+    state = write(tmp_path / "s.json", objects)
+    res = kproxy(node, "sync", "--state", str(state))
+    assert res.returncode == 0, res.stderr
+    table = nft(node, "list", "table", "ip", "kproxy")
+    assert table.count("dnat to") == 1500
+    assert kproxy(node, "diff", "--state", str(state)).returncode == 0
+    foreign = nft(node, "list", "table", "inet", "foreign")
+    slice_ = next(o for o in objects if o["metadata"]["name"] == "svc-7-x")
+    slice_["endpoints"][0]["addresses"] = ["10.200.0.1"]
+    write(state, objects)
+    res = kproxy(node, "sync", "--state", str(state))
+    assert res.returncode == 0, res.stderr
+    sent = int(res.stderr.split("IPv4 (nftables): 300 services, ")[1].split(" lines")[0])
+    assert sent <= 12, res.stderr
+    table = nft(node, "list", "table", "ip", "kproxy")
+    assert "dnat to 10.200.0.1:8080" in table and table.count("dnat to") == 1500
+    assert "svc-7/tcp/http__10.128.0.35/8080" not in table  # the old endpoint's chain is gone
+    assert nft(node, "list", "table", "inet", "foreign") == foreign
+    assert "-A DOCKER -j RETURN" in netns.iptables_save(node, "nat")
+    assert kproxy(node, "diff", "--state", str(state)).returncode == 0
+
+
+def test_switching_modes_leaves_no_gap_and_no_leftovers(kernel_support, tmp_path):
+    topo = netns.build(pods=(("a", 2), ("c", 4)), clients=0)
+    try:
+        topo.start_server(topo.pods["a"], tcp=[8080])
+        state = tmp_path / "s.json"
+        state.write_text(
+            json.dumps(
+                {"kind": "List", "items": [service("web", WEB_IP), slice_("web-1", "web", POD_A)]}
+            )
+        )
+        common = [
+            "--state",
+            str(state),
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--lock-file",
+            str(tmp_path / "lock"),
+        ]
+        run = [sys.executable, "-m", "kproxy", "sync"]
+        assert netns.run(topo.node, [*run, *common]).returncode == 0
+        assert pods_reached(topo) == {"a"}
+        assert netns.run(topo.node, [*run, *common, "--mode", "nftables"]).returncode == 0
+        assert pods_reached(topo) == {"a"}
+        saved = topo.iptables_save()
+        assert "KUBE-SERVICES" not in saved and "KUBE-SEP-" not in saved
+        assert "table ip kproxy" in nft(topo.node, "list", "tables")
+        assert netns.run(topo.node, [*run, *common]).returncode == 0
+        assert pods_reached(topo) == {"a"}
+        assert "kproxy" not in nft(topo.node, "list", "tables")
+        assert "KUBE-SERVICES" in topo.iptables_save()
+    finally:
+        topo.close()
+
+
+def test_daemon_in_nftables_mode_repairs_its_table(kernel_support, tmp_path):
+    topo = netns.build(pods=(("a", 2), ("b", 3), ("c", 4)), clients=0)
+    api = None
+    daemon = None
+    try:
+        for name in ("a", "b"):
+            topo.start_server(topo.pods[name], tcp=[8080])
+        api = netns.call_in(topo.node, lambda: FakeApiServer(host="127.0.0.1").start())
+        api.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}})
+        api.apply(service("web", WEB_IP))
+        api.apply(slice_("web-1", "web", POD_A))
+        # Rules of iptables mode already on the node: they go after the first nft sync.
+        state = tmp_path / "s.json"
+        state.write_text(
+            json.dumps(
+                {"kind": "List", "items": [service("web", WEB_IP), slice_("web-1", "web", POD_A)]}
+            )
+        )
+        assert (
+            netns.run(
+                topo.node,
+                [
+                    sys.executable,
+                    "-m",
+                    "kproxy",
+                    "sync",
+                    "--state",
+                    str(state),
+                    "--cluster-cidr",
+                    "10.244.0.0/16",
+                    "--lock-file",
+                    str(tmp_path / "lock"),
+                ],
+            ).returncode
+            == 0
+        )
+        daemon = Daemon(topo, api, tmp_path / "kproxy.log")
+        daemon.start("--mode", "nftables", "--iptables-sync-period", "2s")
+        wait_for(
+            "iptables mode's rules removed",
+            lambda: "KUBE-SERVICES" not in topo.iptables_save(),
+            daemon=daemon,
+        )
+        assert pods_reached(topo) == {"a"}
+        # A change: applied as a partial transaction.
+        api.apply(slice_("web-1", "web", POD_B))
+        wait_for("b reached", lambda: pods_reached(topo) == {"b"}, daemon=daemon)
+        # Someone flushes the whole ruleset: the table is back within the canary interval.
+        netns.run(topo.node, ["nft", "flush", "ruleset"])
+        flushed = time.monotonic()
+        wait_for(
+            "table repaired", lambda: pods_reached(topo, count=3) == {"b"}, timeout=5, daemon=daemon
+        )
+        print(f"nft ruleset flush repaired in {time.monotonic() - flushed:.2f}s")
+        assert daemon.metric("kproxy_drift_repairs_total", reason="flush") >= 1
+        # Someone edits a chain inside kproxy's table: the periodic verify puts it back.
+        chain = next(
+            ln.split()[1]
+            for ln in nft(topo.node, "list", "table", "ip", "kproxy").splitlines()
+            if ln.strip().startswith("chain service-") and "/" in ln
+        )
+        netns.run(topo.node, ["nft", "flush", "chain", "ip", "kproxy", chain])
+        assert pods_reached(topo, count=3) == set(), "the edit should have broken the Service"
+        wait_for(
+            "edited chain repaired",
+            lambda: pods_reached(topo, count=3) == {"b"},
+            timeout=8,
+            daemon=daemon,
+        )
+        assert daemon.metric("kproxy_drift_repairs_total", reason="periodic") >= 1
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        if api is not None:
+            api.stop()
+        topo.close()
