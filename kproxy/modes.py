@@ -51,8 +51,9 @@ class Outcome:
     changed: bool
     read_kernel: bool
     summary: str  # for the log line
-    payload: str = ""  # the change, as sent (or, dry run, as it would be sent)
+    payload: str = ""  # the change, as planned (dry run: as it would be sent)
     lines: dict[str, int] = field(default_factory=dict)  # lines per table
+    sent: list[tuple[bool, str]] = field(default_factory=list)  # (noflush, text) as sent
 
 
 class IptablesMode:
@@ -90,6 +91,7 @@ class IptablesMode:
             describe(result),
             result.plan.restore_text(),
             lines,
+            result.sent,
         )
 
     def forget(self) -> None:
@@ -144,12 +146,14 @@ class NftablesMode:
             raise
         if not dry_run:
             self.applied, self.known = desired, True
+        text = result.plan.text()
         return Outcome(
             not result.plan.empty(),
             result.read_kernel,
             describe_nft(result),
-            result.plan.text(),
+            text,
             {"kproxy": len(result.plan.lines)},
+            [(False, text)] if text and not dry_run else [],
         )
 
     def forget(self) -> None:

@@ -32,6 +32,8 @@ class SyncResult:
     lines_sent: int = 0
     full_tables: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # What was sent, in order: (with --noflush, iptables-restore input). For benchmarks.
+    sent: list[tuple[bool, str]] = field(default_factory=list)
 
 
 def describe(result: SyncResult) -> str:
@@ -115,6 +117,7 @@ def sync_family(
         )
         try:
             backend.restore(payload, noflush=False)
+            result.sent.append((False, payload))
             result.full_tables = full
             result.lines_sent += payload.count("\n")
         except IptablesError as err:
@@ -126,6 +129,7 @@ def sync_family(
     if payload:
         try:
             backend.restore(payload, noflush=True)
+            result.sent.append((True, payload))
         except IptablesError as err:
             if err.detail:
                 log.error("iptables-restore input around the failing line:\n%s", err.detail)

@@ -13,11 +13,13 @@ from typing import Any
 
 
 def generate(
-    services: int, endpoints: int, node_ports: bool = True, first: int = 0
+    services: int, endpoints: int, node_ports: bool = True, first: int = 0, mix: bool = False
 ) -> list[dict[str, Any]]:
-    """Services `svc-<i>` in namespace `bench`: ClusterIPs from 10.96.0.0/16 (past .0.255 so
-    they never clash with hand-written test Services), endpoints from 10.128.0.0/9, every
-    fourth Service a NodePort (30000 + i % 2768)."""
+    """Services `svc-<i>` in namespace `bench`: ClusterIPs from 10.96.0.0/12 (past 10.96.0.255
+    so they never clash with hand-written test Services), endpoints from 10.128.0.0/9, every
+    fourth Service a NodePort (30000 + i // 4). With `mix`, every tenth NodePort Service has
+    externalTrafficPolicy Local and every seventh Service ClientIP affinity (a benchmark's
+    blend of kinds)."""
     objects: list[dict[str, Any]] = []
     cluster_base = int(ipaddress.ip_address("10.96.1.0"))
     pod_base = int(ipaddress.ip_address("10.128.0.0"))
@@ -28,16 +30,22 @@ def generate(
         if node_ports and i % 4 == 0 and i // 4 < 2768:
             svc_type = "NodePort"
             port["nodePort"] = 30000 + i // 4
+        spec: dict[str, Any] = {
+            "type": svc_type,
+            "clusterIP": str(ipaddress.ip_address(cluster_base + i)),
+            "ports": [port],
+        }
+        if mix and svc_type == "NodePort" and i % 40 == 0:
+            spec["externalTrafficPolicy"] = "Local"
+        if mix and i % 7 == 3:
+            spec["sessionAffinity"] = "ClientIP"
+            spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 10800}}
         objects.append(
             {
                 "apiVersion": "v1",
                 "kind": "Service",
                 "metadata": {"namespace": "bench", "name": name},
-                "spec": {
-                    "type": svc_type,
-                    "clusterIP": str(ipaddress.ip_address(cluster_base + i)),
-                    "ports": [port],
-                },
+                "spec": spec,
             }
         )
         objects.append(

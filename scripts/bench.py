@@ -1,0 +1,421 @@
+#!/usr/bin/env python3
+"""`make bench`: kproxy's sync costs at cluster scale, next to bare iptables-restore / nft -f.
+
+Everything runs in network namespaces made here and deleted afterwards. The driver (this
+script, in the test process's namespace) builds namespaces and runs a worker inside one
+(`ip netns exec NS python scripts/bench.py --worker ...`), which:
+  1. writes the synthetic cluster to a state file and loads it as `kproxy sync` would (load),
+  2. renders and applies it into the empty namespace (render, plan, apply),
+  3. applies one-Service changes through the daemon's path (store -> cached render -> plan
+     against the record of the last apply -> apply): endpoint added, endpoint removed,
+     Service added, Service deleted; then a no-op sync and a verify (kernel read),
+and reports timings, lines sent and peak RSS. The driver then replays the exact payload the
+full sync sent into a second, empty namespace with the bare tool, so the ratio compares the
+same work in the same run. Optionally it measures first-packet latency (connect time to one
+ClusterIP) with 100 and 10k Services in each mode.
+
+    python scripts/bench.py [--sizes 1000x10,5000x10,10000x10,5000x50] [--modes iptables,nftables]
+                            [--latency] [--write BENCHMARKS.md] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Runs inside the benchmark namespace; prints one JSON object."""
+    from kproxy.model import NodeConfig
+    from kproxy.modes import modes_for
+    from kproxy.sources.statefile import load_state
+    from kproxy.store import ObjectStore
+    from tests.synthetic import as_list, generate
+
+    out: dict = {"mode": args.mode, "services": args.services, "endpoints": args.endpoints}
+    objects = generate(args.services, args.endpoints, mix=True)
+    state_file = Path(args.tmp) / "state.json"
+    state_file.write_text(json.dumps(as_list(objects)))
+    t0 = time.perf_counter()
+    state, _ = load_state(state_file, "node-1")
+    out["load"] = time.perf_counter() - t0
+    config = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",))
+    modes = modes_for(args.mode)
+
+    # Full sync from empty, as `kproxy sync` does it (both families).
+    render_s = apply_s = 0.0
+    sent: list[tuple[bool, str]] = []
+    lines = 0
+    for m in modes:
+        t = time.perf_counter()
+        rendered = m.render(state, config)
+        render_s += time.perf_counter() - t
+        t = time.perf_counter()
+        outcome = m.sync(rendered.desired, verify=True)
+        apply_s += time.perf_counter() - t
+        if m.name == "IPv4":
+            sent = outcome.sent
+        lines += sum(text.count("\n") for _, text in outcome.sent)
+    out.update(
+        render=render_s, sync=apply_s, full_total=out["load"] + render_s + apply_s, full_lines=lines
+    )
+    payload_dir = Path(args.tmp) / "payload"
+    payload_dir.mkdir()
+    for i, (noflush, text) in enumerate(sent):
+        (payload_dir / f"{i:02d}-{'noflush' if noflush else 'full'}.txt").write_text(text)
+
+    # The daemon's path: a store with the same objects, caches warm after one sync.
+    store = ObjectStore("node-1")
+    for kind in ("Service", "EndpointSlice"):
+        store.resync(kind, [o for o in objects if o["kind"] == kind])
+
+    def daemon_sync(verify: bool = False) -> tuple[float, int]:
+        snap, _ = store.snapshot()
+        t = time.perf_counter()
+        n = 0
+        for m in modes:
+            outcome = m.sync(m.render(snap, config).desired, verify=verify)
+            n += sum(outcome.lines.values())
+        return time.perf_counter() - t, n
+
+    daemon_sync(verify=True)  # warm the render caches and the records
+    slices = {o["metadata"]["name"]: o for o in objects if o["kind"] == "EndpointSlice"}
+    target = slices[f"svc-{args.services // 2}-x"]
+    changes = {}
+
+    def change(name: str, apply) -> None:
+        apply()
+        changes[name] = daemon_sync()
+
+    def add_endpoint() -> None:
+        target["endpoints"].append({"addresses": ["10.250.0.1"], "conditions": {"ready": True}})
+        target["metadata"]["resourceVersion"] = "2"
+        store.apply("EndpointSlice", "MODIFIED", json.loads(json.dumps(target)))
+
+    def remove_endpoint() -> None:
+        target["endpoints"].pop(0)
+        target["metadata"]["resourceVersion"] = "3"
+        store.apply("EndpointSlice", "MODIFIED", json.loads(json.dumps(target)))
+
+    extra = generate(1, 3, first=args.services + 7)
+
+    def add_service() -> None:
+        for o in extra:
+            store.apply(o["kind"], "ADDED", o)
+
+    def delete_service() -> None:
+        for o in extra:
+            store.apply(o["kind"], "DELETED", o)
+
+    change("endpoint added", add_endpoint)
+    change("endpoint removed", remove_endpoint)
+    change("Service added", add_service)
+    change("Service deleted", delete_service)
+    out["changes"] = changes
+    out["noop"] = daemon_sync()[0]
+    out["verify"] = daemon_sync(verify=True)[0]
+    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["child_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def sh(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, check=True, **kw)
+
+
+class Namespaces:
+    """Namespaces made by this run; all deleted on exit, also on failure."""
+
+    def __init__(self) -> None:
+        self.made: list[str] = []
+        self.tag = f"kpb-{os.getpid()}"
+
+    def new(self, name: str) -> str:
+        ns = f"{self.tag}-{name}"
+        sh(["ip", "netns", "add", ns])
+        self.made.append(ns)
+        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        return ns
+
+    def close(self) -> None:
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.made.clear()
+
+
+def timed(argv: list[str], stdin_path: Path | None = None) -> tuple[float, float]:
+    """Run argv; (wall seconds, peak RSS MB of the process, from wait4)."""
+    with open(stdin_path) if stdin_path else open(os.devnull) as stdin:
+        t = time.perf_counter()
+        proc = subprocess.Popen(
+            argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        took = time.perf_counter() - t
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {err.strip()[:300]}")
+    return took, usage.ru_maxrss / 1024
+
+
+def bare_replay(ns: str, mode: str, payload_dir: Path) -> tuple[float, float]:
+    """Time the same payload files with the bare tool in an empty namespace; (s, peak MB)."""
+    total = peak = 0.0
+    for path in sorted(payload_dir.iterdir()):
+        if mode == "nftables":
+            took, rss = timed(["ip", "netns", "exec", ns, "nft", "-f", str(path)])
+        else:
+            flags = ["--noflush"] if "noflush" in path.name else []
+            took, rss = timed(
+                ["ip", "netns", "exec", ns, "iptables-restore", "-w", "5", *flags], path
+            )
+        total += took
+        peak = max(peak, rss)
+    return total, peak
+
+
+def run_size(nss: Namespaces, mode: str, services: int, endpoints: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="kproxy-bench-") as tmp:
+        ns = nss.new(f"{mode[:3]}{services}x{endpoints}")
+        proc = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                __file__,
+                "--worker",
+                "--mode",
+                mode,
+                "--services",
+                str(services),
+                "--endpoints",
+                str(endpoints),
+                "--tmp",
+                tmp,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"worker failed: {proc.stderr[-2000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        bare_ns = nss.new(f"bare{services}x{endpoints}")
+        result["bare"], result["bare_rss_mb"] = bare_replay(bare_ns, mode, Path(tmp) / "payload")
+        for n in (ns, bare_ns):
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+            nss.made.remove(n)
+        return result
+
+
+LATENCY_CLIENT = r"""
+import socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+times = []
+for _ in range(n):
+    s = socket.socket()
+    s.settimeout(2)
+    t = time.perf_counter()
+    s.connect((host, port))
+    times.append(time.perf_counter() - t)
+    s.close()
+times.sort()
+print(times[len(times) // 2] * 1e6, times[int(len(times) * 0.99) - 1] * 1e6)
+"""
+
+
+def latency(mode: str, services: int, samples: int = 2000) -> tuple[float, float]:
+    """Median and p99 connect time (µs) from a pod to the ClusterIP of the Service that is
+    matched last (the worst case for iptables' linear KUBE-SERVICES)."""
+    import netns
+
+    from tests.synthetic import as_list, generate
+
+    topo = netns.build(pods=(("a", 2), ("c", 4)), clients=0)
+    try:
+        topo.start_server(topo.pods["a"], tcp=[8080])
+        objects = generate(services, 1, node_ports=False)
+        last = objects[-1]
+        last["endpoints"] = [{"addresses": ["10.244.1.2"], "conditions": {"ready": True}}]
+        target_ip = objects[-2]["spec"]["clusterIP"]
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(as_list(objects), f)
+        netns.run(
+            topo.node,
+            [
+                sys.executable,
+                "-m",
+                "kproxy",
+                "sync",
+                "--mode",
+                mode,
+                "--state",
+                f.name,
+                "--cluster-cidr",
+                "10.244.0.0/16",
+                "--lock-file",
+                f.name + ".lock",
+            ],
+            timeout=600,
+        )
+        os.unlink(f.name)
+        out = netns.run(
+            topo.pods["c"].ns,
+            [sys.executable, "-c", LATENCY_CLIENT, target_ip, "80", str(samples)],
+            timeout=600,
+        ).stdout
+        med, p99 = map(float, out.split())
+        return med, p99
+    finally:
+        topo.close()
+
+
+def versions() -> dict[str, str]:
+    def first(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+
+    return {
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "iptables": first(["iptables", "--version"]),
+        "nft": first(["nft", "--version"]),
+        "cpus": str(os.cpu_count()),
+    }
+
+
+def fmt_ms(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
+
+
+def report(results: list[dict], lat: dict, info: dict) -> str:
+    lines = [
+        "| mode | cluster | kproxy full sync | load / render / apply | bare restore of the same payload | ratio | lines | kproxy RSS | tool RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['mode']} | {r['services']} × {r['endpoints']} | {fmt_ms(r['full_total'])} | "
+            f"{fmt_ms(r['load'])} / {fmt_ms(r['render'])} / {fmt_ms(r['sync'])} | "
+            f"{fmt_ms(r['bare'])} | {r['full_total'] / r['bare']:.2f} | {r['full_lines']} | "
+            f"{r['rss_mb']:.0f} MB | {max(r['child_rss_mb'], r['bare_rss_mb']):.0f} MB |"
+        )
+    lines += [
+        "",
+        "One change on the full table (the daemon's partial sync: cached render, plan "
+        "against the record of the last apply, apply), a no-op sync, and a verify (reads "
+        "the kernel):",
+        "",
+        "| mode | cluster | endpoint added | endpoint removed | Service added | Service deleted | no-op | verify |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c = r["changes"]
+        cells = [
+            f"{fmt_ms(c[k][0])} ({c[k][1]} lines)"
+            for k in ("endpoint added", "endpoint removed", "Service added", "Service deleted")
+        ]
+        lines.append(
+            f"| {r['mode']} | {r['services']} × {r['endpoints']} | "
+            + " | ".join(cells)
+            + f" | {fmt_ms(r['noop'])} | {fmt_ms(r['verify'])} |"
+        )
+    if lat:
+        lines += [
+            "",
+            "First-packet latency (connect() to the ClusterIP matched last, from a pod; "
+            "2,000 connections):",
+            "",
+            "| mode | Services | median | p99 |",
+            "|---|---|---|---|",
+        ]
+        for (mode, n), (med, p99) in sorted(lat.items()):
+            lines.append(f"| {mode} | {n} | {med:.0f} µs | {p99:.0f} µs |")
+    lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items())]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="iptables")
+    p.add_argument("--services", type=int, default=100)
+    p.add_argument("--endpoints", type=int, default=3)
+    p.add_argument("--tmp")
+    p.add_argument("--sizes", default="1000x10,5000x10,10000x10,5000x50")
+    p.add_argument("--modes", default="iptables,nftables")
+    p.add_argument("--latency", action="store_true", help="also measure first-packet latency")
+    p.add_argument("--latency-sizes", default="100,10000")
+    p.add_argument("--write", metavar="FILE", help="write the results table into FILE")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, quick (used by make test)")
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    if os.geteuid() != 0:
+        print("bench: needs root (creates network namespaces)", file=sys.stderr)
+        return 2
+    if args.smoke:
+        args.sizes, args.latency_sizes = "50x3", "20"
+    sizes = [tuple(map(int, s.split("x"))) for s in args.sizes.split(",") if s]
+    nss = Namespaces()
+    results = []
+    lat: dict = {}
+    try:
+        for services, endpoints in sizes:
+            for mode in args.modes.split(","):
+                print(f"bench: {mode} {services} × {endpoints} ...", file=sys.stderr, flush=True)
+                r = run_size(nss, mode, services, endpoints)
+                results.append(r)
+                print(
+                    f"bench:   full sync {fmt_ms(r['full_total'])} vs bare {fmt_ms(r['bare'])}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        if args.latency or args.smoke:
+            for n in map(int, args.latency_sizes.split(",")):
+                for mode in args.modes.split(","):
+                    print(f"bench: latency {mode} {n} Services ...", file=sys.stderr, flush=True)
+                    lat[(mode, n)] = latency(mode, n, samples=200 if args.smoke else 2000)
+    finally:
+        nss.close()
+    text = report(results, lat, versions())
+    print(text)
+    if args.write:
+        path = Path(args.write)
+        doc = path.read_text() if path.exists() else ""
+        start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+        block = f"{start}\n{text}\n{end}"
+        if start in doc and end in doc:
+            doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
+        else:
+            doc = doc + "\n" + block + "\n"
+        path.write_text(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
