@@ -332,7 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the rules kproxy owns (both families) with a checksummed header.",
     )
     p_snap.add_argument("--out", required=True, metavar="FILE")
-    p_snap.add_argument("--mode", choices=("iptables",), default="iptables")
+    p_snap.add_argument(
+        "--mode",
+        choices=("all", "iptables", "nftables"),
+        default="all",
+        help="which mode's rules to save (default: whatever kproxy owns)",
+    )
     _add_backend_flags(p_snap)
     _add_lock_flag(p_snap)
     p_restore = sub.add_parser(
@@ -358,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
         "everything else stays.",
     )
     p_clean.add_argument("--dry-run", action="store_true", help="print what would be removed")
+    p_clean.add_argument(
+        "--mode",
+        choices=("all", "iptables", "nftables"),
+        default="all",
+        help="which mode's rules to remove (default: both)",
+    )
     _add_backend_flags(p_clean)
     _add_lock_flag(p_clean)
     return parser
@@ -601,7 +612,11 @@ def _run_snapshot(args: argparse.Namespace) -> int:
     backends = family_backends(args.iptables_backend)
     try:
         with locked(args.lock_file, what="snapshot"):
-            text = recovery.take_snapshot(backends, args.node_name)
+            text = recovery.take_snapshot(
+                backends if args.mode != "nftables" else [],
+                args.node_name,
+                nft_mode=args.mode != "iptables",
+            )
         write_atomically(args.out, text)
     except (LockHeld, IptablesError) as err:
         log.error("%s", err)
@@ -660,7 +675,11 @@ def _run_cleanup(args: argparse.Namespace) -> int:
     backends = family_backends(args.iptables_backend)
     try:
         with locked(args.lock_file, what="cleanup"):
-            results = recovery.cleanup(backends, dry_run=args.dry_run)
+            results = recovery.cleanup(
+                backends if args.mode != "nftables" else [],
+                dry_run=args.dry_run,
+                nft_mode=args.mode != "iptables",
+            )
     except LockHeld as err:
         log.error("%s", err)
         return EXIT_ERROR

@@ -23,12 +23,12 @@ def family_name(backend: IptablesBackend) -> str:
     return f"IPv{backend.family}"
 
 
-def take_snapshot(backends: list[IptablesBackend], node: str) -> str:
+def take_snapshot(backends: list[IptablesBackend], node: str, nft_mode: bool = True) -> str:
     """The text of a snapshot of everything kproxy owns in the kernel: iptables mode's rules
     of every family, and nftables mode's kproxy tables when there are any."""
     families = {family_name(b): owned_ruleset(read_live(b, list(TABLES))) for b in backends}
     nft = {}
-    for fam in ("ip", "ip6"):
+    for fam in ("ip", "ip6") if nft_mode else ():
         try:
             text = NftBackend(fam).read_text()
         except (NftError, OSError):
@@ -86,7 +86,9 @@ def restore(
     return results
 
 
-def cleanup(backends: list[IptablesBackend], dry_run: bool = False) -> dict[str, str]:
+def cleanup(
+    backends: list[IptablesBackend], dry_run: bool = False, nft_mode: bool = True
+) -> dict[str, str]:
     """Remove everything kproxy owns in either mode: iptables mode's chains and jumps in every
     family, nftables mode's kproxy tables. Returns, per family, what was (or would be) sent."""
     done = {}
@@ -94,7 +96,7 @@ def cleanup(backends: list[IptablesBackend], dry_run: bool = False) -> dict[str,
         empty = RuleSet(tables={name: Table(name) for name in TABLES})
         result = sync_family(backend, empty, dry_run=dry_run)
         done[family_name(backend)] = result.plan.restore_text()
-    for fam in ("ip", "ip6"):
+    for fam in ("ip", "ip6") if nft_mode else ():
         backend_nft = NftBackend(fam)
         try:
             present = backend_nft.exists()

@@ -1,7 +1,8 @@
 """Fixtures for the kernel tests (``@pytest.mark.kernel``): real network namespaces.
 
 Kernel tests are skipped, with the reason, when not running as root, when ``ip netns add``
-or a veth pair inside a namespace fails, or when iptables/iptables-restore are missing.
+or a veth pair inside a namespace fails, or when iptables/iptables-restore are missing; the
+nftables half of the ``proxy_mode`` tests also when ``nft`` is missing.
 """
 
 from __future__ import annotations
@@ -27,6 +28,22 @@ def kernel_support() -> None:
     reason = netns.probe_netns_support()
     if reason is not None:
         pytest.skip(f"kernel test skipped: {reason}")
+
+
+PROXY_MODES = ("iptables", "nftables")
+
+
+@pytest.fixture(params=PROXY_MODES)
+def proxy_mode(request: pytest.FixtureRequest, kernel_support: None) -> str:
+    """The ``kproxy --mode`` a conformance test runs with: every such test runs once per mode.
+
+    The helpers that run ``kproxy`` pass it on as ``--mode``; assertions that read rules look
+    at iptables-save or at ``nft list table ip kproxy`` accordingly.
+    """
+    mode = request.param
+    if mode == "nftables" and netns.which("nft") is None:
+        pytest.skip("kernel test skipped: `nft` is not installed (needed for --mode nftables)")
+    return mode
 
 
 @pytest.fixture

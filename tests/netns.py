@@ -189,6 +189,66 @@ def iptables_save(
     return "\n".join(lines) + "\n"
 
 
+def nft_table(ns: str, family: str = "ip", table: str = "kproxy") -> str | None:
+    """``nft -s list table FAMILY TABLE`` inside ``ns`` (stateless: no counters, no dynamic
+    set contents), or None when there is no such table."""
+    proc = run(ns, ["nft", "-s", "list", "table", family, table], check=False)
+    if proc.returncode != 0:
+        if "No such file or directory" in proc.stderr:
+            return None
+        raise CommandError(["nft", "-s", "list", "table", family, table], proc)
+    return proc.stdout
+
+
+def nft_ruleset(ns: str) -> str:
+    """``nft -s list ruleset`` inside ``ns``: every table of every family, no counters."""
+    return run(ns, ["nft", "-s", "list", "ruleset"]).stdout
+
+
+def nft_tables(ns: str) -> list[str]:
+    """Every nftables table in ``ns`` as "FAMILY NAME" (e.g. "ip kproxy", "ip nat")."""
+    out = run(ns, ["nft", "list", "tables"]).stdout
+    return [
+        line.split(None, 1)[1].strip() for line in out.splitlines() if line.startswith("table ")
+    ]
+
+
+def _nft_blocks(text: str, kind: str) -> dict[str, list[str]]:
+    """The ``kind`` (chain, map, set) blocks of one ``nft list table`` text: name -> the lines
+    inside the block, stripped, blank lines dropped."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if current is None:
+            m = re.match(rf"^\t{kind} (\S+) \{{$", line)
+            if m:
+                current = blocks.setdefault(m.group(1), [])
+        elif line == "\t}":
+            current = None
+        elif line.strip():
+            current.append(line.strip())
+    return blocks
+
+
+def nft_chains(text: str) -> dict[str, list[str]]:
+    """Chain name -> its lines (a base chain's ``type ... hook ...`` line first)."""
+    return _nft_blocks(text, "chain")
+
+
+def nft_elements(text: str, name: str) -> dict[str, str | None]:
+    """The elements of map or set ``name`` in an ``nft list table`` text: key -> verdict
+    (e.g. ``"10.96.0.30 . tcp . 80" -> "goto reject-chain"``; None for a set's elements).
+    A missing map or set has no elements."""
+    lines = _nft_blocks(text, "map").get(name) or _nft_blocks(text, "set").get(name) or []
+    body = " ".join(lines)
+    m = re.search(r"elements = \{(.*?)\}", body)
+    elements: dict[str, str | None] = {}
+    for item in m.group(1).split(",") if m else []:
+        key, sep, value = item.partition(" : ")
+        elements[key.strip()] = value.strip() if sep else None
+    return elements
+
+
 def probe_netns_support() -> str | None:
     """None when namespaces, veth pairs and iptables work here, else the reason they don't."""
     if os.geteuid() != 0:
@@ -341,6 +401,8 @@ class Topology:
         self.clients: dict[str, Client] = {}
         self.servers: list[Server] = []
         self.client_routes: list[str] = []
+        # the --mode the tests run kproxy with in the node namespace (netns never runs it)
+        self.proxy_mode = "iptables"
         self._tmp = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
         self._closed = False
         try:

@@ -11,6 +11,13 @@ endpoint was chosen and which source address it saw.
 
 "Timeout" below always means DROP: a rejected (refused) connection is a different outcome
 and fails the test.
+
+Every test runs once per ``--mode`` (iptables, nftables: the ``proxy_mode`` fixture of
+tests/conftest.py). The traffic must behave the same in both, except where upstream's
+nftables mode differs on purpose (no NodePorts on 127.0.0.1). Where a test checks that a
+DROP came from kproxy's rule: in iptables mode a filter DROP rule counted the packets; in
+nftables mode (no counters there) the Service's map element says drop and the attempts timed
+out.
 """
 
 from __future__ import annotations
@@ -151,7 +158,7 @@ def kproxy_sync(
     """``kproxy sync --state FILE --node-name node-1 --cluster-cidr ... FLAGS`` in node-1."""
     state = write_state(objects)
     argv = [sys.executable, "-m", "kproxy", "sync", "--state", str(state)]
-    argv += ["--node-name", netns.NODE_NAME]
+    argv += ["--mode", topo.proxy_mode, "--node-name", netns.NODE_NAME]
     for cidr in cidrs:
         argv += ["--cluster-cidr", cidr]
     argv += list(flags)
@@ -163,8 +170,16 @@ def kproxy_sync(
     return proc
 
 
+def nft_rules(topo: netns.Topology, family: int = 4) -> str:
+    """node-1's ``kproxy`` nft table of ``family`` ("" when there is none)."""
+    return netns.nft_table(topo.node, "ip6" if family == 6 else "ip") or ""
+
+
 def rules(topo: netns.Topology, family: int = 4) -> str:
-    """node-1's nat and filter tables, for failure messages."""
+    """node-1's nat and filter tables (nftables mode: its kproxy table), for failure messages."""
+    if topo.proxy_mode == "nftables":
+        name = "ip6" if family == 6 else "ip"
+        return f"--- nft list table {name} kproxy\n{nft_rules(topo, family)}"
     return "\n".join(
         f"--- {'ip6tables' if family == 6 else 'iptables'}-save -t {table}\n"
         + netns.iptables_save(topo.node, table, family=family)
@@ -244,11 +259,52 @@ def timed_out(
     )
 
 
-def assert_dropped_by_rule(topo: netns.Topology, what: str, *needles: str) -> None:
-    """The timeout came from a filter DROP rule about this destination, not from nowhere."""
+def assert_dropped_by_rule(
+    topo: netns.Topology, what: str, needles: tuple[str, ...], nft_map: str, nft_key: str
+) -> None:
+    """The timeout came from kproxy's DROP for this destination, not from nowhere.
+
+    iptables mode: a filter DROP rule whose text holds every one of ``needles`` counted a
+    packet. nftables mode: map ``nft_map`` maps ``nft_key`` to drop (the caller has seen the
+    attempts time out).
+    """
+    if topo.proxy_mode == "nftables":
+        table = nft_rules(topo)
+        verdict = netns.nft_elements(table, nft_map).get(nft_key)
+        assert verdict == "drop", (
+            f"{what}: the attempts timed out but map {nft_map} has {nft_key!r} -> {verdict!r}, "
+            f"not drop:\n{table}"
+        )
+        return
+    assert_drop_counted(topo, what, *needles)
+
+
+def assert_drop_counted(topo: netns.Topology, what: str, *needles: str) -> None:
+    """iptables mode: a filter DROP rule whose text holds every needle counted a packet."""
     assert drop_hits(topo, *needles) > 0, (
         f"{what}: the attempts timed out but no filter-table DROP rule matching {needles} "
         f"counted a packet:\n{netns.iptables_save(topo.node, 'filter', counters=True)}"
+    )
+
+
+def assert_firewalled(topo: netns.Topology, what: str, ip: str, port: int, allowed: str) -> None:
+    """The timeout came from the loadBalancerSourceRanges DROP for ``ip``:``port``.
+
+    iptables mode: a filter DROP rule for ``-d ip/32`` counted a packet. nftables mode: map
+    firewall-ips sends ``ip . tcp . port`` to a firewall chain that drops every source but
+    ``allowed``.
+    """
+    if topo.proxy_mode != "nftables":
+        assert_drop_counted(topo, what, f"-d {ip}/32")
+        return
+    table = nft_rules(topo)
+    verdict = netns.nft_elements(table, "firewall-ips").get(f"{ip} . tcp . {port}") or ""
+    chain = verdict.removeprefix("goto ")
+    lines = netns.nft_chains(table).get(chain, [])
+    assert verdict.startswith("goto firewall-") and lines == [f"ip saddr != {allowed} drop"], (
+        f"{what}: the attempts timed out but firewall-ips has {ip} . tcp . {port} -> "
+        f"{verdict!r} whose chain is {lines}, expected a drop of every source but {allowed}:"
+        f"\n{table}"
     )
 
 
@@ -262,8 +318,10 @@ def running(
     node2_pods: tuple[tuple[str, int], ...] = (),
     clients: int = 1,
     ipv6: bool = False,
+    mode: str = "iptables",
 ) -> Iterator[netns.Topology]:
-    """Build a topology, start every pod's server (TCP 8080, UDP 5353), always tear down."""
+    """Build a topology whose node runs kproxy with ``--mode mode``, start every pod's server
+    (TCP 8080, UDP 5353), always tear down."""
     topo = netns.build(
         pods=pods,
         clients=clients,
@@ -271,6 +329,7 @@ def running(
         ipv6=ipv6,
         client_routes=(EXTERNAL_NET,),
     )
+    topo.proxy_mode = mode
     try:
         for pod in topo.pods.values():
             topo.start_server(pod, tcp=[8080], udp=[5353])
@@ -280,30 +339,30 @@ def running(
 
 
 @pytest.fixture
-def two_nodes(kernel_support: None) -> Iterator[netns.Topology]:
+def two_nodes(proxy_mode: str) -> Iterator[netns.Topology]:
     """Pods a (10.244.1.2) and c (10.244.1.4) on node-1, r (10.244.2.2) on node-2, client."""
-    with running((("a", 2), ("c", 4)), node2_pods=(("r", 2),)) as topo:
+    with running((("a", 2), ("c", 4)), node2_pods=(("r", 2),), mode=proxy_mode) as topo:
         yield topo
 
 
 @pytest.fixture
-def two_clients(kernel_support: None) -> Iterator[netns.Topology]:
+def two_clients(proxy_mode: str) -> Iterator[netns.Topology]:
     """Pods a, b on node-1; clients 192.168.100.2 and 192.168.100.3."""
-    with running((("a", 2), ("b", 3)), clients=2) as topo:
+    with running((("a", 2), ("b", 3)), clients=2, mode=proxy_mode) as topo:
         yield topo
 
 
 @pytest.fixture
-def one_node(kernel_support: None) -> Iterator[netns.Topology]:
+def one_node(proxy_mode: str) -> Iterator[netns.Topology]:
     """Pods a, b, c (10.244.1.2-4) and x (10.244.1.10, used as the client) on node-1."""
-    with running((("a", 2), ("b", 3), ("c", 4), ("x", 10))) as topo:
+    with running((("a", 2), ("b", 3), ("c", 4), ("x", 10)), mode=proxy_mode) as topo:
         yield topo
 
 
 @pytest.fixture
-def dual_stack(kernel_support: None) -> Iterator[netns.Topology]:
+def dual_stack(proxy_mode: str) -> Iterator[netns.Topology]:
     """Pods a, b, c on node-1 with 10.244.1.X and fd00:10:244:1::X."""
-    with running((("a", 2), ("b", 3), ("c", 4)), ipv6=True) as topo:
+    with running((("a", 2), ("b", 3), ("c", 4)), ipv6=True, mode=proxy_mode) as topo:
         yield topo
 
 
@@ -362,12 +421,14 @@ def test_load_balancer_source_ranges_drop_other_clients_but_not_nodeports(two_cl
 
     what = f"TCP {LB_IP}:80 (LB IP) from {CLIENT2_IP}, outside loadBalancerSourceRanges"
     timed_out(topo, topo.tcp(client2, LB_IP, 80, count=2, timeout=DROP_TIMEOUT), what)
-    assert_dropped_by_rule(topo, what, f"-d {LB_IP}/32")
+    assert_firewalled(topo, what, LB_IP, 80, CLIENT_IP)
 
     what = f"TCP {NODE_IP}:{LB_NODE_PORT} (NodePort: no source ranges) from {CLIENT2_IP}"
     answered_by(topo, ("tcp", client2, NODE_IP, LB_NODE_PORT, 20), {"a", "b"}, what)
 
-    nat = netns.iptables_save(topo.node, "nat")
+    nat = (
+        nft_rules(topo) if topo.proxy_mode == "nftables" else netns.iptables_save(topo.node, "nat")
+    )
     assert LB_PROXY_IP not in nat, (
         f"ingress {LB_PROXY_IP} has ipMode Proxy and must not be captured by the node:\n{nat}"
     )
@@ -408,10 +469,14 @@ def test_external_traffic_policy_local(two_nodes, write_state):
     kproxy_sync(topo, write_state, [svc, endpoint_slice("etp", [endpoint(r)], [HTTP, DNS])])
     what = f"TCP {NODE_IP}:{ETP_NODE_PORT} from the client (ETP Local, no local endpoint)"
     timed_out(topo, topo.tcp(client, NODE_IP, ETP_NODE_PORT, count=2, timeout=DROP_TIMEOUT), what)
-    assert_dropped_by_rule(topo, what, f"--dport {ETP_NODE_PORT}")
+    assert_dropped_by_rule(
+        topo, what, (f"--dport {ETP_NODE_PORT}",), "no-endpoint-nodeports", f"tcp . {ETP_NODE_PORT}"
+    )
     what = f"TCP {ETP_EXT_IP}:80 (externalIP) from the client (ETP Local, no local endpoint)"
     timed_out(topo, topo.tcp(client, ETP_EXT_IP, 80, count=1, timeout=DROP_TIMEOUT), what)
-    assert_dropped_by_rule(topo, what, f"-d {ETP_EXT_IP}/32")
+    assert_dropped_by_rule(
+        topo, what, (f"-d {ETP_EXT_IP}/32",), "no-endpoint-services", f"{ETP_EXT_IP} . tcp . 80"
+    )
 
     what = f"TCP {ETP_CLUSTER_IP}:80 (ClusterIP) from pod c, only remote endpoint r"
     answered_by(topo, ("tcp", c.ns, ETP_CLUSTER_IP, 80, 5), {"r"}, what)
@@ -438,7 +503,13 @@ def test_internal_traffic_policy_local(two_nodes, write_state):
     kproxy_sync(topo, write_state, [svc, endpoint_slice("itp", [endpoint(r)], [HTTP, DNS])])
     what = f"TCP {ITP_CLUSTER_IP}:80 from pod c (ITP Local, only remote endpoint r)"
     timed_out(topo, topo.tcp(c.ns, ITP_CLUSTER_IP, 80, count=2, timeout=DROP_TIMEOUT), what)
-    assert_dropped_by_rule(topo, what, f"-d {ITP_CLUSTER_IP}/32")
+    assert_dropped_by_rule(
+        topo,
+        what,
+        (f"-d {ITP_CLUSTER_IP}/32",),
+        "no-endpoint-services",
+        f"{ITP_CLUSTER_IP} . tcp . 80",
+    )
 
 
 AFFINITY_IP, SPREAD_IP = "10.96.1.50", "10.96.1.51"
@@ -546,7 +617,13 @@ def test_ipv6_cluster_ip_and_ipv4_side_by_side(dual_stack, write_state):
 
     what = f"TCP {V4_CLUSTER_IP}:80 from pod c (IPv4 Service next to an IPv6 one)"
     answered_by(topo, ("tcp", c.ns, V4_CLUSTER_IP, 80, 20), {"a", "b"}, what)
-    nat4 = netns.iptables_save(topo.node, "nat")
+    if topo.proxy_mode == "nftables":
+        nat4, nat6 = nft_rules(topo), nft_rules(topo, 6)
+        assert V6_CLUSTER_IP in nat6 and V4_CLUSTER_IP not in nat6, (
+            f"table ip6 kproxy should hold web6 and not web4:\n{nat6}"
+        )
+    else:
+        nat4 = netns.iptables_save(topo.node, "nat")
     assert V6_CLUSTER_IP not in nat4 and a.ip6 not in nat4, (
         f"IPv6 addresses leaked into the IPv4 nat table:\n{nat4}"
     )
@@ -595,9 +672,11 @@ NP_CLUSTER_IP, NP_PORT = "10.96.1.90", 30090
 
 
 def test_nodeport_addresses_and_localhost_nodeports(two_nodes, write_state):
-    """NodePorts answer on every local address by default (127.0.0.1 included, upstream's
-    default), only on the chosen ones with --nodeport-addresses; elsewhere nothing captures
-    the port and node-1's own stack refuses the connection."""
+    """NodePorts answer on every local address by default (127.0.0.1 included in iptables
+    mode, upstream's default; never in nftables mode, as upstream's nftables mode, so there
+    --iptables-localhost-nodeports does not apply), only on the chosen ones with
+    --nodeport-addresses; elsewhere nothing captures the port and node-1's own stack refuses
+    the connection."""
     topo = two_nodes
     a = topo.pods["a"]
     objects = [
@@ -623,12 +702,22 @@ def test_nodeport_addresses_and_localhost_nodeports(two_nodes, write_state):
                 f"{rules(topo)}"
             )
 
-    check((), [via_client, via_node2, via_localhost], [])
-    check(
-        ("--nodeport-addresses", "192.168.100.0/24", "--iptables-localhost-nodeports", "false"),
-        [via_client],
-        [via_node2, via_localhost],
-    )
+    if topo.proxy_mode == "nftables":
+        check((), [via_client, via_node2], [via_localhost])
+        check(
+            ("--nodeport-addresses", "192.168.100.0/24"), [via_client], [via_node2, via_localhost]
+        )
+        # 127.0.0.0/8 named explicitly changes nothing: still never on localhost
+        check(
+            ("--nodeport-addresses", "127.0.0.0/8,192.168.100.0/24"), [via_client], [via_localhost]
+        )
+    else:
+        check((), [via_client, via_node2, via_localhost], [])
+        check(
+            ("--nodeport-addresses", "192.168.100.0/24", "--iptables-localhost-nodeports", "false"),
+            [via_client],
+            [via_node2, via_localhost],
+        )
     check(
         ("--nodeport-addresses", "primary", "--node-ip", NODE1_LINK_IP),
         [via_node2],

@@ -1,4 +1,8 @@
-"""Real traffic through real iptables rules programmed by ``kproxy sync``.
+"""Real traffic through real rules programmed by ``kproxy sync``, in both proxy modes.
+
+Every test runs once per ``--mode`` (iptables, nftables: the ``proxy_mode`` fixture of
+tests/conftest.py); what the traffic must do is the same in both, and the assertions that
+read rules look at iptables-save or at ``nft list table ip kproxy`` accordingly.
 
 Every test builds its own throw-away topology (see tests/netns.py): a node namespace where
 kproxy runs, pods a (10.244.1.2), b (10.244.1.3), c (10.244.1.4) each behind its own routed
@@ -133,6 +137,17 @@ def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- kproxy
 
 
+@pytest.fixture
+def topology(topology: netns.Topology, proxy_mode: str) -> netns.Topology:
+    """conftest's topology, whose node runs kproxy with ``--mode proxy_mode``."""
+    topology.proxy_mode = proxy_mode
+    return topology
+
+
+def other_mode(mode: str) -> str:
+    return "iptables" if mode == "nftables" else "nftables"
+
+
 def kproxy_argv() -> list[str]:
     if (REPO / "kproxy" / "__main__.py").exists():
         return [sys.executable, "-m", "kproxy"]
@@ -143,10 +158,11 @@ def kproxy_argv() -> list[str]:
 
 
 def kproxy(
-    topo: netns.Topology, command: str, state: Path | str, *extra: str
+    topo: netns.Topology, command: str, state: Path | str, *extra: str, mode: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``kproxy COMMAND --state STATE --cluster-cidr ... --node-name node-1`` in the node ns."""
-    argv = [*kproxy_argv(), command, "--state", str(state)]
+    """``kproxy COMMAND --state STATE --mode M --cluster-cidr ... --node-name node-1`` in the
+    node ns; M is the topology's proxy mode unless ``mode`` says otherwise."""
+    argv = [*kproxy_argv(), command, "--state", str(state), "--mode", mode or topo.proxy_mode]
     argv += ["--cluster-cidr", CLUSTER_CIDR, "--node-name", NODE_NAME, *extra]
     return netns.run(topo.node, argv, check=False, timeout=120)
 
@@ -155,9 +171,14 @@ def describe(proc: subprocess.CompletedProcess[str]) -> str:
     return f"exit {proc.returncode}\n--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}"
 
 
-def sync_ok(topo: netns.Topology, state: Path) -> subprocess.CompletedProcess[str]:
-    proc = kproxy(topo, "sync", state)
-    assert proc.returncode == 0, f"kproxy sync --state {state} failed: {describe(proc)}"
+def sync_ok(
+    topo: netns.Topology, state: Path, mode: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = kproxy(topo, "sync", state, mode=mode)
+    mode = mode or topo.proxy_mode
+    assert proc.returncode == 0, (
+        f"kproxy sync --mode {mode} --state {state} failed: {describe(proc)}"
+    )
     return proc
 
 
@@ -166,7 +187,26 @@ def nonblank_lines(text: str) -> list[str]:
 
 
 def save_all(topo: netns.Topology) -> str:
+    """Everything a sync could change: iptables-save; in nftables mode also every nft table
+    (``nft -s list ruleset``: kproxy's tables, and iptables-nft's ones if any)."""
+    if topo.proxy_mode == "nftables":
+        return topo.iptables_save() + netns.nft_ruleset(topo.node)
     return topo.iptables_save()
+
+
+def kproxy_rules(topo: netns.Topology) -> str:
+    """kproxy's IPv4 rules as text: iptables-save (all tables), or ``nft list table ip kproxy``
+    ("" when there is none)."""
+    if topo.proxy_mode == "nftables":
+        return netns.nft_table(topo.node) or ""
+    return topo.iptables_save()
+
+
+def dnat_text(topo: netns.Topology, destination: str) -> str:
+    """How a DNAT to ``destination`` (``ip:port``) reads in kproxy_rules()."""
+    if topo.proxy_mode == "nftables":
+        return f"dnat to {destination}"
+    return f"--to-destination {destination}"
 
 
 def sep_chain_for(nat_save: str, destination: str) -> str | None:
@@ -177,6 +217,24 @@ def sep_chain_for(nat_save: str, destination: str) -> str | None:
         if m:
             return m.group(1)
     return None
+
+
+def nft_endpoint_chain_for(table: str, destination: str) -> str | None:
+    """The ``endpoint-...`` chain of the kproxy table whose DNAT goes to ``destination``."""
+    for name, lines in netns.nft_chains(table).items():
+        if name.startswith("endpoint-") and any(
+            line.endswith(f" dnat to {destination}") for line in lines
+        ):
+            return name
+    return None
+
+
+def endpoint_chain_for(topo: netns.Topology, rules: str, destination: str) -> str | None:
+    """The per-endpoint chain (KUBE-SEP-... / endpoint-...) DNATing to ``destination`` in
+    ``rules`` (kproxy_rules() text), if any."""
+    if topo.proxy_mode == "nftables":
+        return nft_endpoint_chain_for(rules, destination)
+    return sep_chain_for(rules, destination)
 
 
 def pods_seen(replies: list[netns.Reply]) -> dict[str, int]:
@@ -235,8 +293,28 @@ def test_service_without_ready_endpoints_is_rejected_quickly(topology, write_sta
     client = topology.clients["client"].ns
     replies = topology.tcp(client, NODE_IP, EMPTY_NODE_PORT, count=3, timeout=2)
     assert_refused_fast(replies, f"NodePort {EMPTY_NODE_PORT} of empty from the client")
-    nat = topology.iptables_save("nat")
-    assert sep_chain_for(nat, f"{POD_A}:8080") is not None, "web's SEP chain for pod a missing"
+    rules = kproxy_rules(topology)
+    assert endpoint_chain_for(topology, rules, f"{POD_A}:8080") is not None, (
+        f"web's endpoint chain for pod a missing:\n{rules}"
+    )
+    if topology.proxy_mode == "nftables":
+        services = netns.nft_elements(rules, "no-endpoint-services")
+        for ip in (EMPTY_IP, NOTREADY_IP):
+            assert services.get(f"{ip} . tcp . 80") == "goto reject-chain", (
+                f"no no-endpoint-services element rejecting {ip}:80:\n{rules}"
+            )
+        nodeports = netns.nft_elements(rules, "no-endpoint-nodeports")
+        assert nodeports.get(f"tcp . {EMPTY_NODE_PORT}") == "goto reject-chain", (
+            f"no no-endpoint-nodeports element rejecting NodePort {EMPTY_NODE_PORT}:\n{rules}"
+        )
+        assert not [k for k in services if k.startswith(f"{WEB_IP} ")], (
+            f"web has ready endpoints but is in no-endpoint-services:\n{rules}"
+        )
+        # nftables mode only (as upstream's): a ClusterIP port no Service uses is rejected
+        for ns, who in ((topology.pods["c"].ns, "pod c"), (topology.node, "the node")):
+            replies = topology.tcp(ns, WEB_IP, 81, count=2, timeout=2)
+            assert_refused_fast(replies, f"{WEB_IP}:81 (a port web does not have) from {who}")
+        return
     filt = topology.iptables_save("filter")
     assert re.search(rf"-d {re.escape(EMPTY_IP)}/32 .*-j REJECT", filt), (
         f"no filter REJECT rule for empty's ClusterIP {EMPTY_IP}:\n{filt}"
@@ -252,10 +330,10 @@ def test_service_without_ready_endpoints_is_rejected_quickly(topology, write_sta
 def test_removed_endpoint_is_never_reached_and_its_sep_chain_is_gone(topology, write_state):
     objects = standard_objects()
     sync_ok(topology, write_state(objects))
-    before = topology.iptables_save("nat")
-    sep_a = sep_chain_for(before, f"{POD_A}:8080")
-    sep_b = sep_chain_for(before, f"{POD_B}:8080")
-    assert sep_a and sep_b, f"expected KUBE-SEP chains DNATing to pods a and b:\n{before}"
+    before = kproxy_rules(topology)
+    sep_a = endpoint_chain_for(topology, before, f"{POD_A}:8080")
+    sep_b = endpoint_chain_for(topology, before, f"{POD_B}:8080")
+    assert sep_a and sep_b, f"expected endpoint chains DNATing to pods a and b:\n{before}"
 
     slice_ = find(objects, "EndpointSlice", "web")
     slice_["endpoints"] = [e for e in slice_["endpoints"] if e["addresses"] != [POD_B]]
@@ -265,13 +343,15 @@ def test_removed_endpoint_is_never_reached_and_its_sep_chain_is_gone(topology, w
         replies = topology.tcp(ns, WEB_IP, 80, count=30, timeout=2)
         assert_balanced(replies, {"a"}, f"TCP {WEB_IP}:80 from {who} after removing pod b")
 
-    after = topology.iptables_save("nat")
-    assert sep_b not in after, f"{sep_b} (DNAT to {POD_B}:8080) still in nat table:\n{after}"
-    assert f"--to-destination {POD_B}:8080" not in after, f"DNAT to {POD_B}:8080 remains"
-    assert sep_chain_for(after, f"{POD_A}:8080") == sep_a, (
-        f"pod a's SEP chain changed or vanished (was {sep_a}):\n{after}"
+    after = kproxy_rules(topology)
+    assert sep_b not in after, f"{sep_b} (DNAT to {POD_B}:8080) still there:\n{after}"
+    assert dnat_text(topology, f"{POD_B}:8080") not in after, f"DNAT to {POD_B}:8080 remains"
+    assert endpoint_chain_for(topology, after, f"{POD_A}:8080") == sep_a, (
+        f"pod a's endpoint chain changed or vanished (was {sep_a}):\n{after}"
     )
-    assert sep_chain_for(after, f"{POD_B}:5353"), "dns's endpoint on pod b must be untouched"
+    assert endpoint_chain_for(topology, after, f"{POD_B}:5353"), (
+        "dns's endpoint on pod b must be untouched"
+    )
 
 
 FOREIGN_RULES = {
@@ -297,6 +377,57 @@ FOREIGN_RULES = {
 }
 
 
+# Foreign nftables tables (another program's, e.g. a firewall): kproxy owns only the tables
+# called kproxy in families ip and ip6; an inet table called kproxy, or an ip table whose name
+# merely starts with kproxy, is not its own either.
+FOREIGN_NFT = """\
+table inet foreign {
+	set blocked {
+		type ipv4_addr
+		elements = { 192.0.2.99 }
+	}
+
+	chain c {
+		type filter hook input priority filter; policy accept;
+		ip saddr @blocked drop
+		tcp dport 9 reject
+	}
+}
+table ip foreign-nat {
+	chain pre {
+		type nat hook prerouting priority dstnat - 5; policy accept;
+		ip saddr 192.0.2.1 tcp dport 9 return
+	}
+}
+table inet kproxy {
+	chain c {
+		type filter hook output priority filter; policy accept;
+		ip daddr 192.0.2.7 drop
+	}
+}
+table ip kproxy-old {
+	set s {
+		type ipv4_addr
+		elements = { 192.0.2.8 }
+	}
+}
+"""
+FOREIGN_NFT_TABLES = (
+    ("inet", "foreign"),
+    ("ip", "foreign-nat"),
+    ("inet", "kproxy"),
+    ("ip", "kproxy-old"),
+)
+
+
+def add_foreign_rules(topo: netns.Topology) -> None:
+    """The FOREIGN_RULES iptables rules and the FOREIGN_NFT tables, in the node namespace."""
+    for table, rules in FOREIGN_RULES.items():
+        for rule in rules:
+            topo.run(topo.node, ["iptables", "-t", table, *rule])
+    netns.run(topo.node, ["nft", "-f", "-"], input=FOREIGN_NFT)
+
+
 def foreign_lines(topo: netns.Topology) -> dict[str, list[str]]:
     """Per table, every iptables-save line that does not mention a KUBE- chain, in order."""
     return {
@@ -305,30 +436,61 @@ def foreign_lines(topo: netns.Topology) -> dict[str, list[str]]:
     }
 
 
+def foreign_nft(topo: netns.Topology) -> dict[str, str | None]:
+    """The FOREIGN_NFT tables as ``nft -s list table`` prints them (None: gone)."""
+    return {
+        f"{fam} {name}": netns.nft_table(topo.node, fam, name) for fam, name in FOREIGN_NFT_TABLES
+    }
+
+
+def kube_lines(topo: netns.Topology) -> list[str]:
+    """Every iptables/ip6tables-save line (nat, filter, mangle) that mentions a KUBE- chain."""
+    return [
+        f"IPv{family} {table}: {line}"
+        for family in (4, 6)
+        for table in ("nat", "filter", "mangle")
+        for line in netns.iptables_save(topo.node, table, family=family).splitlines()
+        if "KUBE-" in line
+    ]
+
+
+def assert_foreign_intact(topo, iptables_before, nft_before, when: str) -> None:
+    assert foreign_lines(topo) == iptables_before, f"{when} changed foreign (non KUBE-) rules"
+    nft_now = foreign_nft(topo)
+    assert nft_now == nft_before, (
+        f"{when} changed foreign nft tables:\n{nft_now}\n--- nft list ruleset\n"
+        f"{netns.nft_ruleset(topo.node)}"
+    )
+    if topo.proxy_mode == "nftables":
+        assert kube_lines(topo) == [], f"{when} (nftables mode) wrote iptables rules"
+
+
 def test_foreign_chains_and_rules_survive_every_sync(topology, write_state):
-    for table, rules in FOREIGN_RULES.items():
-        for rule in rules:
-            topology.run(topology.node, ["iptables", "-t", table, *rule])
+    add_foreign_rules(topology)
     before = foreign_lines(topology)
     assert any("FOREIGN-NAT" in line for line in before["nat"]), before
     assert any("DOCKER-USER" in line for line in before["filter"]), before
+    nft_before = foreign_nft(topology)
+    assert all(nft_before.values()), nft_before
 
     objects = standard_objects()
     state = write_state(objects)
     sync_ok(topology, state)
-    assert foreign_lines(topology) == before, "first sync changed foreign (non KUBE-) rules"
+    assert_foreign_intact(topology, before, nft_before, "the first sync")
     replies = topology.tcp(topology.pods["c"].ns, WEB_IP, 80, count=20, timeout=2)
     assert_balanced(replies, {"a", "b"}, "web with foreign rules present")
 
     find(objects, "EndpointSlice", "web")["endpoints"] = [endpoint(POD_A)]
     find(objects, "Service", "dns")["spec"]["ports"][0]["port"] = 5300
     sync_ok(topology, write_state(objects))
-    assert foreign_lines(topology) == before, "a changing sync altered foreign rules"
+    assert_foreign_intact(topology, before, nft_before, "a changing sync")
 
     sync_ok(topology, write_state(objects))
-    assert foreign_lines(topology) == before, "an unchanged sync altered foreign rules"
+    assert_foreign_intact(topology, before, nft_before, "an unchanged sync")
     replies = topology.tcp(topology.pods["c"].ns, WEB_IP, 80, count=10, timeout=2)
     assert_balanced(replies, {"a"}, "web after the changing sync")
+    replies = topology.udp(topology.pods["c"].ns, DNS_IP, 5300, count=4, timeout=2)
+    assert all(r.ok for r in replies), f"dns on its new port 5300: {replies}"
 
 
 def test_second_sync_is_a_noop_and_diff_reports_pending_changes(topology, write_state):
@@ -336,8 +498,12 @@ def test_second_sync_is_a_noop_and_diff_reports_pending_changes(topology, write_
     state = write_state(objects)
     sync_ok(topology, state)
     first = save_all(topology)
-    sync_ok(topology, state)
+    proc = sync_ok(topology, state)
     assert save_all(topology) == first, "a second sync with the same file changed the rules"
+    sent = re.findall(r"synced (IPv[46]) \(.*?(\d+) lines sent", proc.stderr)
+    assert sent == [("IPv4", "0"), ("IPv6", "0")], (
+        f"a second sync with the same file must send nothing in either family: {describe(proc)}"
+    )
 
     proc = kproxy(topology, "diff", state)
     assert proc.returncode == 0, f"diff right after sync must exit 0: {describe(proc)}"
@@ -367,7 +533,7 @@ def test_invalid_service_is_skipped_with_one_warning(topology, write_state):
     naming = [line for line in proc.stderr.splitlines() if "default/bad" in line]
     assert len(naming) == 1, f"expected one warning line naming default/bad: {describe(proc)}"
     assert "port" in naming[0].lower(), f"warning should name the port field: {naming[0]!r}"
-    assert BAD_IP not in topology.iptables_save(), "rules were written for the invalid Service"
+    assert BAD_IP not in kproxy_rules(topology), "rules were written for the invalid Service"
 
     replies = topology.tcp(topology.pods["c"].ns, WEB_IP, 80, count=20, timeout=2)
     assert_balanced(replies, {"a", "b"}, "web next to an invalid Service")
@@ -400,7 +566,7 @@ def test_unreadable_state_file_exits_2_and_changes_nothing(topology, write_state
         proc = kproxy(topology, command, bad)
         assert proc.returncode == 2, f"{command} with a {case} file must exit 2: {describe(proc)}"
         assert len(nonblank_lines(proc.stderr)) == 1, f"expected a one-line error: {describe(proc)}"
-        assert save_all(topology) == pristine, f"{command} with a {case} file changed iptables"
+        assert save_all(topology) == pristine, f"{command} with a {case} file changed rules"
 
     # after a good sync: the programmed rules stay exactly as they were
     good = write_state(standard_objects())
@@ -409,6 +575,51 @@ def test_unreadable_state_file_exits_2_and_changes_nothing(topology, write_state
     proc = kproxy(topology, "sync", bad)
     assert proc.returncode == 2, f"sync with a {case} file must exit 2: {describe(proc)}"
     assert len(nonblank_lines(proc.stderr)) == 1, f"expected a one-line error: {describe(proc)}"
-    assert save_all(topology) == programmed, f"sync with a {case} file changed iptables"
+    assert save_all(topology) == programmed, f"sync with a {case} file changed rules"
     replies = topology.tcp(topology.pods["c"].ns, WEB_IP, 80, count=10, timeout=2)
     assert all(r.ok for r in replies), f"web broken after a failed sync: {replies}"
+
+
+# Upstream's owned chains; KUBE-FIREWALL is the kubelet's too and is left, as upstream's cleanup
+KUBE_SHARED = "KUBE-FIREWALL"
+
+
+def assert_rules_of_mode(topo: netns.Topology, mode: str) -> None:
+    """Only ``mode``'s rules are on the node: kproxy's iptables chains or its nft tables."""
+    owned = [line for line in kube_lines(topo) if KUBE_SHARED not in line]
+    tables = netns.nft_tables(topo.node)
+    mine = [t for t in ("ip kproxy", "ip6 kproxy") if t in tables]
+    if mode == "nftables":
+        assert owned == [], "iptables mode's chains remain after syncing in nftables mode:\n" + (
+            "\n".join(owned)
+        )
+        assert mine == ["ip kproxy", "ip6 kproxy"], f"kproxy nft tables missing: {tables}"
+    else:
+        assert any(":KUBE-SERVICES" in line for line in owned), (
+            f"no KUBE-SERVICES chain after syncing in iptables mode: {owned}"
+        )
+        assert mine == [], f"nftables mode's tables remain after syncing in iptables mode: {tables}"
+
+
+def test_switching_modes_removes_the_other_modes_rules(topology, write_state):
+    """sync in one mode, then in the other, then back: traffic works after each, the other
+    mode's rules are gone, foreign iptables rules and nft tables are untouched."""
+    add_foreign_rules(topology)
+    before, nft_before = foreign_lines(topology), foreign_nft(topology)
+    state = write_state(standard_objects())
+    pod_c, client = topology.pods["c"].ns, topology.clients["client"].ns
+    first = topology.proxy_mode
+    for mode in (first, other_mode(first), first):
+        sync_ok(topology, state, mode=mode)
+        what = f"after sync --mode {mode} (started in {first})"
+        assert_balanced(topology.tcp(pod_c, WEB_IP, 80, count=16), {"a", "b"}, f"web {what}")
+        replies = topology.tcp(client, NODE_IP, WEB_NODE_PORT, count=12)
+        assert_balanced(replies, {"a", "b"}, f"NodePort {WEB_NODE_PORT} {what}")
+        replies = topology.udp(pod_c, DNS_IP, 53, count=12)
+        assert_balanced(replies, {"a", "b"}, f"dns {what}")
+        assert_refused_fast(topology.tcp(pod_c, EMPTY_IP, 80, count=2), f"empty {what}")
+        assert_rules_of_mode(topology, mode)
+        assert foreign_lines(topology) == before, f"foreign iptables rules changed {what}"
+        assert foreign_nft(topology) == nft_before, f"foreign nft tables changed {what}"
+        proc = kproxy(topology, "diff", state, mode=mode)
+        assert proc.returncode == 0, f"diff --mode {mode} {what} must exit 0: {describe(proc)}"

@@ -46,7 +46,8 @@ class NftBackend:
         proc = subprocess.run(
             ["nft", "list", "tables", self.family], capture_output=True, text=True
         )
-        return proc.returncode == 0 and f"table {self.family} {TABLE}" in proc.stdout
+        wanted = f"table {self.family} {TABLE}"
+        return proc.returncode == 0 and any(ln.strip() == wanted for ln in proc.stdout.splitlines())
 
     def apply(self, transaction: str) -> None:
         proc = subprocess.run(["nft", "-f", "-"], input=transaction, capture_output=True, text=True)

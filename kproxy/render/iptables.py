@@ -123,7 +123,8 @@ IPV6 = Family(
 
 def hash16(text: str) -> str:
     """First 16 characters of base32(SHA-256(text)), as upstream names its chains."""
-    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
+    # 16 base32 characters are exactly the first 10 bytes: encode only those (3x faster).
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:10]).decode()
 
 
 def service_chain_suffix(spn: str, protocol: str) -> str:
@@ -468,14 +469,18 @@ def _render_service_port(ctx: _Context, job: PortJob) -> _Fragment:
             + quote(f"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL")
         )
 
+    # Every endpoint chain is named once (hashing is most of a render's cost).
+    seps = {
+        (e.ip, e.port): endpoint_chain(spn, proto, fam.join(e.ip, e.port)) for e in cat.reachable
+    }
     if pol.uses_cluster_chain:
-        _endpoint_dispatch(ctx, svc, spn, proto, out.chain("nat", cluster_chain), cat.cluster)
+        _endpoint_dispatch(ctx, svc, spn, out.chain("nat", cluster_chain), cat.cluster, seps)
     if pol.uses_local_chain:
-        _endpoint_dispatch(ctx, svc, spn, proto, out.chain("nat", local_chain), cat.local)
+        _endpoint_dispatch(ctx, svc, spn, out.chain("nat", local_chain), cat.local, seps)
 
     for ep in cat.reachable:
         addr = fam.join(ep.ip, ep.port)
-        sep = endpoint_chain(spn, proto, addr)
+        sep = seps[(ep.ip, ep.port)]
         comment = "" if ctx.large else f"-m comment --comment {quote(spn)} "
         recent = ""
         if svc.affinity_timeout is not None:
@@ -491,9 +496,9 @@ def _endpoint_dispatch(
     ctx: _Context,
     svc: Service,
     spn: str,
-    proto: str,
     rules: list[str],
     endpoints: list[ResolvedEndpoint],
+    seps: dict[tuple[str, int], str],
 ) -> None:
     """Rules of a KUBE-SVC/KUBE-SVL chain: affinity checks, then the random choice."""
     fam = ctx.family
@@ -501,7 +506,7 @@ def _endpoint_dispatch(
     for ep in endpoints:
         addr = fam.join(ep.ip, ep.port)
         comment = "" if ctx.large else f"-m comment --comment {quote(f'{spn} -> {addr}')} "
-        targets.append((comment, endpoint_chain(spn, proto, addr)))
+        targets.append((comment, seps[(ep.ip, ep.port)]))
     if svc.affinity_timeout is not None:
         for comment, sep in targets:
             rules.append(

@@ -47,7 +47,8 @@ NFT_IPV6 = NftFamily(6, "ip6", "ipv6_addr", "::1")
 
 def hash_name(name: str) -> str:
     """Upstream's hashAndTruncate: 8 chars of base32(SHA-256(name)), "-", the name."""
-    full = base64.b32encode(hashlib.sha256(name.encode()).digest()).decode()[:8] + "-" + name
+    # 8 base32 characters are exactly the first 5 bytes of the digest.
+    full = base64.b32encode(hashlib.sha256(name.encode()).digest()[:5]).decode() + "-" + name
     return full if len(full) <= CHAIN_NAME_LIMIT else full[: CHAIN_NAME_LIMIT - 3] + "..."
 
 
