@@ -38,13 +38,14 @@ class NftSet:
     timeout: str | None = None
     comment: str | None = None
     elements: dict[str, str | None] = field(default_factory=dict)
+    typeof: bool = False  # declared by an expression ("typeof ...") rather than a type
 
     @property
     def dynamic(self) -> bool:
         return self.flags is not None and "dynamic" in self.flags
 
     def declaration(self) -> tuple:
-        return (self.kind, self.type, self.flags, self.timeout, self.comment)
+        return (self.kind, self.type, self.typeof, self.flags, self.timeout, self.comment)
 
 
 @dataclass
@@ -121,6 +122,8 @@ def _parse_set(kind: str, body: list[str]) -> NftSet:
             joined.append(line)
         elif line.startswith("type "):
             s.type = line[len("type ") :]
+        elif line.startswith("typeof "):
+            s.type, s.typeof = line[len("typeof ") :], True
         elif line.startswith("flags "):
             s.flags = line[len("flags ") :]
         elif line.startswith("timeout "):
@@ -143,7 +146,7 @@ def _parse_set(kind: str, body: list[str]) -> NftSet:
 
 
 def _set_decl(family: str, name: str, s: NftSet) -> str:
-    parts = [f"type {s.type} ;"]
+    parts = [f"{'typeof' if s.typeof else 'type'} {s.type} ;"]
     if s.flags:
         parts.append(f"flags {s.flags} ;")
     if s.timeout:

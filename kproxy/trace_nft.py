@@ -18,7 +18,7 @@ from kproxy.nft import NftTable
 from kproxy.trace import Branch, Outcome, Packet, merge
 
 TERMINAL = ("ACCEPT", "DROP", "REJECT")
-_NUMGEN = re.compile(r"^numgen random mod (\d+) vmap \{ (.*) \}$")
+_NUMGEN = re.compile(r"^numgen random mod (\d+) vmap (?:\{ (.*) \}|@(\S+))$")
 _VMAP = re.compile(
     r"^(?P<prefix>.*?)\b(?P<key>(?:ip6? daddr \. )?meta l4proto \. th dport) vmap @(?P<map>\S+)$"
 )
@@ -136,9 +136,17 @@ class NftTracer:
         m = _NUMGEN.match(rule)
         if m:
             n = int(m.group(1))
-            arms = dict(a.split(" : ", 1) for a in m.group(2).split(", "))
+            if m.group(3):  # a named map
+                named = self.table.sets.get(m.group(3))
+                arms = dict(named.elements) if named is not None else {}
+            else:
+                arms = dict(a.split(" : ", 1) for a in m.group(2).split(", "))
             results = []
             for i in range(n):
+                if str(i) not in arms:
+                    b.notes.append(f"numgen value {i} has no verdict: packet falls through")
+                    results.append((b.fork(1.0 / n), "CONTINUE"))
+                    continue
                 results.extend(self.verdict(arms[str(i)], b.fork(1.0 / n), depth))
             return results
         words = rule.split()
