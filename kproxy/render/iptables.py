@@ -14,12 +14,13 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
+from typing import Any
 
 from kproxy.endpoints import ResolvedEndpoint
 from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig, Service
 from kproxy.policy import family_cidrs, family_ips, port_policy
 from kproxy.render.cache import RenderCache
-from kproxy.render.ports import PortJob, service_ports
+from kproxy.render.ports import PortJob, service_ports, service_ports_delta
 from kproxy.ruleset import Jump, RuleSet
 
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
@@ -160,6 +161,10 @@ class RenderResult:
     no_local_endpoints: dict[str, int] = field(
         default_factory=lambda: {"internal": 0, "external": 0}
     )
+    # For render_delta: the ports rendered, their rules, and the context they had.
+    index: Any = None
+    ctx: Any = None
+    fragments: dict[tuple, Any] = field(default_factory=dict)
 
 
 # Above this many endpoints in total, per-endpoint comments are left out (upstream's
@@ -219,26 +224,19 @@ def render(
         out.jumps.append(Jump("filter", "INPUT", "-j KUBE-FIREWALL"))
         out.jumps.append(Jump("filter", "OUTPUT", "-j KUBE-FIREWALL"))
 
-    ctx = _Context(
-        family=family,
-        config=config,
-        local_cidr=_local_cidr(config, family, result.warnings),
-        zone=(state.node.labels.get(ZONE_LABEL, "") if state.node else ""),
-        node_ips=tuple(family_ips(config.node_ips, family.version)),
-    )
-    jobs, total_endpoints = service_ports(state, family.version, cache, result.warnings)
-    ctx.large = total_endpoints > LARGE_CLUSTER_ENDPOINTS
-    for job in jobs:
-        fragment = cache.fragment(
-            job.key,
-            (job.svc, job.port, job.cluster_ip, job.node_port, job.slices, ctx),
-            partial(_render_service_port, ctx, job),
-        )
+    _local_cidr(config, family, result.warnings)  # warns about several CIDRs of the family
+    ctx = _context(state, config, family)
+    index = service_ports(state, family.version, cache, result.warnings)
+    ctx.large = index.total > LARGE_CLUSTER_ENDPOINTS
+    result.index, result.ctx = index, ctx
+    for job in index.jobs.values():
+        fragment = _fragment(cache, ctx, job)
+        result.fragments[job.key] = fragment
         for (table, chain), rules in fragment.chains.items():
             out.chain(table, chain).extend(rules)
         result.no_local_endpoints["internal"] += fragment.no_local_internal
         result.no_local_endpoints["external"] += fragment.no_local_external
-    cache.retain({job.key for job in jobs})
+    cache.retain(set(index.jobs))
 
     comment = f"-m comment --comment {quote(NODEPORTS_COMMENT)}"
     services = out.chain("nat", "KUBE-SERVICES")
@@ -282,6 +280,86 @@ UNORDERED = (
     ("filter", "KUBE-NODEPORTS"),
     ("filter", "KUBE-PROXY-FIREWALL"),
 )
+
+
+def _fragment(cache: RenderCache, ctx: _Context, job: PortJob) -> _Fragment:
+    return cache.fragment(
+        job.key,
+        (job.svc, job.port, job.cluster_ip, job.node_port, job.slices, ctx),
+        partial(_render_service_port, ctx, job),
+    )
+
+
+@dataclass
+class Delta:
+    """The Service ports a change touched: their rules before and after (None: absent)."""
+
+    pairs: list[tuple[Any, Any]]
+    result: Any  # the render result the change leads to, for the next delta
+
+
+def _context(state: ClusterState, config: NodeConfig, family: Family) -> _Context:
+    return _Context(
+        family=family,
+        config=config,
+        local_cidr=_local_cidr(config, family, []),
+        zone=(state.node.labels.get(ZONE_LABEL, "") if state.node else ""),
+        node_ips=tuple(family_ips(config.node_ips, family.version)),
+    )
+
+
+def render_delta(
+    state: ClusterState,
+    config: NodeConfig,
+    changed: set[tuple[str, str]],
+    prev: RenderResult,
+    cache: RenderCache,
+) -> Delta | None:
+    """Only the Services in `changed`, against the render `prev`; None when the change reaches
+    beyond them (node or flags changed, a conflict, large-cluster mode flipping) and a full
+    render is needed."""
+    ctx = _context(state, config, prev.ctx.family)
+    ctx.large = prev.ctx.large
+    if ctx != prev.ctx:
+        return None
+    warnings: list[str] = []
+    step = service_ports_delta(state, ctx.family.version, cache, prev.index, changed, warnings)
+    if step is None:
+        return None
+    index, touched = step
+    if (index.total > LARGE_CLUSTER_ENDPOINTS) != ctx.large:
+        return None
+    result = RenderResult(prev.ruleset, list(prev.warnings), dict(prev.no_local_endpoints))
+    result.index, result.ctx, result.fragments = index, ctx, dict(prev.fragments)
+    pairs = []
+    for pkey in touched:
+        old = prev.fragments.get(pkey)
+        new = _fragment(cache, ctx, index.jobs[pkey]) if pkey in index.jobs else None
+        if new is None:
+            result.fragments.pop(pkey, None)
+        else:
+            result.fragments[pkey] = new
+        for f, sign in ((old, -1), (new, 1)):
+            if f is not None:
+                result.no_local_endpoints["internal"] += sign * f.no_local_internal
+                result.no_local_endpoints["external"] += sign * f.no_local_external
+        if old is not new:
+            pairs.append((old, new))
+    return Delta(pairs, result)
+
+
+def fragments_ruleset(fragments: list[_Fragment | None]) -> RuleSet:
+    """A RuleSet of just these fragments, shared chains present (maybe empty) and unordered
+    without a pinned tail: planning one against another gives the change between them."""
+    out = RuleSet()
+    for table, chain in UNORDERED:
+        out.chain(table, chain)
+        out.unordered[(table, chain)] = 0
+    for f in fragments:
+        if f is not None:
+            for (table, chain), rules in f.chains.items():
+                out.chain(table, chain).extend(rules)
+    return out
 
 
 @dataclass

@@ -16,12 +16,14 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig
 from kproxy.nft import NftChain, NftSet, NftTable
 from kproxy.policy import family_cidrs, family_ips, port_policy
 from kproxy.render.cache import RenderCache
-from kproxy.render.ports import PortJob, service_ports
+from kproxy.render.iptables import Delta
+from kproxy.render.ports import PortJob, service_ports, service_ports_delta
 
 CHAIN_NAME_LIMIT = 240  # upstream truncates longer names with "..."
 # Endpoint maps: `typeof` a numgen draw (any modulus prints the same) to a verdict.
@@ -98,6 +100,9 @@ class NftRenderResult:
     no_local_endpoints: dict[str, int] = field(
         default_factory=lambda: {"internal": 0, "external": 0}
     )
+    index: Any = None
+    ctx: Any = None
+    fragments: dict[tuple, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,14 +126,7 @@ def render_nft(
     ip = fam.ip
     addr = fam.addr
     mark = f"0x{1 << config.masquerade_bit:08x}"
-    cidrs = family_cidrs(config.cluster_cidrs, fam.version)
-    ctx = _Context(
-        fam=fam,
-        config=config,
-        local_cidr=str(ipaddress.ip_network(cidrs[0], strict=False)) if cidrs else None,
-        zone=state.node.labels.get(ZONE_LABEL, "") if state.node else "",
-        node_ips=tuple(family_ips(config.node_ips, fam.version)),
-    )
+    ctx = _context(state, config, fam)
 
     def vmap(name: str, key_type: str, comment: str) -> None:
         table.sets[name] = NftSet("map", f"{key_type} : verdict", comment=comment)
@@ -222,30 +220,116 @@ def render_nft(
     chain("nat-output", ["jump services"], hook("nat", "output", "-100"))  # as nft prints it
     chain("nat-postrouting", ["jump masquerading"], hook("nat", "postrouting", "srcnat"))
 
-    jobs, _ = service_ports(state, fam.version, cache, result.warnings)
-    for job in jobs:
-        fragment = cache.fragment(
-            job.key,
-            (job.svc, job.port, job.cluster_ip, job.node_port, job.slices, ctx),
-            partial(_render_port, ctx, job),
-        )
-        table.chains.update(fragment.chains)
-        table.sets.update(fragment.sets)
-        for name, items in fragment.elements.items():
-            elements = table.sets[name].elements
-            for key, value in items:
-                if key in elements:
-                    if elements[key] != value:
-                        result.warnings.append(
-                            f"Service {job.svc.namespace}/{job.svc.name}: {key} is already "
-                            f"used by another Service; ignored"
-                        )
-                    continue
-                elements[key] = value
+    index = service_ports(state, fam.version, cache, result.warnings)
+    result.index, result.ctx = index, ctx
+    for job in index.jobs.values():
+        fragment = _fragment(cache, ctx, job)
+        result.fragments[job.key] = fragment
+        _merge(table, fragment, result.warnings, job)
         result.no_local_endpoints["internal"] += fragment.no_local_internal
         result.no_local_endpoints["external"] += fragment.no_local_external
-    cache.retain({job.key for job in jobs})
+    cache.retain(set(index.jobs))
     return result
+
+
+def _fragment(cache: RenderCache, ctx: _Context, job: PortJob) -> _Fragment:
+    return cache.fragment(
+        job.key,
+        (job.svc, job.port, job.cluster_ip, job.node_port, job.slices, ctx),
+        partial(_render_port, ctx, job),
+    )
+
+
+def _merge(table: NftTable, fragment: _Fragment, warnings: list[str], job: PortJob | None) -> None:
+    table.chains.update(fragment.chains)
+    table.sets.update(fragment.sets)
+    for name, items in fragment.elements.items():
+        elements = table.sets[name].elements
+        for key, value in items:
+            if key in elements:
+                if elements[key] != value and job is not None:
+                    warnings.append(
+                        f"Service {job.svc.namespace}/{job.svc.name}: {key} is already "
+                        "used by another Service; ignored"
+                    )
+                continue
+            elements[key] = value
+
+
+def _context(state: ClusterState, config: NodeConfig, fam: NftFamily) -> _Context:
+    cidrs = family_cidrs(config.cluster_cidrs, fam.version)
+    return _Context(
+        fam=fam,
+        config=config,
+        local_cidr=str(ipaddress.ip_network(cidrs[0], strict=False)) if cidrs else None,
+        zone=state.node.labels.get(ZONE_LABEL, "") if state.node else "",
+        node_ips=tuple(family_ips(config.node_ips, fam.version)),
+    )
+
+
+SHARED_MAPS = (
+    "service-ips",
+    "service-nodeports",
+    "no-endpoint-services",
+    "no-endpoint-nodeports",
+    "firewall-ips",
+    "cluster-ips",
+)
+
+
+def render_nft_delta(
+    state: ClusterState,
+    config: NodeConfig,
+    changed: set[tuple[str, str]],
+    prev: NftRenderResult,
+    cache: RenderCache,
+) -> Delta | None:
+    """Only the Services in `changed`, against `prev`; None when a full render is needed."""
+    ctx = _context(state, config, prev.ctx.fam)
+    if ctx != prev.ctx:
+        return None
+    step = service_ports_delta(state, ctx.fam.version, cache, prev.index, changed, [])
+    if step is None:
+        return None
+    index, touched = step
+    result = NftRenderResult(prev.table, list(prev.warnings), dict(prev.no_local_endpoints))
+    result.index, result.ctx, result.fragments = index, ctx, dict(prev.fragments)
+    pairs = []
+    for pkey in touched:
+        old = prev.fragments.get(pkey)
+        new = _fragment(cache, ctx, index.jobs[pkey]) if pkey in index.jobs else None
+        if new is None:
+            result.fragments.pop(pkey, None)
+        else:
+            result.fragments[pkey] = new
+        for f, sign in ((old, -1), (new, 1)):
+            if f is not None:
+                result.no_local_endpoints["internal"] += sign * f.no_local_internal
+                result.no_local_endpoints["external"] += sign * f.no_local_external
+        if old is not new:
+            pairs.append((old, new))
+    return Delta(pairs, result)
+
+
+def fragments_table(fam: NftFamily, fragments: list, full: NftTable) -> NftTable:
+    """A table of just these fragments (the shared maps declared as in `full`, holding only
+    these fragments' elements): planning one against another gives their change."""
+    out = NftTable(fam.name)
+    for name in SHARED_MAPS:
+        if name in full.sets:
+            shared = full.sets[name]
+            out.sets[name] = NftSet(
+                shared.kind,
+                shared.type,
+                shared.flags,
+                shared.timeout,
+                shared.comment,
+                typeof=shared.typeof,
+            )
+    for f in fragments:
+        if f is not None:
+            _merge(out, f, [], None)
+    return out
 
 
 def _render_port(ctx: _Context, job: PortJob) -> _Fragment:

@@ -4,7 +4,7 @@ namespace/name order keeps it, the other is reported). Shared by every renderer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from kproxy.endpoints import ResolvedEndpoint, endpoints_for_port
@@ -31,47 +31,135 @@ def service_port_name(svc: Service, port: ServicePort) -> str:
     return f"{base}:{port.name}" if port.name else base
 
 
+@dataclass
+class PortIndex:
+    """The ports of the last render: jobs by key, the ports of each Service, the claims on
+    IP/port and NodePort, the endpoint total (large-cluster mode), whether any conflict was
+    settled (then only a full render may settle the next one the same way)."""
+
+    jobs: dict[tuple, PortJob]
+    by_service: dict[tuple[str, str], list[tuple]]
+    claimed: dict[tuple[str, str, int], str]
+    claimed_node_ports: dict[tuple[str, int], str]
+    total: int
+    conflicts: bool
+
+    def ordered(self) -> list[PortJob]:
+        return list(self.jobs.values())
+
+
+def _service_jobs(
+    key: tuple[str, str],
+    state: ClusterState,
+    slices: tuple[EndpointSlice, ...],
+    version: int,
+    cache: RenderCache,
+) -> list[PortJob]:
+    """One Service's ports before conflicts are settled (node port as the Service asks)."""
+    svc = state.services[key]
+    cluster_ip = next(iter(family_ips(svc.cluster_ips, version)), None)
+    if cluster_ip is None:
+        return []
+    address_type = f"IPv{version}"
+    jobs = []
+    for port in svc.ports:
+        pkey = (key, port.name, port.protocol)
+        eps = cache.endpoints(
+            pkey, (port, slices), partial(endpoints_for_port, port, list(slices), address_type)
+        )
+        node_port = port.node_port if svc.type in ("NodePort", "LoadBalancer") else 0
+        jobs.append(
+            PortJob(
+                pkey, svc, port, service_port_name(svc, port), cluster_ip, node_port, slices, eps
+            )
+        )
+    return jobs
+
+
+def _claim(index: PortIndex, job: PortJob, warnings: list[str]) -> PortJob | None:
+    """Settle the job's claims; None when its IP/port belongs to another Service port."""
+    svc, proto = job.svc, job.port.protocol.lower()
+    owner = index.claimed.setdefault((job.cluster_ip, proto, job.port.port), job.spn)
+    if owner != job.spn:
+        warnings.append(
+            f"Service {svc.namespace}/{svc.name}: spec.ports: {job.cluster_ip} {proto} "
+            f"{job.port.port} is already used by {owner}; port skipped"
+        )
+        index.conflicts = True
+        return None
+    if job.node_port:
+        np_owner = index.claimed_node_ports.setdefault((proto, job.node_port), job.spn)
+        if np_owner != job.spn:
+            warnings.append(
+                f"Service {svc.namespace}/{svc.name}: spec.ports: nodePort {proto} "
+                f"{job.node_port} is already used by {np_owner}; nodePort skipped"
+            )
+            index.conflicts = True
+            return replace(job, node_port=0)
+    return job
+
+
 def service_ports(
     state: ClusterState, version: int, cache: RenderCache, warnings: list[str]
-) -> tuple[list[PortJob], int]:
-    """The ports to render, and the number of endpoints of all of them (large-cluster mode)."""
-    by_service = state.slices_by_service()
-    address_type = f"IPv{version}"
-    jobs: list[PortJob] = []
-    total = 0
-    claimed: dict[tuple[str, str, int], str] = {}
-    claimed_node_ports: dict[tuple[str, int], str] = {}
+) -> PortIndex:
+    """Every port to render, in namespace/name order (the first claim wins)."""
+    by_slice = state.slices_by_service()
+    index = PortIndex({}, {}, {}, {}, 0, False)
     for key in sorted(state.services):
-        svc = state.services[key]
-        cluster_ip = next(iter(family_ips(svc.cluster_ips, version)), None)
-        if cluster_ip is None:
+        for job in _service_jobs(key, state, tuple(by_slice.get(key, ())), version, cache):
+            index.total += len(job.endpoints)
+            settled = _claim(index, job, warnings)
+            if settled is not None:
+                index.jobs[job.key] = settled
+                index.by_service.setdefault(key, []).append(job.key)
+    return index
+
+
+def service_ports_delta(
+    state: ClusterState,
+    version: int,
+    cache: RenderCache,
+    prev: PortIndex,
+    changed: set[tuple[str, str]],
+    warnings: list[str],
+) -> tuple[PortIndex, set[tuple]] | None:
+    """The index after `changed` Services, and the port keys to render again (added, changed
+    or gone), touching only those Services. None when a full render is needed: a conflict
+    is or was involved (who wins depends on every Service's name)."""
+    if prev.conflicts:
+        return None
+    index = PortIndex(
+        dict(prev.jobs),
+        dict(prev.by_service),
+        dict(prev.claimed),
+        dict(prev.claimed_node_ports),
+        prev.total,
+        False,
+    )
+    touched: set[tuple] = set()
+    for key in changed:
+        for pkey in index.by_service.pop(key, []):
+            job = index.jobs.pop(pkey)
+            touched.add(pkey)
+            index.total -= len(job.endpoints)
+            proto = job.port.protocol.lower()
+            index.claimed.pop((job.cluster_ip, proto, job.port.port), None)
+            if job.node_port:
+                index.claimed_node_ports.pop((proto, job.node_port), None)
+    by_slice: dict[tuple[str, str], list[EndpointSlice]] = {}
+    for eps in state.slices.values():
+        if (eps.namespace, eps.service_name) in changed:
+            by_slice.setdefault((eps.namespace, eps.service_name), []).append(eps)
+    for key in sorted(changed):
+        if key not in state.services:
             continue
-        slices = tuple(by_service.get(key, ()))
-        for port in svc.ports:
-            pkey = (key, port.name, port.protocol)
-            eps = cache.endpoints(
-                pkey,
-                (port, slices),
-                partial(endpoints_for_port, port, list(slices), address_type),
-            )
-            total += len(eps)
-            spn = service_port_name(svc, port)
-            proto = port.protocol.lower()
-            owner = claimed.setdefault((cluster_ip, proto, port.port), spn)
-            if owner != spn:
-                warnings.append(
-                    f"Service {svc.namespace}/{svc.name}: spec.ports: {cluster_ip} {proto} "
-                    f"{port.port} is already used by {owner}; port skipped"
-                )
-                continue
-            node_port = port.node_port if svc.type in ("NodePort", "LoadBalancer") else 0
-            if node_port:
-                np_owner = claimed_node_ports.setdefault((proto, node_port), spn)
-                if np_owner != spn:
-                    warnings.append(
-                        f"Service {svc.namespace}/{svc.name}: spec.ports: nodePort {proto} "
-                        f"{node_port} is already used by {np_owner}; nodePort skipped"
-                    )
-                    node_port = 0
-            jobs.append(PortJob(pkey, svc, port, spn, cluster_ip, node_port, slices, eps))
-    return jobs, total
+        slices = tuple(sorted(by_slice.get(key, ()), key=lambda s: s.key))
+        for job in _service_jobs(key, state, slices, version, cache):
+            index.total += len(job.endpoints)
+            settled = _claim(index, job, warnings)
+            if settled is None or settled is not job:
+                return None
+            index.jobs[job.key] = job
+            index.by_service.setdefault(key, []).append(job.key)
+            touched.add(job.key)
+    return index, touched
