@@ -17,8 +17,14 @@ from kproxy.backends.nftables import NftBackend
 from kproxy.model import ClusterState, NodeConfig
 from kproxy.nft import NftTable
 from kproxy.render.cache import RenderCache
-from kproxy.render.iptables import IPV4, IPV6, render
-from kproxy.render.nftables import NFT_IPV4, NFT_IPV6, render_nft
+from kproxy.render.iptables import IPV4, IPV6, fragments_ruleset, render, render_delta
+from kproxy.render.nftables import (
+    NFT_IPV4,
+    NFT_IPV6,
+    fragments_table,
+    render_nft,
+    render_nft_delta,
+)
 from kproxy.ruleset import RuleSet, Table, is_owned_chain
 from kproxy.syncer import (
     applied_tables,
@@ -65,6 +71,8 @@ class IptablesMode:
         self.name = f"IPv{backend.family}"
         self.cache = RenderCache()
         self.applied: dict[str, Table] | None = None
+        self.last: Any = None  # the render result last applied, for render_delta
+        self.rules: dict[str, int] = {}
 
     @property
     def label(self) -> str:
@@ -72,8 +80,54 @@ class IptablesMode:
 
     def render(self, state: ClusterState, config: NodeConfig) -> Rendered:
         r = render(state, config, self.family, cache=self.cache)
-        rules = {name: t.rule_count() for name, t in r.ruleset.tables.items()}
-        return Rendered(r.ruleset, r.warnings, r.no_local_endpoints, rules)
+        self.rules = {name: t.rule_count() for name, t in r.ruleset.tables.items()}
+        self._candidate = r
+        return Rendered(r.ruleset, r.warnings, r.no_local_endpoints, dict(self.rules))
+
+    def sync_state(
+        self,
+        state: ClusterState,
+        config: NodeConfig,
+        changed: set[tuple[str, str]] | None,
+        verify: bool,
+    ) -> tuple[Outcome, Rendered]:
+        """The daemon's sync. Without `verify`, with the Services that `changed` and a previous
+        render, only those Services are rendered and their change applied: the kernel is not
+        read and the payload holds nothing else. Otherwise everything is rendered."""
+        if not verify and changed is not None and self.last is not None:
+            delta = render_delta(state, config, changed, self.last, self.cache)
+            if delta is not None:
+                old = fragments_ruleset([o for o, _ in delta.pairs])
+                new = fragments_ruleset([n for _, n in delta.pairs])
+                try:
+                    result = sync_family(self.backend, new, assumed=old.tables)
+                except Exception:
+                    self.forget()
+                    raise
+                self.applied = None  # the full record is stale; a full sync reads the kernel
+                self.last = delta.result
+                for f, sign in [(o, -1) for o, _ in delta.pairs] + [(n, 1) for _, n in delta.pairs]:
+                    for (table, _chain), rules in f.chains.items() if f else ():
+                        self.rules[table] = self.rules.get(table, 0) + sign * len(rules)
+                lines = {t: c.line_count() for t, c in result.plan.changes.items()}
+                outcome = Outcome(
+                    not result.plan.empty(),
+                    False,
+                    describe(result),
+                    result.plan.restore_text(),
+                    lines,
+                    result.sent,
+                )
+                return outcome, Rendered(
+                    new,
+                    delta.result.warnings,
+                    dict(delta.result.no_local_endpoints),
+                    dict(self.rules),
+                )
+        rendered = self.render(state, config)
+        outcome = self.sync(rendered.desired, verify=verify)
+        self.last = self._candidate
+        return outcome, rendered
 
     def sync(self, desired: RuleSet, verify: bool = True, dry_run: bool = False) -> Outcome:
         assumed = None if verify else self.applied
@@ -96,6 +150,7 @@ class IptablesMode:
 
     def forget(self) -> None:
         self.applied = None
+        self.last = None
 
     def missing_canaries(self) -> list[str]:
         return [
@@ -130,10 +185,57 @@ class NftablesMode:
         self.applied: NftTable | None = None
         self.known = False  # `applied` is what the kernel holds (None: no table)
         self.label = "nftables"
+        self.last: Any = None
+        self.rules = 0
 
     def render(self, state: ClusterState, config: NodeConfig) -> Rendered:
         r = render_nft(state, config, self.family, cache=self.cache)
-        return Rendered(r.table, r.warnings, r.no_local_endpoints, {"kproxy": r.table.rule_count()})
+        self._candidate = r
+        self.rules = r.table.rule_count()
+        return Rendered(r.table, r.warnings, r.no_local_endpoints, {"kproxy": self.rules})
+
+    def sync_state(
+        self,
+        state: ClusterState,
+        config: NodeConfig,
+        changed: set[tuple[str, str]] | None,
+        verify: bool,
+    ) -> tuple[Outcome, Rendered]:
+        """As IptablesMode.sync_state: a change to some Services renders and sends just them."""
+        if not verify and changed is not None and self.last is not None:
+            delta = render_nft_delta(state, config, changed, self.last, self.cache)
+            if delta is not None:
+                full = self.last.table
+                old = fragments_table(self.family, [o for o, _ in delta.pairs], full)
+                new = fragments_table(self.family, [n for _, n in delta.pairs], full)
+                try:
+                    result = sync_nft(self.backend, new, assumed=old, known=True)
+                except Exception:
+                    self.forget()
+                    raise
+                self.applied, self.known = None, False  # the full record is stale
+                self.last = delta.result
+                self.rules += new.rule_count() - old.rule_count()
+                text = result.plan.text()
+                outcome = Outcome(
+                    not result.plan.empty(),
+                    False,
+                    describe_nft(result),
+                    text,
+                    {"kproxy": len(result.plan.lines)},
+                    [(False, text)] if text else [],
+                )
+                rendered = Rendered(
+                    new,
+                    delta.result.warnings,
+                    dict(delta.result.no_local_endpoints),
+                    {"kproxy": self.rules},
+                )
+                return outcome, rendered
+        rendered = self.render(state, config)
+        outcome = self.sync(rendered.desired, verify=verify)
+        self.last = self._candidate
+        return outcome, rendered
 
     def sync(self, desired: NftTable, verify: bool = True, dry_run: bool = False) -> Outcome:
         known = self.known and not verify
@@ -158,6 +260,7 @@ class NftablesMode:
 
     def forget(self) -> None:
         self.applied, self.known = None, False
+        self.last = None
 
     def missing_canaries(self) -> list[str]:
         return [] if self.backend.exists() else [f"{self.name} table {self.family.name} kproxy"]

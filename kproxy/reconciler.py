@@ -185,15 +185,15 @@ class Reconciler:
         rules: dict[str, int] = {}
         no_local = {"internal": 0, "external": 0}
         warned: set[str] = set()
+        partial = verify_reason is None
+        changed = None if changes.node else changes.services
         for fam in self.families:
-            rendered = fam.render(state, self.config)
-            for warning in rendered.warnings:
-                if warning not in self._warned:
-                    log.warning("%s", warning)
-            warned.update(rendered.warnings)
-            partial = verify_reason is None
+            if partial and not changes.any() and fam.last is not None:
+                self.observer.updated(fam.name)  # nothing changed: nothing to render or send
+                warned.update(self._warned)
+                continue
             try:
-                outcome = fam.sync(rendered.desired, verify=not partial)
+                outcome, rendered = fam.sync_state(state, self.config, changed, verify=not partial)
             except IptablesError as err:  # NftError is one too
                 log.error("%s sync failed (rules unchanged, will retry): %s", fam.name, err)
                 if err.detail:
@@ -202,6 +202,10 @@ class Reconciler:
                 report.failed_families.append(fam.name)
                 self.observer.failed(fam.name, partial=partial)
                 continue
+            for warning in rendered.warnings:
+                if warning not in self._warned:
+                    log.warning("%s", warning)
+            warned.update(rendered.warnings)
             if verify_reason not in (None, "start", "api-back") and outcome.changed:
                 log.warning(
                     "%s: repaired rules changed behind kproxy's back (%s): %s",

@@ -343,8 +343,9 @@ def render_delta(
             if f is not None:
                 result.no_local_endpoints["internal"] += sign * f.no_local_internal
                 result.no_local_endpoints["external"] += sign * f.no_local_external
-        if old is not new:
-            pairs.append((old, new))
+        # Every touched port goes in, changed or not: two ports of one Service may share an
+        # element (its cluster IP in a set) that must not look removed.
+        pairs.append((old, new))
     return Delta(pairs, result)
 
 
