@@ -278,3 +278,12 @@ def test_source_ranges_tolerate_space_and_leading_zeros_and_skip_invalid_with_a_
         "Service shop/cart: spec.loadBalancerSourceRanges[2]: 'not-a-cidr' is not a CIDR; "
         "range ignored"
     ]
+
+
+@pytest.mark.parametrize(
+    "text", ["10.0.0.256", "010.0.0.1", "1.2.3", "1.2.3.4.5", "１.2.3.4", "٣.1.1.1", " 1.2.3.4x"]
+)
+def test_odd_ipv4_text_is_refused(text):
+    svc = mutate(GOOD_SERVICE, ["spec", "clusterIP"], text)
+    state, warnings = build_state([svc])
+    assert not state.services and len(warnings) == 1 and "spec.clusterIP" in warnings[0]
