@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH):/usr/sbin:/sbin
 
-.PHONY: all venv system-deps demo test lint unit clean
+.PHONY: all venv system-deps demo test lint unit bench clean
 
 all: test
 
@@ -27,6 +27,11 @@ test: venv system-deps
 
 unit: venv
 	$(BIN)/pytest -ra -m "not kernel" tests
+
+# Cluster-scale benchmark (minutes; not part of `make test`, which runs a smoke version).
+BENCH_SIZES ?= 1000x10,5000x10,10000x10,5000x50
+bench: venv system-deps
+	$(BIN)/python scripts/bench.py --sizes $(BENCH_SIZES) --latency --write BENCHMARKS.md
 
 lint: venv
 	$(BIN)/ruff check kproxy tests scripts
