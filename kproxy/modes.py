@@ -62,7 +62,39 @@ class Outcome:
     sent: list[tuple[bool, str]] = field(default_factory=list)  # (noflush, text) as sent
 
 
-class IptablesMode:
+class _DeltaSync:
+    """The daemon's sync, shared by both modes: with the Services that changed and a previous
+    render (and no verify), only those Services are rendered and their change applied — the
+    kernel is not read and the payload holds nothing else; otherwise everything is rendered
+    and planned against the record of the last apply (or the kernel, to verify)."""
+
+    last: Any
+    _candidate: Any
+
+    def sync_state(
+        self,
+        state: ClusterState,
+        config: NodeConfig,
+        changed: set[tuple[str, str]] | None,
+        verify: bool,
+    ) -> tuple[Outcome, Rendered]:
+        if not verify and changed is not None and self.last is not None:
+            delta = self._render_delta(state, config, changed)
+            if delta is not None:
+                try:
+                    outcome, rendered = self._apply_delta(delta)
+                except Exception:
+                    self.forget()
+                    raise
+                self.last = delta.result
+                return outcome, rendered
+        rendered = self.render(state, config)
+        outcome = self.sync(rendered.desired, verify=verify)
+        self.last = self._candidate
+        return outcome, rendered
+
+
+class IptablesMode(_DeltaSync):
     mode = "iptables"
 
     def __init__(self, backend: IptablesBackend) -> None:
@@ -84,50 +116,29 @@ class IptablesMode:
         self._candidate = r
         return Rendered(r.ruleset, r.warnings, r.no_local_endpoints, dict(self.rules))
 
-    def sync_state(
-        self,
-        state: ClusterState,
-        config: NodeConfig,
-        changed: set[tuple[str, str]] | None,
-        verify: bool,
-    ) -> tuple[Outcome, Rendered]:
-        """The daemon's sync. Without `verify`, with the Services that `changed` and a previous
-        render, only those Services are rendered and their change applied: the kernel is not
-        read and the payload holds nothing else. Otherwise everything is rendered."""
-        if not verify and changed is not None and self.last is not None:
-            delta = render_delta(state, config, changed, self.last, self.cache)
-            if delta is not None:
-                old = fragments_ruleset([o for o, _ in delta.pairs])
-                new = fragments_ruleset([n for _, n in delta.pairs])
-                try:
-                    result = sync_family(self.backend, new, assumed=old.tables)
-                except Exception:
-                    self.forget()
-                    raise
-                self.applied = None  # the full record is stale; a full sync reads the kernel
-                self.last = delta.result
-                for f, sign in [(o, -1) for o, _ in delta.pairs] + [(n, 1) for _, n in delta.pairs]:
-                    for (table, _chain), rules in f.chains.items() if f else ():
-                        self.rules[table] = self.rules.get(table, 0) + sign * len(rules)
-                lines = {t: c.line_count() for t, c in result.plan.changes.items()}
-                outcome = Outcome(
-                    not result.plan.empty(),
-                    False,
-                    describe(result),
-                    result.plan.restore_text(),
-                    lines,
-                    result.sent,
-                )
-                return outcome, Rendered(
-                    new,
-                    delta.result.warnings,
-                    dict(delta.result.no_local_endpoints),
-                    dict(self.rules),
-                )
-        rendered = self.render(state, config)
-        outcome = self.sync(rendered.desired, verify=verify)
-        self.last = self._candidate
-        return outcome, rendered
+    def _render_delta(self, state: ClusterState, config: NodeConfig, changed: set) -> Any:
+        return render_delta(state, config, changed, self.last, self.cache)
+
+    def _apply_delta(self, delta: Any) -> tuple[Outcome, Rendered]:
+        old = fragments_ruleset([o for o, _ in delta.pairs])
+        new = fragments_ruleset([n for _, n in delta.pairs])
+        result = sync_family(self.backend, new, assumed=old.tables)
+        self.applied = None  # the full record is stale; a full sync reads the kernel
+        for f, sign in [(o, -1) for o, _ in delta.pairs] + [(n, 1) for _, n in delta.pairs]:
+            for (table, _chain), rules in f.chains.items() if f else ():
+                self.rules[table] = self.rules.get(table, 0) + sign * len(rules)
+        lines = {t: c.line_count() for t, c in result.plan.changes.items()}
+        outcome = Outcome(
+            not result.plan.empty(),
+            False,
+            describe(result),
+            result.plan.restore_text(),
+            lines,
+            result.sent,
+        )
+        return outcome, Rendered(
+            new, delta.result.warnings, dict(delta.result.no_local_endpoints), dict(self.rules)
+        )
 
     def sync(self, desired: RuleSet, verify: bool = True, dry_run: bool = False) -> Outcome:
         assumed = None if verify else self.applied
@@ -174,7 +185,7 @@ class IptablesMode:
         return any(is_owned_chain(t.name, c) for t in live.values() for c in t.chains)
 
 
-class NftablesMode:
+class NftablesMode(_DeltaSync):
     mode = "nftables"
 
     def __init__(self, backend: NftBackend) -> None:
@@ -194,47 +205,31 @@ class NftablesMode:
         self.rules = r.table.rule_count()
         return Rendered(r.table, r.warnings, r.no_local_endpoints, {"kproxy": self.rules})
 
-    def sync_state(
-        self,
-        state: ClusterState,
-        config: NodeConfig,
-        changed: set[tuple[str, str]] | None,
-        verify: bool,
-    ) -> tuple[Outcome, Rendered]:
-        """As IptablesMode.sync_state: a change to some Services renders and sends just them."""
-        if not verify and changed is not None and self.last is not None:
-            delta = render_nft_delta(state, config, changed, self.last, self.cache)
-            if delta is not None:
-                full = self.last.table
-                old = fragments_table(self.family, [o for o, _ in delta.pairs], full)
-                new = fragments_table(self.family, [n for _, n in delta.pairs], full)
-                try:
-                    result = sync_nft(self.backend, new, assumed=old, known=True)
-                except Exception:
-                    self.forget()
-                    raise
-                self.applied, self.known = None, False  # the full record is stale
-                self.last = delta.result
-                self.rules += new.rule_count() - old.rule_count()
-                text = result.plan.text()
-                outcome = Outcome(
-                    not result.plan.empty(),
-                    False,
-                    describe_nft(result),
-                    text,
-                    {"kproxy": len(result.plan.lines)},
-                    [(False, text)] if text else [],
-                )
-                rendered = Rendered(
-                    new,
-                    delta.result.warnings,
-                    dict(delta.result.no_local_endpoints),
-                    {"kproxy": self.rules},
-                )
-                return outcome, rendered
-        rendered = self.render(state, config)
-        outcome = self.sync(rendered.desired, verify=verify)
-        self.last = self._candidate
+    def _render_delta(self, state: ClusterState, config: NodeConfig, changed: set) -> Any:
+        return render_nft_delta(state, config, changed, self.last, self.cache)
+
+    def _apply_delta(self, delta: Any) -> tuple[Outcome, Rendered]:
+        full = self.last.table
+        old = fragments_table(self.family, [o for o, _ in delta.pairs], full)
+        new = fragments_table(self.family, [n for _, n in delta.pairs], full)
+        result = sync_nft(self.backend, new, assumed=old, known=True)
+        self.applied, self.known = None, False  # the full record is stale
+        self.rules += new.rule_count() - old.rule_count()
+        text = result.plan.text()
+        outcome = Outcome(
+            not result.plan.empty(),
+            False,
+            describe_nft(result),
+            text,
+            {"kproxy": len(result.plan.lines)},
+            [(False, text)] if text else [],
+        )
+        rendered = Rendered(
+            new,
+            delta.result.warnings,
+            dict(delta.result.no_local_endpoints),
+            {"kproxy": self.rules},
+        )
         return outcome, rendered
 
     def sync(self, desired: NftTable, verify: bool = True, dry_run: bool = False) -> Outcome:

@@ -20,7 +20,7 @@ from kproxy.endpoints import ResolvedEndpoint
 from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig, Service
 from kproxy.policy import family_cidrs, family_ips, port_policy
 from kproxy.render.cache import RenderCache
-from kproxy.render.ports import PortJob, service_ports, service_ports_delta
+from kproxy.render.ports import Delta, PortJob, delta_pairs, service_ports, service_ports_delta
 from kproxy.ruleset import Jump, RuleSet
 
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
@@ -290,14 +290,6 @@ def _fragment(cache: RenderCache, ctx: _Context, job: PortJob) -> _Fragment:
     )
 
 
-@dataclass
-class Delta:
-    """The Service ports a change touched: their rules before and after (None: absent)."""
-
-    pairs: list[tuple[Any, Any]]
-    result: Any  # the render result the change leads to, for the next delta
-
-
 def _context(state: ClusterState, config: NodeConfig, family: Family) -> _Context:
     return _Context(
         family=family,
@@ -329,23 +321,9 @@ def render_delta(
     index, touched = step
     if (index.total > LARGE_CLUSTER_ENDPOINTS) != ctx.large:
         return None
-    result = RenderResult(prev.ruleset, list(prev.warnings), dict(prev.no_local_endpoints))
-    result.index, result.ctx, result.fragments = index, ctx, dict(prev.fragments)
-    pairs = []
-    for pkey in touched:
-        old = prev.fragments.get(pkey)
-        new = _fragment(cache, ctx, index.jobs[pkey]) if pkey in index.jobs else None
-        if new is None:
-            result.fragments.pop(pkey, None)
-        else:
-            result.fragments[pkey] = new
-        for f, sign in ((old, -1), (new, 1)):
-            if f is not None:
-                result.no_local_endpoints["internal"] += sign * f.no_local_internal
-                result.no_local_endpoints["external"] += sign * f.no_local_external
-        # Every touched port goes in, changed or not: two ports of one Service may share an
-        # element (its cluster IP in a set) that must not look removed.
-        pairs.append((old, new))
+    result = RenderResult(prev.ruleset, list(prev.warnings))
+    result.index, result.ctx = index, ctx
+    pairs = delta_pairs(prev, result, touched, partial(_fragment, cache, ctx))
     return Delta(pairs, result)
 
 

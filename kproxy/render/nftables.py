@@ -22,8 +22,7 @@ from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig
 from kproxy.nft import NftChain, NftSet, NftTable
 from kproxy.policy import family_cidrs, family_ips, port_policy
 from kproxy.render.cache import RenderCache
-from kproxy.render.iptables import Delta
-from kproxy.render.ports import PortJob, service_ports, service_ports_delta
+from kproxy.render.ports import Delta, PortJob, delta_pairs, service_ports, service_ports_delta
 
 CHAIN_NAME_LIMIT = 240  # upstream truncates longer names with "..."
 # Endpoint maps: `typeof` a numgen draw (any modulus prints the same) to a verdict.
@@ -292,23 +291,9 @@ def render_nft_delta(
     if step is None:
         return None
     index, touched = step
-    result = NftRenderResult(prev.table, list(prev.warnings), dict(prev.no_local_endpoints))
-    result.index, result.ctx, result.fragments = index, ctx, dict(prev.fragments)
-    pairs = []
-    for pkey in touched:
-        old = prev.fragments.get(pkey)
-        new = _fragment(cache, ctx, index.jobs[pkey]) if pkey in index.jobs else None
-        if new is None:
-            result.fragments.pop(pkey, None)
-        else:
-            result.fragments[pkey] = new
-        for f, sign in ((old, -1), (new, 1)):
-            if f is not None:
-                result.no_local_endpoints["internal"] += sign * f.no_local_internal
-                result.no_local_endpoints["external"] += sign * f.no_local_external
-        # Every touched port goes in, changed or not: two ports of one Service may share an
-        # element (its cluster IP in a set) that must not look removed.
-        pairs.append((old, new))
+    result = NftRenderResult(prev.table, list(prev.warnings))
+    result.index, result.ctx = index, ctx
+    pairs = delta_pairs(prev, result, touched, partial(_fragment, cache, ctx))
     return Delta(pairs, result)
 
 

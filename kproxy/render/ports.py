@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 from kproxy.endpoints import ResolvedEndpoint, endpoints_for_port
 from kproxy.model import ClusterState, EndpointSlice, Service, ServicePort
@@ -163,3 +164,34 @@ def service_ports_delta(
             index.by_service.setdefault(key, []).append(job.key)
             touched.add(job.key)
     return index, touched
+
+
+@dataclass
+class Delta:
+    """The Service ports a change touched: their output before and after (None: absent)."""
+
+    pairs: list[tuple[Any, Any]]
+    result: Any  # the render result the change leads to, for the next delta
+
+
+def delta_pairs(prev: Any, result: Any, touched: set[tuple], render_job: Any) -> list:
+    """For each touched port: (output before, output after); fills `result`'s fragments and
+    no-local-endpoint counts from `prev`'s. Works for either renderer's results."""
+    result.fragments = dict(prev.fragments)
+    result.no_local_endpoints = dict(prev.no_local_endpoints)
+    pairs = []
+    for pkey in touched:
+        old = prev.fragments.get(pkey)
+        new = render_job(result.index.jobs[pkey]) if pkey in result.index.jobs else None
+        if new is None:
+            result.fragments.pop(pkey, None)
+        else:
+            result.fragments[pkey] = new
+        for f, sign in ((old, -1), (new, 1)):
+            if f is not None:
+                result.no_local_endpoints["internal"] += sign * f.no_local_internal
+                result.no_local_endpoints["external"] += sign * f.no_local_external
+        # Every touched port goes in, changed or not: two ports of one Service may share an
+        # element (its cluster IP in a set) that must not look removed.
+        pairs.append((old, new))
+    return pairs
