@@ -26,6 +26,7 @@ from kproxy.endpoints import endpoints_for_port
 from kproxy.lockfile import LockHeld
 from kproxy.model import ClusterState, NodeConfig
 from kproxy.modes import Mode
+from kproxy.policy import family_ips
 from kproxy.render.iptables import Family
 from kproxy.store import Changes, ObjectStore
 
@@ -273,16 +274,14 @@ def udp_service_ports(
     state: ClusterState, family: Family
 ) -> list[tuple[frozenset[str], int, int, frozenset[tuple[str, int]]]]:
     """Every UDP Service port of `family`: (its IPs, port, node port, serving endpoints)."""
-    import ipaddress
-
     out = []
     by_service = state.slices_by_service()
     address_type = f"IPv{family.version}"
     for key, svc in state.services.items():
         ips = frozenset(
-            ip
-            for ip in (*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips)
-            if ipaddress.ip_address(ip).version == family.version
+            family_ips(
+                (*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips), family.version
+            )
         )
         if not ips:
             continue
