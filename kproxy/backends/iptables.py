@@ -60,7 +60,7 @@ class IptablesBackend:
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
             raise IptablesError(
-                f"{argv[0]} -t {table} failed: {_first_line(proc.stderr)}", proc.returncode
+                f"{argv[0]} -t {table} failed: {first_line(proc.stderr)}", proc.returncode
             )
         return proc.stdout
 
@@ -84,21 +84,22 @@ class IptablesBackend:
             argv.append("--noflush")
         proc = subprocess.run(argv, input=payload, capture_output=True, text=True)
         if proc.returncode != 0:
-            message = _first_line(proc.stderr) or f"exit status {proc.returncode}"
+            message = first_line(proc.stderr) or f"exit status {proc.returncode}"
             raise IptablesError(
                 f"{argv[0]} failed: {message}",
                 proc.returncode,
-                detail=_failing_context(payload, proc.stderr),
+                detail=failing_context(payload, proc.stderr),
             )
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
 
 
-def _failing_context(payload: str, stderr: str) -> str:
-    """The payload lines around the one iptables-restore names, as upstream logs them."""
-    m = re.search(r"line:? (\d+)", stderr)
+def failing_context(payload: str, stderr: str, pattern: str = r"line:? (\d+)") -> str:
+    """The payload lines around the one the tool's error names (as upstream logs them);
+    `pattern` finds the line number in the error."""
+    m = re.search(pattern, stderr)
     if not m:
         return ""
     lines = payload.splitlines()

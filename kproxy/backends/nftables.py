@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 from dataclasses import dataclass
 
-from kproxy.backends.iptables import IptablesError
+from kproxy.backends.iptables import IptablesError, failing_context, first_line
 from kproxy.nft import TABLE, NftTable, parse_table
 
 
@@ -36,7 +35,7 @@ class NftBackend:
             if "No such file or directory" in proc.stderr:
                 return None
             raise NftError(
-                f"nft list table {self.family} {TABLE} failed: {_first_line(proc.stderr)}",
+                f"nft list table {self.family} {TABLE} failed: {first_line(proc.stderr)}",
                 proc.returncode,
             )
         return proc.stdout
@@ -53,9 +52,9 @@ class NftBackend:
         proc = subprocess.run(["nft", "-f", "-"], input=transaction, capture_output=True, text=True)
         if proc.returncode != 0:
             raise NftError(
-                f"nft -f failed: {_first_line(proc.stderr)}",
+                f"nft -f failed: {first_line(proc.stderr)}",
                 proc.returncode,
-                detail=_context(transaction, proc.stderr),
+                detail=failing_context(transaction, proc.stderr, r"/dev/stdin:(\d+)"),
             )
 
     def delete_table(self) -> bool:
@@ -64,17 +63,3 @@ class NftBackend:
             return False
         self.apply(f"delete table {self.family} {TABLE}\n")
         return True
-
-
-def _first_line(text: str) -> str:
-    return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-
-
-def _context(transaction: str, stderr: str) -> str:
-    m = re.search(r"/dev/stdin:(\d+)", stderr)
-    if not m:
-        return ""
-    lines = transaction.splitlines()
-    n = int(m.group(1))
-    lo, hi = max(1, n - 3), min(len(lines), n + 3)
-    return "\n".join(f"{i:6d}{'>' if i == n else ' '} {lines[i - 1]}" for i in range(lo, hi + 1))
