@@ -202,3 +202,19 @@ def test_daemon_in_nftables_mode_repairs_its_table(kernel_support, tmp_path):
         if api is not None:
             api.stop()
         topo.close()
+
+
+def test_nft_table_check_asks_netlink_for_names_only(node):
+    """Whether the kproxy table exists is read from the table names over netlink, never by
+    `nft list` (which fetches the whole ruleset first: 98 s next to a 10k-Service iptables-nft
+    ruleset). A table with a longer name is not mistaken for it."""
+    code = (
+        "from kproxy.backends.nftables import NftBackend; "
+        "print(NftBackend('ip').exists(), NftBackend('ip6').exists(), NftBackend('ip').read())"
+    )
+    netns.run(node, ["nft", "add", "table", "ip", "kproxy-old"])
+    out = netns.run(node, [sys.executable, "-c", code]).stdout.split()
+    assert out == ["False", "False", "None"]
+    netns.run(node, ["nft", "add", "table", "ip6", "kproxy"])
+    out = netns.run(node, [sys.executable, "-c", code]).stdout.split()
+    assert out == ["False", "True", "None"]

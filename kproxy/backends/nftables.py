@@ -28,6 +28,8 @@ class NftBackend:
 
     def read_text(self) -> str | None:
         """`nft list table <family> kproxy`, or None when there is no such table."""
+        if not self.exists():
+            return None  # without asking nft, which would fetch the whole ruleset to say so
         proc = subprocess.run(
             ["nft", "list", "table", self.family, TABLE], capture_output=True, text=True
         )
@@ -41,12 +43,14 @@ class NftBackend:
         return proc.stdout
 
     def exists(self) -> bool:
-        """Cheap check (no listing of rules) that the table is still there."""
-        proc = subprocess.run(
-            ["nft", "list", "tables", self.family], capture_output=True, text=True
-        )
-        wanted = f"table {self.family} {TABLE}"
-        return proc.returncode == 0 and any(ln.strip() == wanted for ln in proc.stdout.splitlines())
+        """Whether the kproxy table is there: the table names alone, over netlink. (`nft list
+        tables` would fetch the whole ruleset first; next to a 10k-Service iptables-nft ruleset
+        that took 98 s on nft 1.0.6.)"""
+        from pyroute2.nftables.main import NFTables  # netlink; imported only when needed
+
+        nfproto = 10 if self.family == "ip6" else 2  # NFPROTO_IPV6 / NFPROTO_IPV4
+        with NFTables(nfgen_family=nfproto) as nl:
+            return any(t.get_attr("NFTA_TABLE_NAME") == TABLE for t in nl.get_tables())
 
     def apply(self, transaction: str) -> None:
         proc = subprocess.run(["nft", "-f", "-"], input=transaction, capture_output=True, text=True)
