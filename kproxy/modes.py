@@ -66,7 +66,8 @@ class _DeltaSync:
     """The daemon's sync, shared by both modes: with the Services that changed and a previous
     render (and no verify), only those Services are rendered and their change applied — the
     kernel is not read and the payload holds nothing else; otherwise everything is rendered
-    and planned against the record of the last apply (or the kernel, to verify)."""
+    and planned against the record of the last full apply (or, when that record is stale after
+    delta syncs, or to verify, against the kernel)."""
 
     last: Any
     _candidate: Any

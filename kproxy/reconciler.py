@@ -1,12 +1,14 @@
 """The daemon's loop: changes -> coalesce (min sync period) -> render -> plan -> apply.
 
 - Nothing is written before the source has listed Services and EndpointSlices completely.
-- A change is applied by planning against the record of the last apply (no kernel read); the
-  kernel itself is read and every difference repaired ("verify") at start, after a failed
-  apply, when a canary chain has vanished, and once per sync period.
-- Empty KUBE-PROXY-CANARY chains in mangle, nat and filter of each family are checked every
-  canary interval (upstream watches mangle only, k8s issue 129128): a missing one means a
-  table was flushed behind kproxy's back, and triggers a verify at once.
+- A change renders only the Services it touched and plans their old rules against their new
+  ones (no kernel read, see modes.py); the kernel itself is read and every difference repaired
+  ("verify") at start, after a failed apply, when a canary has vanished, and once per sync
+  period. A sync with nothing changed does nothing.
+- The canaries (empty KUBE-PROXY-CANARY chains in mangle, nat and filter of each family; the
+  kproxy table in nftables mode) are checked every canary interval (upstream watches mangle
+  only, k8s issue 129128): a missing one means rules were flushed behind kproxy's back, and
+  triggers a verify at once.
 - A failed apply leaves the kernel as it was (every restore is atomic) and is retried with
   exponential backoff, up to the sync period.
 """

@@ -378,30 +378,9 @@ def test_units_systemd_analyze_verify(tmp_path):
 # --------------------------------------------------------------------------- kernel
 
 
-def service(name: str, ip: str) -> dict:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"namespace": "default", "name": name},
-        "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
-    }
-
-
-def endpoint_slice(name: str, service_name: str, *ips: str) -> dict:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "namespace": "default",
-            "name": name,
-            "labels": {"kubernetes.io/service-name": service_name},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [
-            {"addresses": [ip], "conditions": {"ready": True}, "nodeName": "node-1"} for ip in ips
-        ],
-    }
+# The same Service / EndpointSlice builders as the daemon tests.
+from test_kernel_daemon import service  # noqa: E402
+from test_kernel_daemon import slice_ as endpoint_slice  # noqa: E402
 
 
 class Node:

@@ -14,13 +14,19 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Any
 
 from kproxy.endpoints import ResolvedEndpoint
 from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig, Service
 from kproxy.policy import family_cidrs, family_ips, port_policy
 from kproxy.render.cache import RenderCache
-from kproxy.render.ports import Delta, PortJob, delta_pairs, service_ports, service_ports_delta
+from kproxy.render.ports import (
+    Delta,
+    PortJob,
+    RenderedPorts,
+    delta_pairs,
+    service_ports,
+    service_ports_delta,
+)
 from kproxy.ruleset import Jump, RuleSet
 
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
@@ -153,18 +159,8 @@ def quote(comment: str) -> str:
 
 
 @dataclass
-class RenderResult:
-    ruleset: RuleSet
-    warnings: list[str] = field(default_factory=list)
-    # Service ports with Local policy and no local endpoint: upstream's
-    # sync_proxy_rules_no_local_endpoints_total{traffic_policy=internal|external}.
-    no_local_endpoints: dict[str, int] = field(
-        default_factory=lambda: {"internal": 0, "external": 0}
-    )
-    # For render_delta: the ports rendered, their rules, and the context they had.
-    index: Any = None
-    ctx: Any = None
-    fragments: dict[tuple, Any] = field(default_factory=dict)
+class RenderResult(RenderedPorts):
+    ruleset: RuleSet = field(default_factory=RuleSet)
 
 
 # Above this many endpoints in total, per-endpoint comments are left out (upstream's
@@ -193,7 +189,7 @@ def render(
     """The complete desired rule set for one IP family."""
     cache = cache if cache is not None else RenderCache()
     out = RuleSet()
-    result = RenderResult(out)
+    result = RenderResult(ruleset=out)
     localhost_nodeports = family.version == 4 and config.localhost_nodeports
     for table, chain in FIXED:
         out.chain(table, chain)
@@ -321,7 +317,7 @@ def render_delta(
     index, touched = step
     if (index.total > LARGE_CLUSTER_ENDPOINTS) != ctx.large:
         return None
-    result = RenderResult(prev.ruleset, list(prev.warnings))
+    result = RenderResult(ruleset=prev.ruleset, warnings=list(prev.warnings))
     result.index, result.ctx = index, ctx
     pairs = delta_pairs(prev, result, touched, partial(_fragment, cache, ctx))
     return Delta(pairs, result)

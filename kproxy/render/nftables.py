@@ -16,13 +16,19 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig
 from kproxy.nft import NftChain, NftSet, NftTable
 from kproxy.policy import family_cidrs, family_ips, port_policy
 from kproxy.render.cache import RenderCache
-from kproxy.render.ports import Delta, PortJob, delta_pairs, service_ports, service_ports_delta
+from kproxy.render.ports import (
+    Delta,
+    PortJob,
+    RenderedPorts,
+    delta_pairs,
+    service_ports,
+    service_ports_delta,
+)
 
 CHAIN_NAME_LIMIT = 240  # upstream truncates longer names with "..."
 # Endpoint maps: `typeof` a numgen draw (any modulus prints the same) to a verdict.
@@ -93,15 +99,8 @@ class _Fragment:
 
 
 @dataclass
-class NftRenderResult:
-    table: NftTable
-    warnings: list[str] = field(default_factory=list)
-    no_local_endpoints: dict[str, int] = field(
-        default_factory=lambda: {"internal": 0, "external": 0}
-    )
-    index: Any = None
-    ctx: Any = None
-    fragments: dict[tuple, Any] = field(default_factory=dict)
+class NftRenderResult(RenderedPorts):
+    table: NftTable = field(default_factory=lambda: NftTable("ip"))
 
 
 @dataclass
@@ -121,7 +120,7 @@ def render_nft(
 ) -> NftRenderResult:
     cache = cache if cache is not None else RenderCache()
     table = NftTable(fam.name)
-    result = NftRenderResult(table)
+    result = NftRenderResult(table=table)
     ip = fam.ip
     addr = fam.addr
     mark = f"0x{1 << config.masquerade_bit:08x}"
@@ -291,7 +290,7 @@ def render_nft_delta(
     if step is None:
         return None
     index, touched = step
-    result = NftRenderResult(prev.table, list(prev.warnings))
+    result = NftRenderResult(table=prev.table, warnings=list(prev.warnings))
     result.index, result.ctx = index, ctx
     pairs = delta_pairs(prev, result, touched, partial(_fragment, cache, ctx))
     return Delta(pairs, result)

@@ -4,7 +4,7 @@ namespace/name order keeps it, the other is reported). Shared by every renderer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -164,6 +164,21 @@ def service_ports_delta(
             index.by_service.setdefault(key, []).append(job.key)
             touched.add(job.key)
     return index, touched
+
+
+@dataclass
+class RenderedPorts:
+    """What both renderers' results carry besides their rules: warnings, the no-local-endpoint
+    counts (upstream's sync_proxy_rules_no_local_endpoints_total{traffic_policy}), and for
+    render_delta the ports rendered, their output and the context they had."""
+
+    warnings: list[str] = field(default_factory=list)
+    no_local_endpoints: dict[str, int] = field(
+        default_factory=lambda: {"internal": 0, "external": 0}
+    )
+    index: Any = None
+    ctx: Any = None
+    fragments: dict[tuple, Any] = field(default_factory=dict)
 
 
 @dataclass
