@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
@@ -220,6 +221,10 @@ class Daemon:
             # The first successful sync is in place: now the other mode's rules can go.
             remove_other_mode(self.opts.mode, self.opts.backend)
             self._other_mode_removed = True
+            # What the first sync built (store, render caches) lives as long as the daemon:
+            # moved out of the cyclic collector's reach, later collections stay cheap.
+            gc.collect()
+            gc.freeze()
         if report.full and self.snapshots is not None:
             self._snapshot()
         if not self.opts.conntrack:

@@ -9,6 +9,7 @@ the object and carry on. No I/O happens in this module.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -248,13 +249,13 @@ def parse_cidr_sloppy(text: str) -> str | None:
         return None
 
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+
+
 def _is_canonical_ipv4(text: str) -> bool:
     """A dotted quad exactly as ipaddress would print it (no leading zeros, no spaces)."""
-    parts = text.split(".")
-    return len(parts) == 4 and all(
-        p.isascii() and p.isdigit() and len(p) <= 3 and (p == "0" or p[0] != "0") and int(p) <= 255
-        for p in parts
-    )
+    return _CANONICAL_IPV4.fullmatch(text) is not None
 
 
 def service_from_k8s(obj: Mapping[str, Any], warnings: list[str] | None = None) -> Service | None:
@@ -399,6 +400,10 @@ def endpoint_slice_from_k8s(obj: Mapping[str, Any]) -> EndpointSlice | None:
 
     endpoints = []
     for i, raw in enumerate(c.sequence(obj.get("endpoints"), "endpoints")):
+        fast = _plain_ipv4_endpoint(raw) if version == 4 else None
+        if fast is not None:
+            endpoints.append(fast)
+            continue
         path = f"endpoints[{i}]"
         e = c.mapping(raw, path, required=True)
         addresses = c.sequence(e.get("addresses"), f"{path}.addresses")
@@ -458,6 +463,41 @@ def node_from_k8s(obj: Mapping[str, Any]) -> Node:
             for t in taints
         ),
     )
+
+
+def _plain_ipv4_endpoint(e: Any) -> Endpoint | None:
+    """The common endpoint (plain JSON types, a canonical IPv4 address, no hints) read without
+    building a field path per check: 100k endpoints at scale. None sends the endpoint down the
+    careful path, which gives the same result or names the bad field."""
+    if type(e) is not dict or e.get("hints") is not None:
+        return None
+    addresses = e.get("addresses")
+    if type(addresses) is not list or not addresses:
+        return None
+    ip = addresses[0]
+    if type(ip) is not str or _CANONICAL_IPV4.fullmatch(ip) is None:
+        return None
+    cond = e.get("conditions")
+    if cond is None:
+        cond = {}
+    elif type(cond) is not dict:
+        return None
+    ready = cond.get("ready")
+    ready = True if ready is None else ready
+    serving = cond.get("serving")
+    serving = ready if serving is None else serving
+    terminating = cond.get("terminating")
+    terminating = False if terminating is None else terminating
+    node_name, zone = e.get("nodeName"), e.get("zone")
+    if (
+        type(ready) is not bool
+        or type(serving) is not bool
+        or type(terminating) is not bool
+        or (node_name is not None and type(node_name) is not str)
+        or (zone is not None and type(zone) is not str)
+    ):
+        return None
+    return Endpoint(ip, ready, serving, terminating, node_name, zone)
 
 
 def _optional_string(c: _Checker, value: Any, path: str) -> str | None:

@@ -287,3 +287,52 @@ def test_odd_ipv4_text_is_refused(text):
     svc = mutate(GOOD_SERVICE, ["spec", "clusterIP"], text)
     state, warnings = build_state([svc])
     assert not state.services and len(warnings) == 1 and "spec.clusterIP" in warnings[0]
+
+
+PLAIN_ENDPOINTS = [
+    {"addresses": ["10.1.0.1"]},
+    {"addresses": ["10.1.0.2", "10.1.0.9"], "conditions": {"ready": False}},
+    {
+        "addresses": ["10.1.0.3"],
+        "conditions": {"ready": False, "serving": True, "terminating": True},
+    },
+    {"addresses": ["10.1.0.4"], "conditions": {"ready": None, "serving": None}, "nodeName": "n1"},
+    {"addresses": ["10.1.0.5"], "zone": "z1", "hints": {"forZones": [{"name": "z1"}]}},
+    {"addresses": ["10.1.0.6"], "conditions": {"ready": "yes"}},
+    {"addresses": ["010.1.0.7"]},
+    {"addresses": [" 10.1.0.8"]},
+    {"addresses": ["10.1.0.9"], "nodeName": 7},
+    {"addresses": []},
+    {"addresses": ["10.1.0.10"], "conditions": []},
+]
+
+
+@pytest.mark.parametrize("endpoint", PLAIN_ENDPOINTS)
+def test_endpoint_fast_path_reads_like_the_careful_path(endpoint, monkeypatch):
+    # The fast path for plain IPv4 endpoints must give the careful path's result, or its error.
+    import kproxy.model as model
+
+    def read():
+        obj = _slice([endpoint])
+        try:
+            return model.endpoint_slice_from_k8s(obj)
+        except model.InvalidObject as e:
+            return str(e)
+
+    fast = read()
+    monkeypatch.setattr(model, "_plain_ipv4_endpoint", lambda e: None)
+    assert read() == fast
+
+
+def _slice(endpoints):
+    return {
+        "kind": "EndpointSlice",
+        "metadata": {
+            "namespace": "default",
+            "name": "web-x",
+            "labels": {"kubernetes.io/service-name": "web"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }

@@ -9,7 +9,6 @@ probabilities as the kernel stores them), so the plan compares strings. Pure: no
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field
@@ -128,10 +127,30 @@ IPV6 = Family(
 )
 
 
+# base32 of every 10-bit value: two characters per lookup (hash16 runs 110k times at 10k × 10).
+_B32_PAIRS = [
+    a + b for a in "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567" for b in "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+]
+
+
 def hash16(text: str) -> str:
     """First 16 characters of base32(SHA-256(text)), as upstream names its chains."""
-    # 16 base32 characters are exactly the first 10 bytes: encode only those (3x faster).
-    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:10]).decode()
+    # 16 base32 characters are exactly the first 10 bytes (80 bits = 8 × 10): a table lookup
+    # per 10 bits, 2x faster than base64.b32encode of those bytes.
+    n = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")
+    p = _B32_PAIRS
+    return "".join(
+        (
+            p[n >> 70],
+            p[(n >> 60) & 1023],
+            p[(n >> 50) & 1023],
+            p[(n >> 40) & 1023],
+            p[(n >> 30) & 1023],
+            p[(n >> 20) & 1023],
+            p[(n >> 10) & 1023],
+            p[n & 1023],
+        )
+    )
 
 
 def service_chain_suffix(spn: str, protocol: str) -> str:
