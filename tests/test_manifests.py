@@ -707,6 +707,15 @@ def test_alerts_have_severity_runbook_and_select_job_kube_proxy():
         assert 'job="kube-proxy"' in r["expr"]
 
 
+def test_recovery_links_between_sections_resolve():
+    """The alert sections send the reader to other sections: every #link has its heading."""
+    text = (ROOT / "docs" / "RECOVERY.md").read_text()
+    anchors = github_anchors(text)
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert links
+    assert [link for link in links if link not in anchors] == []
+
+
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
