@@ -158,6 +158,10 @@ class _Checker:
         namespace = meta.get("namespace", "default")
         self.kind = kind
         shown = name if isinstance(name, str) and name else "<unnamed>"
+        if not shown.isprintable():  # a newline in a name must not split the warning line
+            shown = repr(shown)
+        if isinstance(namespace, str) and not namespace.isprintable():
+            namespace = repr(namespace)
         self.ref = f"{namespace}/{shown}" if kind != "Node" else shown
         if not isinstance(name, str) or not name:
             raise InvalidObject(kind, self.ref, "metadata.name", "missing")
@@ -222,6 +226,9 @@ class _Checker:
             addr = ipaddress.ip_address(text.strip())
         except ValueError:
             raise self.fail(path, f"{text!r} is not a valid IP address") from None
+        if getattr(addr, "scope_id", None) is not None:
+            # ipaddress accepts "fe80::1%<anything>" (spaces, newlines): no rule can use it.
+            raise self.fail(path, f"{text!r} is not a valid IP address (zone index)")
         if version is not None and addr.version != version:
             raise self.fail(path, f"{text!r} is not an IPv{version} address")
         return str(addr)
@@ -253,6 +260,10 @@ _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _CANONICAL_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 
 
+_DNS1035_LABEL = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_DNS1123_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+
+
 def _is_canonical_ipv4(text: str) -> bool:
     """A dotted quad exactly as ipaddress would print it (no leading zeros, no spaces)."""
     return _CANONICAL_IPV4.fullmatch(text) is not None
@@ -267,6 +278,12 @@ def service_from_k8s(obj: Mapping[str, Any], warnings: list[str] | None = None) 
     c = _Checker("Service", obj)
     if warnings is not None:
         c.warnings = warnings
+    # The namespace, name and port names end up in rule comments and chain-name hashes: hold
+    # them to the API server's own rules (a newline or a 300-character name breaks a restore).
+    if not _DNS1035_LABEL.fullmatch(c.name):
+        raise c.fail("metadata.name", "not a valid Service name (RFC 1035 label)")
+    if not _DNS1123_LABEL.fullmatch(c.namespace):
+        raise c.fail("metadata.namespace", "not a valid namespace name (RFC 1123 label)")
     spec = c.mapping(obj.get("spec"), "spec", required=True)
     svc_type = c.string(spec.get("type"), "spec.type", "ClusterIP")
     if svc_type not in SERVICE_TYPES:
@@ -294,16 +311,20 @@ def service_from_k8s(obj: Mapping[str, Any], warnings: list[str] | None = None) 
         p = c.mapping(raw, path, required=True)
         target = p.get("targetPort")
         if target is not None:
-            if isinstance(target, str) and not target.isdigit():
+            # Only ASCII digits make a number: "²".isdigit() is true but int() refuses it.
+            if isinstance(target, str) and not (target.isascii() and target.isdigit()):
                 if not target:
                     raise c.fail(f"{path}.targetPort", "must not be empty")
             else:
                 target = c.port(
                     int(target) if isinstance(target, str) else target, f"{path}.targetPort"
                 )
+        port_name = c.string(p.get("name"), f"{path}.name", "")
+        if port_name and not _DNS1123_LABEL.fullmatch(port_name):
+            raise c.fail(f"{path}.name", f"{port_name!r} is not a valid port name (RFC 1123 label)")
         ports.append(
             ServicePort(
-                name=c.string(p.get("name"), f"{path}.name", ""),
+                name=port_name,
                 protocol=c.protocol(p.get("protocol"), f"{path}.protocol"),
                 port=c.port(p.get("port"), f"{path}.port"),
                 target_port=target,

@@ -73,6 +73,11 @@ class ObjectStore:
         self._slices: dict[tuple[str, str], EndpointSlice] = {}
         self._node: Node | None = None
         self._changes = Changes()
+        # The last version of each object that failed validation: a relist carrying it again
+        # (same resourceVersion) is not a change, so it is not reported again.
+        self._rejected: dict[str, dict[tuple[str, str], dict[str, Any]]] = {
+            kind: {} for kind in self._raw
+        }
 
     # --- writers (API source threads) ---
 
@@ -88,18 +93,26 @@ class ObjectStore:
             changed = False
             current = self._raw[kind]
             seen = set()
+            rejected = self._rejected[kind]
             for obj in items:
                 key = _key(obj)
                 seen.add(key)
                 old = current.get(key)
+                bad = rejected.get(key)
+                if bad is not None and _rv(bad) is not None and _rv(bad) == _rv(obj):
+                    continue  # the same invalid version, already reported
                 if old is None or _rv(old) != _rv(obj) or _rv(obj) is None:
                     changed |= self._apply(kind, "MODIFIED" if old else "ADDED", obj)
             for key in [k for k in current if k not in seen]:
                 changed |= self._apply(kind, "DELETED", current[key])
+            for key in [k for k in rejected if k not in seen]:
+                del rejected[key]
             return changed
 
     def _apply(self, kind: str, event: str, obj: dict[str, Any]) -> bool:
         key = _key(obj)
+        if event == "DELETED" and kind in self._rejected:
+            self._rejected[kind].pop(key, None)
         if kind == "Node":
             if key[1] != self.node_name:
                 return False
@@ -110,8 +123,9 @@ class ObjectStore:
                 try:
                     node = node_from_k8s(obj)
                 except InvalidObject as err:
-                    self._warn(f"{err}; keeping the last valid version")
+                    self._reject(kind, key, obj, err)
                     return False
+                self._rejected[kind].pop(key, None)
                 self._raw["Node"][key] = obj
                 if node == self._node:
                     return False
@@ -131,8 +145,9 @@ class ObjectStore:
                     svc = service_from_k8s(obj, warnings)
                 except InvalidObject as err:
                     # Keep serving the last valid version rather than dropping its traffic.
-                    self._warn(f"{err}; keeping the last valid version")
+                    self._reject(kind, key, obj, err)
                     return False
+                self._rejected[kind].pop(key, None)
                 for warning in warnings:
                     self._warn(warning)
                 self._raw[kind][key] = obj
@@ -158,8 +173,9 @@ class ObjectStore:
             try:
                 eps = endpoint_slice_from_k8s(obj)
             except InvalidObject as err:
-                self._warn(f"{err}; keeping the last valid version")
+                self._reject(kind, key, obj, err)
                 return False
+            self._rejected[kind].pop(key, None)
             self._raw[kind][key] = obj
             if eps is None:
                 self._slices.pop(key, None)
@@ -174,6 +190,10 @@ class ObjectStore:
                 self._changes.services.add((old.namespace, old.service_name))
             return True
         return False
+
+    def _reject(self, kind: str, key: tuple[str, str], obj: dict[str, Any], err: Exception) -> None:
+        self._rejected[kind][key] = obj
+        self._warn(f"{err}; keeping the last valid version")
 
     # --- readers (reconciler) ---
 

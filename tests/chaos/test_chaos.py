@@ -18,4 +18,28 @@ def check(result: dict) -> None:
 
 
 def test_kill9_never_leaves_half_applied_tables(kernel_support):
-    check(scenarios.kill9(kills=4, short=True))
+    check(scenarios.kill9(kills=3, short=True))
+
+
+def test_drift_is_repaired_and_counted(kernel_support):
+    check(scenarios.drift(short=True))
+
+
+def test_api_outage_with_a_restart_keeps_traffic_and_converges(kernel_support):
+    check(scenarios.api_outage(short=True))
+
+
+def test_xtables_lock_held_apply_retries_without_spinning(kernel_support):
+    check(scenarios.xtables_lock(short=True))
+
+
+def test_gone_storm_churns_nothing(kernel_support):
+    check(scenarios.gone_storm(short=True, duration=6.0))
+
+
+def test_endpoint_churn_is_applied_with_bounded_memory(kernel_support):
+    check(scenarios.churn(short=True))
+
+
+def test_full_disk_keeps_the_previous_files(kernel_support):
+    check(scenarios.full_disk(short=True))
