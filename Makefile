@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH):/usr/sbin:/sbin
 
-.PHONY: all venv system-deps demo test lint unit bench clean
+.PHONY: all venv system-deps demo test lint unit bench chaos clean
 
 all: test
 
@@ -32,6 +32,14 @@ unit: venv
 BENCH_SIZES ?= 1000x10,5000x10,10000x10,5000x50
 bench: venv system-deps
 	$(BIN)/python scripts/bench.py --sizes $(BENCH_SIZES) --latency --write BENCHMARKS.md
+
+# Chaos and bad-input suite, long versions (~25 min; `make test` runs a short version of each):
+# kill -9, drift, API outage, xtables lock, 410 storm, churn at 1k Services, bad input, full
+# disk, with traffic flowing; figures printed and written to $(CHAOS_OUT) (docs/RELIABILITY.md).
+CHAOS_MODE ?= iptables
+CHAOS_OUT ?= chaos-results.json
+chaos: venv system-deps
+	$(BIN)/python scripts/chaos/run.py --mode $(CHAOS_MODE) --json $(CHAOS_OUT) $(CHAOS_ARGS)
 
 lint: venv
 	$(BIN)/ruff check kproxy tests scripts
