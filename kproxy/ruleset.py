@@ -9,6 +9,7 @@ normalised on the sync path. No I/O here.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
@@ -156,14 +157,21 @@ def parse_save(text: str) -> dict[str, Table]:
 
 def table_text(table: Table) -> str:
     """`iptables-restore` input (without --noflush) that recreates `table` exactly."""
+    return "".join(table_chunks(table))
+
+
+def table_chunks(table: Table) -> Iterator[str]:
+    """table_text in pieces of a chain each (a whole 10k-Service table is 455k lines: streamed
+    to iptables-restore, it is never held as one string)."""
     builtins = BUILTIN_CHAINS.get(table.name, ())
-    lines = [f"*{table.name}"]
-    for name in table.chains:
-        if name in builtins:
-            lines.append(f":{name} {table.policies.get(name, 'ACCEPT')} [0:0]")
-        else:
-            lines.append(f":{name} - [0:0]")
+    yield f"*{table.name}\n"
+    yield "".join(
+        f":{name} {table.policies.get(name, 'ACCEPT')} [0:0]\n"
+        if name in builtins
+        else f":{name} - [0:0]\n"
+        for name in table.chains
+    )
     for name, rules in table.chains.items():
-        lines.extend(f"-A {name} {rule}" for rule in rules)
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+        if rules:
+            yield "".join(f"-A {name} {rule}\n" for rule in rules)
+    yield "COMMIT\n"

@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kproxy.backends.iptables import IptablesBackend, IptablesError
 from kproxy.backends.nftables import NftBackend
 from kproxy.nft import NftPlan, NftTable, plan_table
 from kproxy.plan import Plan, full_table, plan
-from kproxy.ruleset import RuleSet, Table, parse_save, table_text
+from kproxy.ruleset import RuleSet, Table, parse_save, table_chunks
 
 log = logging.getLogger(__name__)
+
+# Keep the text of every payload sent in SyncResult.sent (benchmarks replay it with the bare
+# tool); off by default: a whole 10k-Service table is 37 MB of text.
+RECORD_PAYLOADS = False
 
 # A --noflush restore on iptables 1.8.9 costs roughly the square of its payload, a plain
 # restore the size of the whole table (../shared/MEASURED.md: 43k lines take 5 s with
@@ -32,7 +37,8 @@ class SyncResult:
     lines_sent: int = 0
     full_tables: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    # What was sent, in order: (with --noflush, iptables-restore input). For benchmarks.
+    # What was sent, in order: (with --noflush, iptables-restore input); whole tables only with
+    # RECORD_PAYLOADS. For benchmarks.
     sent: list[tuple[bool, str]] = field(default_factory=list)
 
 
@@ -112,14 +118,21 @@ def sync_family(
             if wants_full_restore(c.line_count(), _size(live, desired, n))
         ]
     if full:
-        payload = "".join(
-            table_text(full_table(desired, name, live.get(name, Table(name)))) for name in full
-        )
+        recorded: list[str] = []
+
+        def pieces(names: list[str] = full) -> Iterator[str]:
+            recorded.clear()
+            for name in names:
+                for piece in table_chunks(full_table(desired, name, live.get(name, Table(name)))):
+                    if RECORD_PAYLOADS:
+                        recorded.append(piece)
+                    yield piece
+
         try:
-            backend.restore(payload, noflush=False)
-            result.sent.append((False, payload))
+            result.lines_sent += backend.restore(pieces, noflush=False)
+            if RECORD_PAYLOADS:
+                result.sent.append((False, "".join(recorded)))
             result.full_tables = full
-            result.lines_sent += payload.count("\n")
         except IptablesError as err:
             # The table is unchanged (the restore is atomic); the edit path below still works.
             log.warning("whole-table restore failed, applying the changes instead: %s", err)

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def worker(args: argparse.Namespace) -> None:
     """Runs inside the benchmark namespace; prints one JSON object."""
+    from kproxy import syncer
     from kproxy.model import NodeConfig
     from kproxy.modes import modes_for
     from kproxy.reconciler import Reconciler
@@ -57,6 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     out["load"] = time.perf_counter() - t0
     config = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",))
     modes = modes_for(args.mode)
+    syncer.RECORD_PAYLOADS = True  # the bare replay below needs the exact text sent
 
     # Full sync from empty, as `kproxy sync` does it (both families).
     render_s = apply_s = 0.0
@@ -173,8 +176,9 @@ class Namespaces:
         self.made.clear()
 
 
-def timed(argv: list[str], stdin_path: Path | None = None) -> tuple[float, float]:
-    """Run argv; (wall seconds, peak RSS MB of the process, from wait4)."""
+def timed(argv: list[str], stdin_path: Path | None = None) -> tuple[float, float, str]:
+    """Run argv; (wall seconds, peak RSS MB of the process and its children, from wait4,
+    stderr)."""
     with open(stdin_path) if stdin_path else open(os.devnull) as stdin:
         t = time.perf_counter()
         proc = subprocess.Popen(
@@ -185,7 +189,15 @@ def timed(argv: list[str], stdin_path: Path | None = None) -> tuple[float, float
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {err.strip()[:300]}")
-    return took, usage.ru_maxrss / 1024
+    return took, usage.ru_maxrss / 1024, err
+
+
+# `kproxy ARGS...` that prints its own peak RSS (children excluded) last on stderr.
+SELF_RSS = (
+    "import resource, sys; from kproxy.cli import main; rc = main(sys.argv[1:]); "
+    "print('self-maxrss-kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+    "sys.exit(rc)"
+)
 
 
 def bare_replay(ns: str, mode: str, payload_dir: Path) -> tuple[float, float]:
@@ -193,10 +205,10 @@ def bare_replay(ns: str, mode: str, payload_dir: Path) -> tuple[float, float]:
     total = peak = 0.0
     for path in sorted(payload_dir.iterdir()):
         if mode == "nftables":
-            took, rss = timed(["ip", "netns", "exec", ns, "nft", "-f", str(path)])
+            took, rss, _ = timed(["ip", "netns", "exec", ns, "nft", "-f", str(path)])
         else:
             flags = ["--noflush"] if "noflush" in path.name else []
-            took, rss = timed(
+            took, rss, _ = timed(
                 ["ip", "netns", "exec", ns, "iptables-restore", "-w", "5", *flags], path
             )
         total += took
@@ -233,18 +245,19 @@ def run_size(nss: Namespaces, mode: str, services: int, endpoints: int) -> dict:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         bare_ns = nss.new(f"bare{services}x{endpoints}")
         result["bare"], result["bare_rss_mb"] = bare_replay(bare_ns, mode, Path(tmp) / "payload")
-        # The real `kproxy sync` process on an empty node: its own peak RSS (the worker above
-        # also holds the generated cluster) and its wall time, interpreter start included.
+        # The real `kproxy sync` process on an empty node: its wall time, interpreter start
+        # included, and its own peak RSS (the worker above also holds the generated cluster;
+        # wait4 would report the larger of kproxy and its iptables-restore / nft child).
         cli_ns = nss.new(f"cli{services}x{endpoints}")
-        result["cli"], result["cli_rss_mb"] = timed(
+        result["cli"], _, err = timed(
             [
                 "ip",
                 "netns",
                 "exec",
                 cli_ns,
                 sys.executable,
-                "-m",
-                "kproxy",
+                "-c",
+                SELF_RSS,
                 "sync",
                 "--mode",
                 mode,
@@ -258,6 +271,7 @@ def run_size(nss: Namespaces, mode: str, services: int, endpoints: int) -> dict:
                 str(Path(tmp) / "lock"),
             ]
         )
+        result["cli_rss_mb"] = int(re.findall(r"self-maxrss-kb (\d+)", err)[-1]) / 1024
         subprocess.run(["ip", "netns", "del", cli_ns], capture_output=True)
         nss.made.remove(cli_ns)
         for n in (ns, bare_ns):
@@ -350,7 +364,7 @@ def fmt_ms(s: float) -> str:
 
 def report(results: list[dict], lat: dict, info: dict) -> str:
     lines = [
-        "| mode | cluster | kproxy full sync | load / render / apply | bare restore of the same payload | ratio | lines | `kproxy sync` process: wall, peak RSS | tool RSS |",
+        "| mode | cluster | kproxy full sync | load / render / apply | bare restore of the same payload | ratio | lines | `kproxy sync` process: wall (÷ bare), own peak RSS | tool RSS |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -358,7 +372,7 @@ def report(results: list[dict], lat: dict, info: dict) -> str:
             f"| {r['mode']} | {r['services']} × {r['endpoints']} | {fmt_ms(r['full_total'])} | "
             f"{fmt_ms(r['load'])} / {fmt_ms(r['render'])} / {fmt_ms(r['sync'])} | "
             f"{fmt_ms(r['bare'])} | {r['full_total'] / r['bare']:.2f} | {r['full_lines']} | "
-            f"{fmt_ms(r['cli'])}, {r['cli_rss_mb']:.0f} MB | "
+            f"{fmt_ms(r['cli'])} ({r['cli'] / r['bare']:.2f}), {r['cli_rss_mb']:.0f} MB | "
             f"{max(r['child_rss_mb'], r['bare_rss_mb']):.0f} MB |"
         )
     lines += [

@@ -4,6 +4,7 @@ small ones, foreign rules intact, atomic failure. Runs in a namespace it creates
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -284,3 +285,50 @@ def test_one_family_failing_does_not_block_the_other(node, tmp_path):
     assert "--to-destination 10.1.0.2:8080" in netns.iptables_save(node, "nat")
     v6_after = netns.run(node, ["ip6tables-save", "-t", "nat"]).stdout
     assert "[fd00:1::1]:8080" in v6_after and "[fd00:1::2]:8080" not in v6_after
+
+
+def test_streamed_restore_that_fails_midway_changes_nothing_and_names_the_line(node):
+    """A whole-table payload is streamed to iptables-restore in pieces; when the tool refuses a
+    line in the middle (and stops reading), the error names that line with its neighbours and
+    the table is left as it was."""
+    from kproxy.backends.iptables import IptablesBackend, IptablesError, detect_variant
+
+    before = netns.iptables_save(node)
+
+    def pieces():
+        yield "*nat\n:KUBE-SERVICES - [0:0]\n"
+        for i in range(20):  # ~2 MB before the bad line, ~2 MB after: more than a pipe holds
+            yield "".join(
+                f"-A KUBE-SERVICES -d 10.0.{i}.{j % 250}/32 -j RETURN\n" for j in range(2000)
+            )
+        yield "-A KUBE-SERVICES --no-such-option 1 -j RETURN\n"
+        for _ in range(20):
+            yield "".join("-A KUBE-SERVICES -d 10.1.0.1/32 -j RETURN\n" for _ in range(2000))
+        yield "COMMIT\n"
+
+    def restore():
+        backend = IptablesBackend(4, detect_variant(4))
+        with pytest.raises(IptablesError) as err:
+            backend.restore(pieces, noflush=False)
+        return err.value
+
+    err = netns.call_in(node, restore)
+    assert "failed" in str(err)
+    marked = [ln for ln in err.detail.splitlines() if re.match(r"\s*\d+> ", ln)]
+    assert marked and "--no-such-option" in marked[0], err.detail
+    assert netns.iptables_save(node) == before
+
+
+def test_streamed_restore_reports_the_lines_sent(node):
+    from kproxy.backends.iptables import IptablesBackend, detect_variant
+
+    def pieces():
+        yield "*nat\n:KUBE-SERVICES - [0:0]\n"
+        yield "".join(f"-A KUBE-SERVICES -d 10.0.0.{j}/32 -j RETURN\n" for j in range(1, 101))
+        yield "COMMIT\n"
+
+    sent = netns.call_in(
+        node, lambda: IptablesBackend(4, detect_variant(4)).restore(pieces, noflush=True)
+    )
+    assert sent == 103
+    assert netns.iptables_save(node, "nat").count("-A KUBE-SERVICES -d 10.0.0.") == 100

@@ -9,6 +9,8 @@ import logging
 import re
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,19 +79,45 @@ class IptablesBackend:
         wait=wait_exponential(multiplier=0.2, max=2.0) + wait_random(0, 0.2),
         reraise=True,
     )
-    def restore(self, payload: str, noflush: bool) -> None:
-        """Apply `payload` atomically per table. Retried while another process holds the lock."""
+    def restore(self, payload: str | Callable[[], Iterable[str]], noflush: bool) -> int:
+        """Apply `payload` atomically per table; the number of lines sent. Retried while another
+        process holds the lock.
+
+        `payload` may be a function returning the text in pieces: they are written to the
+        tool as they are made (a whole 10k-Service table is never held as one string, and
+        the tool parses while the next pieces are formatted); on failure it is called again
+        to show the lines around the one the tool names.
+        """
         argv = [self._binary("restore"), f"--wait={LOCK_WAIT_SECONDS}"]
         if noflush:
             argv.append("--noflush")
-        proc = subprocess.run(argv, input=payload, capture_output=True, text=True)
-        if proc.returncode != 0:
-            message = first_line(proc.stderr) or f"exit status {proc.returncode}"
+        pieces = [payload] if isinstance(payload, str) else payload()
+        lines = 0
+        # stderr to a file: a tool that fails early and writes much must not block our writes.
+        with tempfile.TemporaryFile() as errfile:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errfile
+            )
+            assert proc.stdin is not None
+            try:
+                with proc.stdin:
+                    for piece in pieces:
+                        lines += piece.count("\n")
+                        proc.stdin.write(piece.encode())
+            except BrokenPipeError:
+                pass  # the tool stopped reading (an error): its exit status and stderr tell
+            returncode = proc.wait()
+            errfile.seek(0)
+            stderr = errfile.read().decode(errors="replace")
+        if returncode != 0:
+            message = first_line(stderr) or f"exit status {returncode}"
+            text = payload if isinstance(payload, str) else "".join(payload())
             raise IptablesError(
                 f"{argv[0]} failed: {message}",
-                proc.returncode,
-                detail=failing_context(payload, proc.stderr),
+                returncode,
+                detail=failing_context(text, stderr),
             )
+        return lines
 
 
 def first_line(text: str) -> str:
