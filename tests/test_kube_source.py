@@ -440,3 +440,50 @@ def test_configuration_sources(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(SourceUnavailable, match="no API server configuration"):
         KubeSource(None, None, "", noop.on_event, noop.on_resync)
+
+
+def test_master_without_kubeconfig_uses_the_service_account(tmp_path, monkeypatch):
+    """In a pod, --master (the API server's real address, reachable before any Service rule
+    exists) takes the pod's service account token and CA; the token refresh keeps the address."""
+    import datetime
+
+    from kproxy.sources import kube
+
+    token, ca = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("first-token\n")
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    loader = kube.config.incluster_config.InClusterConfigLoader
+    init = loader.__init__
+
+    def always_due(self, *args, **kwargs):  # every use re-reads the token file
+        init(self, *args, **kwargs)
+        self._token_refresh_period = datetime.timedelta(0)
+
+    monkeypatch.setattr(loader, "__init__", always_due)
+    monkeypatch.setattr(
+        kube,
+        "_service_account",
+        lambda f=kube._service_account: f(token_file=str(token), cert_file=str(ca)),
+    )
+    (cfg,) = kube._configurations(["https://192.0.2.10:6443"], None)
+    assert cfg.host == "https://192.0.2.10:6443"
+    assert cfg.ssl_ca_cert == str(ca)
+    assert cfg.get_api_key_with_prefix("BearerToken") == "bearer first-token"
+    token.write_text("second-token")  # the kubelet rotated it
+    assert cfg.get_api_key_with_prefix("BearerToken") == "bearer second-token"
+    assert cfg.host == "https://192.0.2.10:6443"
+
+
+def test_master_outside_a_pod_has_no_credentials(tmp_path, monkeypatch):
+    from kproxy.sources import kube
+
+    monkeypatch.setattr(
+        kube,
+        "_service_account",
+        lambda f=kube._service_account: f(
+            token_file=str(tmp_path / "none"), cert_file=str(tmp_path / "none.crt")
+        ),
+    )
+    (cfg,) = kube._configurations(["http://127.0.0.1:8080"], None)
+    assert cfg.host == "http://127.0.0.1:8080"
+    assert not cfg.api_key

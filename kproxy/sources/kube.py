@@ -483,7 +483,9 @@ def _configurations(
     """One client configuration per API server address.
 
     As kube-proxy's --master/--kubeconfig: `servers` override the kubeconfig's server address
-    (keeping its credentials); without a kubeconfig they are used bare. Without `servers`: the
+    (keeping its credentials). Without a kubeconfig, `servers` take the pod's service account
+    credentials when there are any (a DaemonSet pointed at the API server's real address, not
+    the `kubernetes` Service that needs proxy rules first), else none. Without `servers`: the
     kubeconfig, else the in-cluster service account, else the default kubeconfig location.
     """
     base: client.Configuration | None = None
@@ -491,7 +493,9 @@ def _configurations(
         if kubeconfig:
             base = client.Configuration()
             config.load_kube_config(config_file=kubeconfig, client_configuration=base)
-        elif not servers:
+        elif servers:
+            base = _service_account()
+        else:
             base = client.Configuration()
             try:
                 config.load_incluster_config(client_configuration=base)
@@ -511,6 +515,49 @@ def _configurations(
         cfg.retries = False
         configs.append(cfg)
     return configs
+
+
+def _service_account(
+    token_file: str = config.incluster_config.SERVICE_TOKEN_FILENAME,
+    cert_file: str = config.incluster_config.SERVICE_CERT_FILENAME,
+) -> client.Configuration | None:
+    """The pod's service account credentials (token, re-read as the kubelet rotates it, and
+    CA) for an address given with --master; None outside a pod."""
+    loader = config.incluster_config.InClusterConfigLoader(
+        token_filename=token_file,
+        cert_filename=cert_file,
+        # The loader insists on the `kubernetes` Service's address; --master replaces it.
+        environ={
+            config.incluster_config.SERVICE_HOST_ENV_NAME: "kubernetes.default.svc",
+            config.incluster_config.SERVICE_PORT_ENV_NAME: "443",
+        },
+    )
+    base = client.Configuration()
+    try:
+        loader.load_and_set(base)
+    except ConfigException:
+        return None
+    refresh = base.refresh_api_key_hook
+
+    def keep_address(cfg: client.Configuration) -> None:
+        # The loader's token refresh also resets the address to the Service's, and puts its
+        # own hook back.
+        host = cfg.host
+        refresh(cfg)
+        cfg.host = host
+        cfg.refresh_api_key_hook = keep_address
+        _strip_token(cfg)
+
+    base.refresh_api_key_hook = keep_address
+    _strip_token(base)
+    return base
+
+
+def _strip_token(cfg: client.Configuration) -> None:
+    # A token file written with a trailing newline would make an invalid header.
+    token = cfg.api_key.get("BearerToken")
+    if token:
+        cfg.api_key["BearerToken"] = token.strip()
 
 
 def _lines(resp: Any) -> Iterator[str]:
