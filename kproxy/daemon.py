@@ -117,13 +117,13 @@ class CacheWriter:
 
     def __init__(self, path: str, node: str) -> None:
         self.path, self.node = path, node
-        self._pending: list[dict] | None = None
+        self._pending: list[str] | None = None
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="state-cache", daemon=True)
         self._thread.start()
 
-    def submit(self, objects: list[dict]) -> None:
+    def submit(self, objects: list[str]) -> None:
         with self._cv:
             self._pending = objects
             self._cv.notify()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,15 @@ from kproxy.backends.iptables import IptablesBackend
 from kproxy.backends.nftables import NftBackend, NftError
 from kproxy.fileio import write_atomically
 from kproxy.ruleset import RuleSet, Table
-from kproxy.snapshot import TABLES, Snapshot, SnapshotError, dump, owned_ruleset, parse
+from kproxy.snapshot import (
+    TABLES,
+    Snapshot,
+    SnapshotError,
+    dump,
+    dump_chunks,
+    owned_ruleset,
+    parse,
+)
 from kproxy.syncer import NftSyncResult, SyncResult, read_live, sync_family, sync_nft
 
 log = logging.getLogger(__name__)
@@ -115,22 +124,23 @@ class SnapshotStore:
 
     directory: Path
     keep: int = 5
-    _last_body: str | None = None
+    _last_digest: str | None = None
 
     def save(self, families: dict[str, RuleSet], node: str, backend: str) -> Path | None:
         """Write a snapshot unless it equals the last one written; returns its path."""
-        text = dump(families, node=node, backend=backend)
-        body = text.split("\n", 6)[6]
-        if body == self._last_body:
+        pieces = dump_chunks(families, node=node, backend=backend)
+        header = next(pieces)
+        fields = dict(line[2:].split(" ", 1) for line in header.splitlines()[1:])
+        if fields["sha256"] == self._last_digest:
             return None
-        created = text.split("\n", 2)[1].split()[2].replace(":", "")
+        created = fields["created"].replace(":", "")
         path = self.directory / f"kproxy-{created}{SNAPSHOT_SUFFIX}"
         n = 1
         while path.exists():
             n += 1
             path = self.directory / f"kproxy-{created}-{n}{SNAPSHOT_SUFFIX}"
-        write_atomically(path, text)
-        self._last_body = body
+        write_atomically(path, itertools.chain([header], pieces))
+        self._last_digest = fields["sha256"]
         old = sorted(self.directory.glob(f"*{SNAPSHOT_SUFFIX}"), key=lambda p: p.stat().st_mtime)
         for stale in old[: max(0, len(old) - self.keep)]:
             stale.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kproxy import __version__
@@ -84,20 +85,22 @@ def _layout(rs: RuleSet) -> None:
 
 def ruleset_text(rs: RuleSet) -> str:
     """iptables-save form of an owned RuleSet (built-in chains only through their rules)."""
-    lines = []
+    return "".join(ruleset_chunks(rs))
+
+
+def ruleset_chunks(rs: RuleSet) -> Iterator[str]:
+    """ruleset_text in pieces of a chain each."""
     for name in TABLES:
         table = rs.tables.get(name)
         jumps = [j for j in rs.jumps if j.table == name]
         if table is None and not jumps:
             continue
-        lines.append(f"*{name}")
         chains = table.chains if table else {}
-        lines.extend(f":{chain} - [0:0]" for chain in sorted(chains))
-        lines.extend(f"-A {j.chain} {j.rule}" for j in jumps)
+        yield f"*{name}\n" + "".join(f":{chain} - [0:0]\n" for chain in sorted(chains))
+        yield "".join(f"-A {j.chain} {j.rule}\n" for j in jumps)
         for chain in sorted(chains):
-            lines.extend(f"-A {chain} {rule}" for rule in chains[chain])
-        lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+            yield "".join(f"-A {chain} {rule}\n" for rule in chains[chain])
+        yield "COMMIT\n"
 
 
 def dump(
@@ -109,22 +112,42 @@ def dump(
 ) -> str:
     """`families`: iptables mode's owned rules; `nft`: `nft list table` text of the kproxy
     table per nft family ("ip", "ip6")."""
-    body = "".join(
-        f"# family {name}\n{ruleset_text(families[name])}" for name in FAMILIES if name in families
-    )
-    body += "".join(f"# nft {fam}\n{text.rstrip()}\n" for fam, text in sorted((nft or {}).items()))
+    return "".join(dump_chunks(families, node, backend, now, nft))
+
+
+def dump_chunks(
+    families: dict[str, RuleSet],
+    node: str,
+    backend: str,
+    now: float | None = None,
+    nft: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """dump in pieces: the header (its checksum from a first pass over the body), then the
+    body made again piece by piece — a 10k-Service snapshot is never one 37 MB string."""
+
+    def body() -> Iterator[str]:
+        for name in FAMILIES:
+            if name in families:
+                yield f"# family {name}\n"
+                yield from ruleset_chunks(families[name])
+        for fam, text in sorted((nft or {}).items()):
+            yield f"# nft {fam}\n{text.rstrip()}\n"
+
+    digest = hashlib.sha256()
+    for piece in body():
+        digest.update(piece.encode())
     created = time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime(now if now is not None else time.time())
     )
-    header = (
+    yield (
         f"{MAGIC} {FORMAT_VERSION}\n"
         f"# created {created}\n"
         f"# node {node}\n"
         f"# kproxy {__version__}\n"
         f"# backend {backend}\n"
-        f"# sha256 {hashlib.sha256(body.encode()).hexdigest()}\n"
+        f"# sha256 {digest.hexdigest()}\n"
     )
-    return header + body
+    yield from body()
 
 
 def parse(text: str) -> Snapshot:

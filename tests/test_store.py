@@ -1,6 +1,7 @@
 """The daemon's object store: change tracking, relists without churn, bad updates."""
 
 import copy
+import json
 
 from kproxy.store import ObjectStore
 
@@ -108,3 +109,27 @@ def test_deleted_slice_marks_its_service():
     store.apply("EndpointSlice", "DELETED", eps("a-1", "a", "10.1.0.1"))
     state, changes = store.snapshot()
     assert not state.slices and changes.services == {("ns", "a")}
+
+
+def test_cache_copy_is_the_objects_without_managed_fields(tmp_path):
+    """The store keeps each object as compact JSON for the last-known-good cache; the cache
+    file written from it loads back as the objects the API sent, minus managedFields."""
+    from kproxy.sources import cache
+
+    store = ObjectStore("node-1")
+    svc = service("web")
+    svc["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    slice_ = eps("web-x", "web", "10.1.0.1")
+    store.resync("Service", [svc])
+    store.resync("EndpointSlice", [slice_])
+    path = tmp_path / "state.json"
+    cache.save(path, store.raw_objects(), "node-1")
+    loaded = cache.load(path).objects
+    expected = copy.deepcopy(svc)
+    del expected["metadata"]["managedFields"]
+    assert loaded == [expected, slice_]
+    assert svc["metadata"]["managedFields"], "the caller's object must not be changed"
+
+    # A relist without the slice deletes it from the copy too.
+    store.resync("EndpointSlice", [])
+    assert [json.loads(o)["kind"] for o in store.raw_objects()] == ["Service"]

@@ -27,14 +27,19 @@ class CachedState:
         return max(0.0, (now if now is not None else time.time()) - self.saved_at)
 
 
-def save(path: str | Path, objects: list[dict[str, Any]], node: str = "") -> None:
-    doc = {
+def save(path: str | Path, objects: list[dict[str, Any]] | list[str], node: str = "") -> None:
+    """Write `objects` (dicts, or JSON texts as the daemon's store keeps them) as the cache."""
+    head = {
         "apiVersion": "v1",
         "kind": "List",
         "metadata": {"annotations": {SAVED_AT: f"{time.time():.3f}", "kproxy.io/node": node}},
-        "items": objects,
     }
-    write_atomically(path, json.dumps(doc, separators=(",", ":")))
+    items = ",".join(
+        o if isinstance(o, str) else json.dumps(o, separators=(",", ":")) for o in objects
+    )
+    write_atomically(
+        path, json.dumps(head, separators=(",", ":"))[:-1] + ',"items":[' + items + "]}"
+    )
 
 
 def load(path: str | Path) -> CachedState:
