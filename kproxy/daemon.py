@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kproxy import conntrack
+from kproxy import __version__, conntrack
 from kproxy.health import HealthServer, ProxyHealth, ServiceHealthServers
 from kproxy.lockfile import locked
 from kproxy.metrics import Metrics
@@ -115,8 +115,8 @@ class CacheWriter:
     """Writes the last-known-good state in the background: the latest submission wins, so a
     burst of syncs costs one write, and a slow disk never delays a sync."""
 
-    def __init__(self, path: str, node: str) -> None:
-        self.path, self.node = path, node
+    def __init__(self, path: str, node: str, metrics: Metrics | None = None) -> None:
+        self.path, self.node, self.metrics = path, node, metrics
         self._pending: list[str] | None = None
         self._cv = threading.Condition()
         self._stop = False
@@ -143,6 +143,8 @@ class CacheWriter:
                 log.warning(
                     "could not write the state cache %s: %s", self.path, err.strerror or err
                 )
+                if self.metrics is not None:
+                    self.metrics.state_cache_failures_total.inc()
 
     def stop(self) -> None:
         with self._cv:
@@ -169,7 +171,9 @@ class Daemon:
             else None
         )
         self.cache_writer = (
-            CacheWriter(opts.state_cache, opts.node_name) if opts.state_cache else None
+            CacheWriter(opts.state_cache, opts.node_name, self.metrics)
+            if opts.state_cache
+            else None
         )
         self.reconciler = Reconciler(
             self.store,
@@ -184,6 +188,9 @@ class Daemon:
             if opts.lock_file
             else None,
         )
+        self.metrics.info.labels(
+            version=__version__, mode=opts.mode, backend=families[0].label
+        ).set(1)
         self.source = KubeSource(
             opts.servers or None,
             opts.kubeconfig,
@@ -264,6 +271,7 @@ class Daemon:
                 self.snapshots.directory,
                 err.strerror or err,
             )
+            self.metrics.snapshot_failures_total.inc()
             return
         self.metrics.last_snapshot_timestamp_seconds.set(time.time())
         if path is not None:

@@ -237,6 +237,23 @@ class Metrics:
             "When the daemon last wrote (or confirmed) a snapshot of its rules",
             subsystem="",
         )
+        self.info = gauge(
+            "kproxy_info",
+            "1, labelled with kproxy's version, its mode and the rules' backend "
+            "(iptables-nft, iptables-legacy or nftables)",
+            ("version", "mode", "backend"),
+            subsystem="",
+        )
+        self.snapshot_failures_total = counter(
+            "kproxy_snapshot_failures",
+            "Snapshots of the rules that could not be written (the previous one is intact)",
+            subsystem="",
+        )
+        self.state_cache_failures_total = counter(
+            "kproxy_state_cache_failures",
+            "State cache writes that failed (the previous cache is intact)",
+            subsystem="",
+        )
         self.sync_failures_total = counter(
             "kproxy_sync_failures",
             "Failed syncs, per IP family",

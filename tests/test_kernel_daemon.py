@@ -342,6 +342,12 @@ def test_metrics_and_health_endpoints(env):
     assert daemon.metric("kubeproxy_sync_proxy_rules_iptables_total", table="nat") > 10
     assert daemon.metric("rest_client_requests_total", verb="LIST", code="200") >= 2
     assert daemon.metric("kproxy_apiserver_reachable") == 1
+    from kproxy import __version__
+
+    assert (
+        daemon.metric("kproxy_info", version=__version__, mode="iptables", backend="iptables-nft")
+        == 1
+    )
 
     # The health check node port of the ETP=Local LoadBalancer Service.
     wait_for(
