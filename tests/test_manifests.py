@@ -678,6 +678,7 @@ REQUIRED_ALERTS = {
     "KproxyAPIServerUnreachable",
     "KproxyRunningFromStateCache",
     "KproxySnapshotTooOld",
+    "KproxyStateWritesFailing",
 }
 
 
