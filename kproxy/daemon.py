@@ -198,6 +198,10 @@ class Daemon:
             on_event=self._on_event,
             on_resync=self._on_resync,
             metrics=self.metrics,
+            # After a long outage the next attempt comes at most this long after the API server
+            # is back, and the changes made meanwhile must land within a sync period (the
+            # source's own 30s cap plus the relist and the sync overshot a 30s sync period).
+            backoff_max=max(1.0, min(30.0, 0.8 * opts.sync_period)),
         )
 
     def _on_event(self, event: KubeEvent) -> None:

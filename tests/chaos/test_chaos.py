@@ -43,3 +43,24 @@ def test_endpoint_churn_is_applied_with_bounded_memory(kernel_support):
 
 def test_full_disk_keeps_the_previous_files(kernel_support):
     check(scenarios.full_disk(short=True))
+
+
+def test_api_reconnect_backoff_stays_inside_a_sync_period():
+    # The chaos API-outage run converged 24.4s after a 180s outage with a 30s sync period: the
+    # watch backoff was capped at 30s (+ jitter), so a change made during the outage could land
+    # later than one sync period after the API server returned.
+    from kproxy.daemon import Daemon, DaemonOptions
+    from kproxy.model import NodeConfig
+
+    for period, cap in ((30.0, 24.0), (10.0, 8.0), (120.0, 30.0), (0.5, 1.0)):
+        opts = DaemonOptions(
+            node_name="node-1",
+            config=NodeConfig(node_name="node-1"),
+            servers=["http://127.0.0.1:1"],
+            kubeconfig=None,
+            sync_period=period,
+            mode="nftables",  # no iptables detection: nothing runs at construction
+            metrics_bind="127.0.0.1:0",
+        )
+        daemon = Daemon(opts)
+        assert daemon.source.backoff_max == cap
