@@ -68,6 +68,19 @@ class SyncReport:
     failed_families: list[str] = field(default_factory=list)
 
 
+# The periodic verify reads the kernel and compares it with a full render: ~10 s at 10k
+# Services in iptables mode, ~50 s in nftables mode (BENCHMARKS.md). It runs every sync period,
+# but never more often than keeps its share of the time under 1/VERIFY_SHARE: at scale it would
+# otherwise run back to back, holding up the partial syncs that carry the changes. (Upstream
+# does a full sync every hour; canaries catch a flush within the canary interval either way.)
+VERIFY_SHARE = 10
+
+
+def verify_interval(sync_period: float, last_verify_seconds: float) -> float:
+    """Seconds between periodic verifies, given how long the last one took."""
+    return max(sync_period, VERIFY_SHARE * last_verify_seconds)
+
+
 class Reconciler:
     def __init__(
         self,
@@ -122,13 +135,15 @@ class Reconciler:
                 return
         last_start = float("-inf")
         last_verify = time.monotonic()
+        verify_cost = 0.0
         last_canary = time.monotonic()
         retry_at = 0.0
         backoff = 1.0
         while not stop.is_set():
             now = time.monotonic()
             with self._cv:
-                if now - last_verify >= self.sync_period and self._verify_reason is None:
+                every = verify_interval(self.sync_period, verify_cost)
+                if now - last_verify >= every and self._verify_reason is None:
                     self._verify_reason = "periodic"
                 due = self._pending or self._verify_reason is not None
                 start_at = max(last_start + self.min_sync_period, retry_at)
@@ -137,7 +152,7 @@ class Reconciler:
                     self._pending = False
                     self._verify_reason = None
                 else:
-                    deadlines = [last_verify + self.sync_period, last_canary + self.canary_interval]
+                    deadlines = [last_verify + every, last_canary + self.canary_interval]
                     if due:
                         deadlines.append(start_at)
                     self._cv.wait(max(0.01, min(deadlines) - now))
@@ -155,6 +170,8 @@ class Reconciler:
             report = self.sync(verify_reason)
             if verify_reason is not None or not report.ok:
                 last_verify = time.monotonic()
+            if verify_reason is not None and report.ok:
+                verify_cost = last_verify - last_start
             if report.ok:
                 backoff = 1.0
                 retry_at = 0.0
