@@ -565,7 +565,7 @@ def churn(
     from tests.synthetic import generate
 
     if short:
-        services, per_minute, duration = 200, 1200, 8.0
+        services, per_minute, duration = 200, 1200, 6.0
     rng = random.Random(seed)
     problems: list[str] = []
     with Bench(mode) as bench:

@@ -34,7 +34,7 @@ def test_xtables_lock_held_apply_retries_without_spinning(kernel_support):
 
 
 def test_gone_storm_churns_nothing(kernel_support):
-    check(scenarios.gone_storm(short=True, duration=6.0))
+    check(scenarios.gone_storm(short=True, duration=5.0))
 
 
 def test_endpoint_churn_is_applied_with_bounded_memory(kernel_support):
