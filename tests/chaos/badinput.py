@@ -8,6 +8,7 @@ reported once per change, not once per sync.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
@@ -460,7 +461,13 @@ def bad_input(mode: str = "iptables", short: bool = False, seed: int = 5) -> dic
         target["spec"]["ports"] = [{"port": "ninety", "protocol": 6}]
         before = _mentions(bench.kproxy.log(), "wrong-types")
         bench.api.apply(target)
-        time.sleep(1.5)
+        with contextlib.suppress(TimeoutError):
+            bench.wait(
+                "the changed bad object reported",
+                lambda: _mentions(bench.kproxy.log(), "wrong-types") > before,
+                30,
+            )
+        time.sleep(1.0)  # and not more than once
         again = _mentions(bench.kproxy.log(), "wrong-types") - before
         if again != 1:
             problems.append(f"a changed bad object was reported {again} times (want 1)")
