@@ -26,7 +26,7 @@ from kproxy.render.nftables import (
     render_nft,
     render_nft_delta,
 )
-from kproxy.ruleset import RuleSet, Table, is_owned_chain
+from kproxy.ruleset import Jump, RuleSet, Table, is_owned_chain
 from kproxy.syncer import (
     applied_tables,
     describe,
@@ -113,6 +113,8 @@ class IptablesMode(_DeltaSync):
         self.applied: dict[str, Table] | None = None
         self.last: Any = None  # the render result last applied, for render_delta
         self.rules: dict[str, int] = {}
+        # One jump per table from the last full apply, checked with the canaries.
+        self.sentinels: list[Jump] = []
 
     @property
     def label(self) -> str:
@@ -157,6 +159,7 @@ class IptablesMode(_DeltaSync):
             raise
         if not dry_run:
             self.applied = applied_tables(desired)
+            self.sentinels = list({j.table: j for j in reversed(desired.jumps)}.values())
         lines = {t: c.line_count() for t, c in result.plan.changes.items()}
         return Outcome(
             not result.plan.empty(),
@@ -172,9 +175,15 @@ class IptablesMode(_DeltaSync):
         self.last = None
 
     def missing_canaries(self) -> list[str]:
-        return [
+        missing = [
             f"{self.name} {t}" for t in CANARY_TABLES if not self.backend.chain_exists(t, CANARY)
         ]
+        # `iptables -t nat -F` without -X empties every chain but leaves the empty canaries:
+        # the first jump kproxy keeps in each table's built-in chains tells that apart.
+        for jump in self.sentinels if not missing else ():
+            if self.backend.rule_missing(jump.table, jump.chain, jump.rule):
+                missing.append(f"{self.name} {jump.table} {jump.chain} jump")
+        return missing
 
     def owned_ruleset(self) -> RuleSet | None:
         from kproxy.snapshot import owned_ruleset  # snapshot imports render: keep it lazy
