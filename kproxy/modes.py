@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kproxy import syncer
 from kproxy.backends.iptables import IptablesBackend, family_backends
 from kproxy.backends.nftables import NftBackend
 from kproxy.model import ClusterState, NodeConfig
@@ -232,7 +233,7 @@ class NftablesMode(_DeltaSync):
         result = sync_nft(self.backend, new, assumed=old, known=True)
         self.applied, self.known = None, False  # the full record is stale
         self.rules += new.rule_count() - old.rule_count()
-        text = result.plan.text()
+        text = result.plan.text()  # a few lines
         outcome = Outcome(
             not result.plan.empty(),
             False,
@@ -260,14 +261,16 @@ class NftablesMode(_DeltaSync):
             raise
         if not dry_run:
             self.applied, self.known = desired, True
-        text = result.plan.text()
+        sent = []
+        if syncer.RECORD_PAYLOADS and not dry_run and not result.plan.empty():
+            sent = [(False, result.plan.text())]
         return Outcome(
             not result.plan.empty(),
             result.read_kernel,
             describe_nft(result),
-            text,
+            result.plan.text,  # formatted only when asked for (diff)
             {"kproxy": len(result.plan.lines)},
-            [(False, text)] if text and not dry_run else [],
+            sent,
         )
 
     def forget(self) -> None:

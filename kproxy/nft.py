@@ -10,6 +10,7 @@ No I/O.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 TABLE = "kproxy"
@@ -209,7 +210,12 @@ class NftPlan:
         return not self.lines
 
     def text(self) -> str:
-        return "".join(f"{ln}\n" for ln in self.lines)
+        return "".join(self.pieces())
+
+    def pieces(self, size: int = 4096) -> Iterator[str]:
+        """text() in pieces of `size` lines (a 10k-Service table is 400k lines)."""
+        for i in range(0, len(self.lines), size):
+            yield "".join(f"{ln}\n" for ln in self.lines[i : i + size])
 
     def summary(self) -> str:
         return (

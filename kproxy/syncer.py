@@ -202,8 +202,7 @@ def sync_nft(
     )
     if dry_run or the_plan.empty():
         return result
-    text = the_plan.text()
-    backend.apply(text)
+    backend.apply(the_plan.pieces)
     result.lines_sent = len(the_plan.lines)
     result.timings["apply"] = time.perf_counter() - t2
     return result

@@ -4,6 +4,7 @@ the daemon repairing its table, and switching modes without a gap."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -218,3 +219,25 @@ def test_nft_table_check_asks_netlink_for_names_only(node):
     netns.run(node, ["nft", "add", "table", "ip6", "kproxy"])
     out = netns.run(node, [sys.executable, "-c", code]).stdout.split()
     assert out == ["False", "True", "None"]
+
+
+def test_streamed_transaction_that_fails_changes_nothing_and_names_the_line(node):
+    """The nft transaction is written to `nft -f -` in pieces; a refused line fails the whole
+    transaction (nothing applied) and the error shows that line."""
+    from kproxy.backends.nftables import NftBackend, NftError
+
+    def pieces():
+        yield "add table ip kproxy\n"
+        yield "".join(f"add chain ip kproxy c{i}\n" for i in range(3000))
+        yield "add rule ip kproxy c1 ip daddr 10.0.0.1 no-such-statement\n"
+        yield "".join(f"add chain ip kproxy d{i}\n" for i in range(3000))
+
+    def apply():
+        with pytest.raises(NftError) as err:
+            NftBackend("ip").apply(pieces)
+        return err.value
+
+    err = netns.call_in(node, apply)
+    marked = [ln for ln in err.detail.splitlines() if re.match(r"\s*\d+> ", ln)]
+    assert marked and "no-such-statement" in marked[0], err.detail
+    assert "kproxy" not in nft(node, "list", "tables")

@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,24 +101,15 @@ class IptablesBackend:
         argv = [self._binary("restore"), f"--wait={LOCK_WAIT_SECONDS}"]
         if noflush:
             argv.append("--noflush")
-        pieces = [payload] if isinstance(payload, str) else payload()
         lines = 0
-        # stderr to a file: a tool that fails early and writes much must not block our writes.
-        with tempfile.TemporaryFile() as errfile:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errfile
-            )
-            assert proc.stdin is not None
-            try:
-                with proc.stdin:
-                    for piece in pieces:
-                        lines += piece.count("\n")
-                        proc.stdin.write(piece.encode())
-            except BrokenPipeError:
-                pass  # the tool stopped reading (an error): its exit status and stderr tell
-            returncode = proc.wait()
-            errfile.seek(0)
-            stderr = errfile.read().decode(errors="replace")
+
+        def counted() -> Iterator[str]:
+            nonlocal lines
+            for piece in [payload] if isinstance(payload, str) else payload():
+                lines += piece.count("\n")
+                yield piece
+
+        returncode, stderr = stream_to(argv, lambda: counted())
         if returncode != 0:
             message = first_line(stderr) or f"exit status {returncode}"
             text = payload if isinstance(payload, str) else "".join(payload())
@@ -128,6 +119,27 @@ class IptablesBackend:
                 detail=failing_context(text, stderr),
             )
         return lines
+
+
+def stream_to(argv: list[str], payload: str | Callable[[], Iterable[str]]) -> tuple[int, str]:
+    """Run argv with `payload` (or its pieces, written as they are made) on stdin; (exit
+    status, stderr)."""
+    pieces = [payload] if isinstance(payload, str) else payload()
+    # stderr to a file: a tool that fails early and writes much must not block our writes.
+    with tempfile.TemporaryFile() as errfile:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errfile
+        )
+        assert proc.stdin is not None
+        try:
+            with proc.stdin:
+                for piece in pieces:
+                    proc.stdin.write(piece.encode())
+        except BrokenPipeError:
+            pass  # the tool stopped reading (an error): its exit status and stderr tell
+        returncode = proc.wait()
+        errfile.seek(0)
+        return returncode, errfile.read().decode(errors="replace")
 
 
 def first_line(text: str) -> str:

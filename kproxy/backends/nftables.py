@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from kproxy.backends.iptables import IptablesError, failing_context, first_line
+from kproxy.backends.iptables import IptablesError, failing_context, first_line, stream_to
 from kproxy.nft import TABLE, NftTable, parse_table
 
 
@@ -52,13 +53,17 @@ class NftBackend:
         with NFTables(nfgen_family=nfproto) as nl:
             return any(t.get_attr("NFTA_TABLE_NAME") == TABLE for t in nl.get_tables())
 
-    def apply(self, transaction: str) -> None:
-        proc = subprocess.run(["nft", "-f", "-"], input=transaction, capture_output=True, text=True)
-        if proc.returncode != 0:
+    def apply(self, transaction: str | Callable[[], Iterable[str]]) -> None:
+        """Apply one `nft -f` transaction; `transaction` may be a function returning it in
+        pieces, written as they are made (never one string; called again on failure to show
+        the lines around the one nft names)."""
+        returncode, stderr = stream_to(["nft", "-f", "-"], transaction)
+        if returncode != 0:
+            text = transaction if isinstance(transaction, str) else "".join(transaction())
             raise NftError(
-                f"nft -f failed: {first_line(proc.stderr)}",
-                proc.returncode,
-                detail=failing_context(transaction, proc.stderr, r"/dev/stdin:(\d+)"),
+                f"nft -f failed: {first_line(stderr)}",
+                returncode,
+                detail=failing_context(text, stderr, r"/dev/stdin:(\d+)"),
             )
 
     def delete_table(self) -> bool:
