@@ -723,6 +723,20 @@ def build(
 _CLONE_NEWNET = 0x40000000
 
 
+def enter(ns: str) -> None:
+    """Move the calling thread (only it: setns acts per thread) into namespace `ns`."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({ns}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def call_in(ns: str, fn, *args, **kwargs):
     """Run `fn(*args, **kwargs)` in a fresh thread that has entered namespace `ns`, and return
     its result (or raise its exception).
@@ -731,20 +745,12 @@ def call_in(ns: str, fn, *args, **kwargs):
     process itself never leaves its own. Sockets created inside `fn` belong to `ns` for their
     whole life: a server started this way listens on `ns`'s addresses, e.g. its 127.0.0.1.
     """
-    import ctypes
     import threading
 
-    libc = ctypes.CDLL(None, use_errno=True)
     outcome: dict[str, object] = {}
 
     def runner() -> None:
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, _CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns({ns}): {os.strerror(err)}")
-        finally:
-            os.close(fd)
+        enter(ns)
         try:
             outcome["value"] = fn(*args, **kwargs)
         except BaseException as exc:  # handed to the caller

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import json
 import os
 import random
@@ -53,20 +52,6 @@ ECHO_PORT = 9000
 METRICS = "http://127.0.0.1:10249/metrics"
 HEALTH = "http://127.0.0.1:10256"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def enter_netns(ns: str) -> None:
-    """Move the calling thread (only it) into network namespace `ns`."""
-    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if _libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({ns}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- objects
@@ -220,7 +205,7 @@ class Prober:
 
     def _guarded(self) -> None:
         try:
-            enter_netns(self.ns)
+            netns.enter(self.ns)
             self._run()
         except BaseException as exc:  # reported by start()/summary users
             self.error = exc
