@@ -19,7 +19,7 @@ from kproxy.backends.nftables import NftBackend
 from kproxy.model import ClusterState, NodeConfig
 from kproxy.nft import NftTable
 from kproxy.render.cache import RenderCache
-from kproxy.render.iptables import IPV4, IPV6, fragments_ruleset, render, render_delta
+from kproxy.render.iptables import IPV4, IPV6, fragments_of, render, render_delta
 from kproxy.render.nftables import (
     NFT_IPV4,
     NFT_IPV6,
@@ -34,6 +34,7 @@ from kproxy.syncer import (
     describe_nft,
     read_live,
     sync_family,
+    sync_fragments,
     sync_nft,
 )
 
@@ -75,7 +76,9 @@ class _DeltaSync:
     render (and no verify), only those Services are rendered and their change applied — the
     kernel is not read and the payload holds nothing else; otherwise everything is rendered
     and planned against the record of the last full apply (or, when that record is stale after
-    delta syncs, or to verify, against the kernel)."""
+    delta syncs, or to verify, against the kernel). A change too large to send as edits (a
+    node drain: hundreds of Services at once) is synced as a full render too, so a whole-table
+    restore only ever carries the whole rule set."""
 
     last: Any
     _candidate: Any
@@ -91,12 +94,14 @@ class _DeltaSync:
             delta = self._render_delta(state, config, changed)
             if delta is not None:
                 try:
-                    outcome, rendered = self._apply_delta(delta)
+                    applied = self._apply_delta(delta)
                 except Exception:
                     self.forget()
                     raise
-                self.last = delta.result
-                return outcome, rendered
+                if applied is not None:
+                    self.last = delta.result
+                    return applied
+                # Too large a change to apply as edits: the whole rule set, as a full sync.
         rendered = self.render(state, config)
         outcome = self.sync(rendered.desired, verify=verify)
         self.last = self._candidate
@@ -130,10 +135,12 @@ class IptablesMode(_DeltaSync):
     def _render_delta(self, state: ClusterState, config: NodeConfig, changed: set) -> Any:
         return render_delta(state, config, changed, self.last, self.cache)
 
-    def _apply_delta(self, delta: Any) -> tuple[Outcome, Rendered]:
-        old = fragments_ruleset([o for o, _ in delta.pairs])
-        new = fragments_ruleset([n for _, n in delta.pairs])
-        result = sync_family(self.backend, new, assumed=old.tables)
+    def _apply_delta(self, delta: Any) -> tuple[Outcome, Rendered] | None:
+        old = fragments_of([o for o, _ in delta.pairs])
+        new = fragments_of([n for _, n in delta.pairs])
+        result = sync_fragments(self.backend, old, new, self.rules)
+        if result is None:
+            return None  # nothing was applied
         self.applied = None  # the full record is stale; a full sync reads the kernel
         for f, sign in [(o, -1) for o, _ in delta.pairs] + [(n, 1) for _, n in delta.pairs]:
             for (table, _chain), rules in f.chains.items() if f else ():
@@ -226,7 +233,7 @@ class NftablesMode(_DeltaSync):
     def _render_delta(self, state: ClusterState, config: NodeConfig, changed: set) -> Any:
         return render_nft_delta(state, config, changed, self.last, self.cache)
 
-    def _apply_delta(self, delta: Any) -> tuple[Outcome, Rendered]:
+    def _apply_delta(self, delta: Any) -> tuple[Outcome, Rendered] | None:
         full = self.last.table
         old = fragments_table(self.family, [o for o, _ in delta.pairs], full)
         new = fragments_table(self.family, [n for _, n in delta.pairs], full)

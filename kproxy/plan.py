@@ -19,7 +19,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from kproxy.ruleset import BUILTIN_CHAINS, RuleSet, Table, is_owned_chain, rule_target
+from kproxy.ruleset import (
+    BUILTIN_CHAINS,
+    Fragments,
+    RuleSet,
+    Table,
+    is_owned_chain,
+    rule_target,
+)
 
 
 @dataclass
@@ -86,21 +93,57 @@ class Plan:
         return "".join(parts)
 
 
+def _whole(desired: object) -> None:
+    # A fragment set planned as a whole table deletes every owned chain and jump outside it
+    # (issue 13.1); the types keep the two apart, and this keeps them apart at run time too.
+    if not isinstance(desired, RuleSet):
+        raise TypeError(
+            f"a whole RuleSet is needed here, not {type(desired).__name__} "
+            "(fragments are planned against fragments: plan_fragments)"
+        )
+
+
 def plan(desired: RuleSet, live: dict[str, Table]) -> Plan:
     """The change that turns `live` into `desired` for the owned chains and jumps."""
+    _whole(desired)
     tables = sorted(set(desired.tables) | {j.table for j in desired.jumps})
     changes = {}
     for name in tables:
-        changes[name] = _plan_table(desired, name, live.get(name, Table(name)))
+        live_table = live.get(name, Table(name))
+        want = desired.tables.get(name, Table(name))
+        change = TableChange(name)
+        _plan_chains(change, name, want, desired.unordered, live_table)
+        _plan_jumps(change, desired, name, live_table)
+        changes[name] = change
     return Plan(changes)
 
 
-def _plan_table(desired: RuleSet, name: str, live: Table) -> TableChange:
-    change = TableChange(name)
-    want = desired.tables.get(name, Table(name))
+def plan_fragments(old: Fragments, new: Fragments) -> Plan:
+    """The change from some Services' old rules to their new ones, and nothing else: chains
+    only `old` holds are deleted, chains only `new` holds created, shared chains edited rule
+    by rule. No built-in chain, and no chain outside the two sets, is ever named."""
+    if not (isinstance(old, Fragments) and isinstance(new, Fragments)):
+        raise TypeError("plan_fragments plans Fragments against Fragments")
+    changes = {}
+    for name in sorted(set(old.tables) | set(new.tables)):
+        change = TableChange(name)
+        _plan_chains(
+            change, name, new.tables.get(name, Table(name)), new.unordered, old.table(name)
+        )
+        changes[name] = change
+    return Plan(changes)
+
+
+def _plan_chains(
+    change: TableChange,
+    name: str,
+    want: Table,
+    unordered: dict[tuple[str, str], int],
+    live: Table,
+) -> None:
     for chain, rules in want.chains.items():
         have = live.chains.get(chain)
-        tail = desired.unordered.get((name, chain))
+        tail = unordered.get((name, chain))
         if have is None:
             change.declare.append(chain)
             change.write_chains.append((chain, rules))
@@ -118,9 +161,6 @@ def _plan_table(desired: RuleSet, name: str, live: Table) -> TableChange:
             change.declare.append(chain)  # flush first, so nothing it references blocks -X
             change.delete_chains.append(chain)
             change.summary[chain] = "deleted"
-
-    _plan_jumps(change, desired, name, live, want)
-    return change
 
 
 def _tail_in_place(want: list[str], have: list[str], tail: int) -> bool:
@@ -150,7 +190,7 @@ def _edit_unordered(
     return True
 
 
-def _plan_jumps(change: TableChange, desired: RuleSet, name: str, live: Table, want: Table) -> None:
+def _plan_jumps(change: TableChange, desired: RuleSet, name: str, live: Table) -> None:
     wanted: dict[str, list[str]] = {}
     for jump in desired.jumps:
         if jump.table == name:
@@ -186,6 +226,7 @@ def full_table(desired: RuleSet, name: str, live: Table) -> Table:
     Restoring this without --noflush replaces the table atomically; on iptables 1.8.9 that is
     far cheaper than a large --noflush payload (../shared/MEASURED.md).
     """
+    _whole(desired)
     want = desired.tables.get(name, Table(name))
     out = Table(name, policies=dict(live.policies))
     wanted_jumps: dict[str, list[str]] = {}

@@ -125,6 +125,33 @@ class RuleSet:
         return sum(t.rule_count() for t in self.tables.values()) + len(self.jumps)
 
 
+@dataclass
+class Fragments:
+    """The rules of *some* Services: their own chains, and their rules in the shared chains
+    (KUBE-SERVICES, KUBE-NODEPORTS, ...), which hold nothing else here. What a partial sync
+    plans: the changed Services' old fragments against their new ones.
+
+    Deliberately not a RuleSet: planned as a whole table, a fragment set would delete every
+    owned chain and jump outside it (issue 13.1, a node drain restoring filter without its
+    FORWARD jump). `plan.plan` and `plan.full_table` refuse it; `plan.plan_fragments` takes it.
+    """
+
+    tables: dict[str, Table] = field(default_factory=dict)
+    # Shared chains held here, all with order free (their other rules are not in the set).
+    unordered: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def table(self, name: str) -> Table:
+        if name not in self.tables:
+            self.tables[name] = Table(name)
+        return self.tables[name]
+
+    def chain(self, table: str, chain: str) -> list[str]:
+        return self.table(table).chains.setdefault(chain, [])
+
+    def rule_count(self) -> int:
+        return sum(t.rule_count() for t in self.tables.values())
+
+
 def parse_save(text: str) -> dict[str, Table]:
     """Parse `iptables-save` output into tables. Comments and counters are dropped."""
     tables: dict[str, Table] = {}

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from kproxy.backends.iptables import IptablesBackend, IptablesError
 from kproxy.backends.nftables import NftBackend
 from kproxy.nft import NftPlan, NftTable, plan_table
-from kproxy.plan import Plan, full_table, plan
-from kproxy.ruleset import RuleSet, Table, parse_save, table_chunks
+from kproxy.plan import Plan, full_table, plan, plan_fragments
+from kproxy.ruleset import Fragments, RuleSet, Table, parse_save, table_chunks
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,12 @@ def sync_family(
     apply): planning against it skips reading the kernel, which costs seconds at 10k Services.
     Without it, or when the change is big enough for a whole-table restore (which must carry
     the foreign rules, so needs the kernel's real tables), the kernel is read.
+
+    `desired` is always the whole rule set: planned against the kernel, whatever it lacks is
+    deleted. A partial sync's fragments go through sync_fragments instead.
     """
+    if not isinstance(desired, RuleSet):
+        raise TypeError(f"sync_family needs the whole RuleSet, not {type(desired).__name__}")
     t0 = time.perf_counter()
     read_s = 0.0
     tables = sorted(set(desired.tables) | {j.table for j in desired.jumps})
@@ -138,18 +143,54 @@ def sync_family(
             log.warning("whole-table restore failed, applying the changes instead: %s", err)
             full = []
     rest = Plan({n: c for n, c in the_plan.changes.items() if n not in full})
-    payload = rest.restore_text()
-    if payload:
-        try:
-            backend.restore(payload, noflush=True)
-            result.sent.append((True, payload))
-        except IptablesError as err:
-            if err.detail:
-                log.error("iptables-restore input around the failing line:\n%s", err.detail)
-            raise
-        result.lines_sent += payload.count("\n")
+    result.lines_sent += _restore_edits(backend, rest, result)
     result.timings["apply"] = time.perf_counter() - t2
     return result
+
+
+def sync_fragments(
+    backend: IptablesBackend,
+    old: Fragments,
+    new: Fragments,
+    table_rules: dict[str, int],
+    dry_run: bool = False,
+) -> SyncResult | None:
+    """Apply the change from some Services' old rules to their new ones with --noflush, the
+    kernel not read: `old` is what the kernel holds of them (the last apply). Nothing outside
+    the two sets is named, so nothing else can be lost.
+
+    None, with nothing applied, when the change is too large for --noflush on a table of
+    `table_rules` rules (quadratic on iptables 1.8.9): the caller then syncs the whole rule
+    set, which may restore whole tables (a node drain changing hundreds of Services).
+    """
+    t0 = time.perf_counter()
+    the_plan = plan_fragments(old, new)
+    if any(
+        wants_full_restore(c.line_count(), table_rules.get(n, 0))
+        for n, c in the_plan.changes.items()
+    ):
+        return None
+    t1 = time.perf_counter()
+    result = SyncResult(the_plan, read_kernel=False, timings={"read": 0.0, "plan": t1 - t0})
+    if not dry_run and not the_plan.empty():
+        result.lines_sent = _restore_edits(backend, the_plan, result)
+    result.timings["apply"] = time.perf_counter() - t1
+    return result
+
+
+def _restore_edits(backend: IptablesBackend, the_plan: Plan, result: SyncResult) -> int:
+    """Send `the_plan` as one --noflush restore (atomic per table); the lines sent."""
+    payload = the_plan.restore_text()
+    if not payload:
+        return 0
+    try:
+        backend.restore(payload, noflush=True)
+    except IptablesError as err:
+        if err.detail:
+            log.error("iptables-restore input around the failing line:\n%s", err.detail)
+        raise
+    result.sent.append((True, payload))
+    return payload.count("\n")
 
 
 def _size(live: dict[str, Table], desired: RuleSet, name: str) -> int:

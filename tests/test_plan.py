@@ -268,3 +268,65 @@ def test_whole_table_restore_chosen_only_for_large_changes():
     assert not wants_full_restore(1_900, 1_900)
     assert wants_full_restore(43_000, 43_000)  # a sync from empty
     assert not wants_full_restore(5_000, 430_000)  # a big change in a huge table: edit it
+
+
+def _delta_fragments(before_ips, after_ips):
+    """The fragments a partial sync plans when bravo's endpoints go from before to after."""
+    from kproxy.render.cache import RenderCache
+    from kproxy.render.iptables import IPV4, fragments_of, render_delta
+
+    def state(b_ips):
+        objs = [
+            service("alpha", "10.96.0.1", (("http", 80, "TCP", 30001),)),
+            endpoints("alpha", ["10.244.1.1"]),
+            service("bravo", "10.96.0.2", (("http", 80, "TCP", 30002),)),
+            endpoints("bravo", b_ips),
+        ]
+        return build_state(objs)[0]
+
+    cache = RenderCache()
+    prev = render(state(before_ips), CONFIG, IPV4, cache=cache)
+    delta = render_delta(state(after_ips), CONFIG, {("default", "bravo")}, prev, cache)
+    assert delta is not None
+    old = fragments_of([o for o, _ in delta.pairs])
+    new = fragments_of([n for _, n in delta.pairs])
+    return prev.ruleset, old, new
+
+
+def test_fragments_are_never_planned_as_a_whole_table():
+    """Issue 13.1: the fragments of the changed Services planned against the kernel's whole
+    table delete everything else; the types keep them apart, at run time too."""
+    import pytest
+
+    from kproxy.backends.iptables import IptablesBackend
+    from kproxy.syncer import sync_family
+
+    whole, _old, new = _delta_fragments(["10.244.2.1"], ["10.244.2.9"])
+    live = simulate(lines_of(plan(whole, {})), {})
+    with pytest.raises(TypeError):
+        plan(new, live)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        full_table(new, "nat", live["nat"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        sync_family(IptablesBackend(), new, dry_run=True)  # type: ignore[arg-type]
+
+
+def test_fragment_plan_names_only_the_changed_services():
+    from kproxy.plan import plan_fragments
+
+    whole, old, new = _delta_fragments(["10.244.2.1", "10.244.2.2"], ["10.244.2.9"])
+    live = simulate(lines_of(plan(whole, {})), {})
+    p = plan_fragments(old, new)
+    text = p.restore_text()
+    assert "alpha" not in text and "10.244.1.1" not in text
+    # No built-in chain and no jump is named, and only bravo's SEP chains are deleted.
+    assert not any(
+        line.split()[1] in ("PREROUTING", "OUTPUT", "FORWARD", "INPUT")
+        for line in text.splitlines()
+        if line.startswith(("-D", "-I", "-A"))
+    )
+    assert all("bravo" in " ".join(live["nat"].chains[c]) for c in p.changes["nat"].delete_chains)
+    after = simulate(lines_of(p), live)
+    # Applied to the kernel's whole table, the result is the whole render of the new state.
+    whole_after, _, _ = _delta_fragments(["10.244.2.9"], ["10.244.2.9"])
+    assert plan(whole_after, after).empty()

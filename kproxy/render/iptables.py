@@ -26,7 +26,7 @@ from kproxy.render.ports import (
     service_ports,
     service_ports_delta,
 )
-from kproxy.ruleset import Jump, RuleSet
+from kproxy.ruleset import Fragments, Jump, RuleSet
 
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
 
@@ -342,10 +342,11 @@ def render_delta(
     return Delta(pairs, result)
 
 
-def fragments_ruleset(fragments: list[_Fragment | None]) -> RuleSet:
-    """A RuleSet of just these fragments, shared chains present (maybe empty) and unordered
-    without a pinned tail: planning one against another gives the change between them."""
-    out = RuleSet()
+def fragments_of(fragments: list[_Fragment | None]) -> Fragments:
+    """Just these fragments, shared chains present (maybe empty) and unordered without a
+    pinned tail: planning one set against another (plan.plan_fragments) gives the change
+    between them."""
+    out = Fragments()
     for table, chain in UNORDERED:
         out.chain(table, chain)
         out.unordered[(table, chain)] = 0
