@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from kproxy.backends.foreign_watch import ForeignWatch, Transaction, net_effect, repair_lines
 from kproxy.backends.iptables import IptablesBackend, IptablesError
 from kproxy.backends.nftables import NftBackend
 from kproxy.nft import NftPlan, NftTable, plan_table
@@ -86,31 +87,67 @@ def sync_family(
     """
     if not isinstance(desired, RuleSet):
         raise TypeError(f"sync_family needs the whole RuleSet, not {type(desired).__name__}")
-    t0 = time.perf_counter()
-    read_s = 0.0
-    tables = sorted(set(desired.tables) | {j.table for j in desired.jumps})
+    watch = _Window(backend, dry_run)
+    try:
+        return _sync_family(backend, desired, dry_run, assumed, watch)
+    finally:
+        watch.close()
 
-    def read() -> dict[str, Table]:
-        nonlocal read_s
+
+class _Window:
+    """Reads the kernel for a sync and watches, from that read on, what other tools change
+    until a whole-table restore has replaced the tables (foreign_watch)."""
+
+    def __init__(self, backend: IptablesBackend, dry_run: bool) -> None:
+        self.backend, self.dry_run = backend, dry_run
+        self.watch: ForeignWatch | None = None
+        self.read_s = 0.0
+
+    def read(self, tables: list[str]) -> dict[str, Table]:
         started = time.perf_counter()
-        tables_read = read_live(backend, tables)
-        read_s += time.perf_counter() - started
-        return tables_read
+        if not self.dry_run and self.watch is None:
+            self.watch = start_foreign_watch(self.backend)  # the window opens with the read
+        live = read_live(self.backend, tables)
+        self.read_s += time.perf_counter() - started
+        return live
 
-    live = assumed if assumed is not None else read()
+    def put_back(self, tables: list[str]) -> int:
+        """After a whole-table restore of `tables`: apply again what other tools changed in
+        them since the read and the restore undid; the number of lines sent."""
+        if self.watch is None:
+            return 0
+        transactions, self.watch = self.watch.stop(), None
+        return put_back_foreign(self.backend, transactions, tables)
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.stop(wait=0)
+            self.watch = None
+
+
+def _sync_family(
+    backend: IptablesBackend,
+    desired: RuleSet,
+    dry_run: bool,
+    assumed: dict[str, Table] | None,
+    window: _Window,
+) -> SyncResult:
+    t0 = time.perf_counter()
+    tables = sorted(set(desired.tables) | {j.table for j in desired.jumps})
+    live = assumed if assumed is not None else window.read(tables)
     the_plan = plan(desired, live)
     if assumed is not None and any(
         wants_full_restore(c.line_count(), _size(live, desired, n))
         for n, c in the_plan.changes.items()
     ):
-        live = read()
+        live = window.read(tables)
         the_plan = plan(desired, live)
         assumed = None
     t2 = time.perf_counter()
     result = SyncResult(
         the_plan,
         read_kernel=assumed is None,
-        timings={"read": read_s, "plan": t2 - t0 - read_s},
+        timings={"read": window.read_s, "plan": t2 - t0 - window.read_s},
     )
     if dry_run or the_plan.empty():
         return result
@@ -142,10 +179,53 @@ def sync_family(
             # The table is unchanged (the restore is atomic); the edit path below still works.
             log.warning("whole-table restore failed, applying the changes instead: %s", err)
             full = []
+        else:
+            result.lines_sent += window.put_back(full)
     rest = Plan({n: c for n, c in the_plan.changes.items() if n not in full})
     result.lines_sent += _restore_edits(backend, rest, result)
     result.timings["apply"] = time.perf_counter() - t2
     return result
+
+
+def start_foreign_watch(backend: IptablesBackend) -> ForeignWatch | None:
+    """A watch of other tools' changes, where the backend has events (nf_tables)."""
+    if backend.variant != "nft" or not ForeignWatch.available():
+        return None
+    watch = ForeignWatch(backend.family)
+    return watch if watch.start() else None
+
+
+def put_back_foreign(
+    backend: IptablesBackend, transactions: list[Transaction], tables: list[str]
+) -> int:
+    """Apply again, with one --noflush restore, what other tools' `transactions` changed in
+    `tables` and the kernel no longer holds; the number of lines sent."""
+    eff = net_effect(transactions, set(tables))
+    if eff.empty():
+        return 0
+    parts = []
+    for table in tables:
+        chains = {c for t, c in eff.chains if t == table}
+        chains |= {c for t, c in eff.policies if t == table}
+        chains |= {c for t, c, _ in eff.rules if t == table}
+        now = {chain: backend.chain_listing(table, chain) for chain in sorted(chains)}
+        lines = repair_lines(eff, table, now)
+        if lines:
+            parts.append(f"*{table}\n" + "".join(f"{ln}\n" for ln in lines) + "COMMIT\n")
+    if not parts:
+        return 0
+    payload = "".join(parts)
+    try:
+        backend.restore(payload, noflush=True)
+    except IptablesError as err:
+        log.error("could not put back other tools' changes made during the restore: %s", err)
+        return 0
+    log.warning(
+        "put back %d change(s) that %s made while the whole table was restored",
+        payload.count("\n") - 2 * len(parts),
+        ", ".join(sorted(eff.who)),
+    )
+    return payload.count("\n")
 
 
 def sync_fragments(

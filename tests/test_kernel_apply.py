@@ -7,6 +7,8 @@ import json
 import re
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -332,3 +334,62 @@ def test_streamed_restore_reports_the_lines_sent(node):
     )
     assert sent == 103
     assert netns.iptables_save(node, "nat").count("-A KUBE-SERVICES -d 10.0.0.") == 100
+
+
+def test_foreign_rules_added_during_a_whole_table_restore_survive(node, tmp_path):
+    """Issue 13.7: the whole-table restore (first sync, very large changes) writes back the
+    foreign rules it read seconds earlier; a Docker or CNI rule added in between must not
+    vanish. A racer adds foreign rules to filter and nat (and flips FORWARD's policy) all
+    through a 5k-Service first sync; every one whose `iptables` call succeeded is there
+    afterwards."""
+
+    state = write(tmp_path / "s.json", synthetic.generate(5000, 2))
+    argv = [sys.executable, "-m", "kproxy", "sync", "--state", str(state)]
+    argv += ["--cluster-cidr", "10.244.0.0/16"]
+    added: list[tuple[str, str]] = []
+    stop = threading.Event()
+
+    def race() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            rule = f"-s 192.0.{n // 250}.{n % 250 + 1}/32 -j ACCEPT"
+            if (
+                netns.run(
+                    node, ["iptables", "-A", "FORWARD", *rule.split()], check=False
+                ).returncode
+                == 0
+            ):
+                added.append(("FORWARD", rule))
+            rule = f"-s 198.51.{n // 250}.{n % 250 + 1}/32 -j MASQUERADE"
+            cmd = ["iptables", "-t", "nat", "-A", "POSTROUTING", *rule.split()]
+            if netns.run(node, cmd, check=False).returncode == 0:
+                added.append(("POSTROUTING", rule))
+            time.sleep(0.02)
+
+    racer = threading.Thread(target=race, daemon=True)
+    proc = subprocess.Popen(
+        [netns._ip(), "netns", "exec", node, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=netns.command_env(),
+    )
+    try:
+        racer.start()
+        time.sleep(3.0)  # well inside the sync: it reads, renders, then restores for seconds
+        netns.run(node, ["iptables", "-P", "FORWARD", "ACCEPT"])
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop.set()
+        racer.join(30)
+    assert proc.returncode == 0, out
+    assert "whole nat" in out or "whole" in out, out
+    save = netns.iptables_save(node)
+    lines = set(save.splitlines())
+    lost = [f"-A {chain} {rule}" for chain, rule in added if f"-A {chain} {rule}" not in lines]
+    assert len(added) > 20
+    assert not lost, f"{len(lost)} of {len(added)} foreign rules lost, e.g. {lost[:3]}\n{out}"
+    assert ":FORWARD ACCEPT [0:0]" in lines, "the FORWARD policy set during the sync was lost"

@@ -83,6 +83,22 @@ class IptablesBackend:
         proc = subprocess.run(argv, capture_output=True, text=True)
         return proc.returncode == 0 and f"-A {chain} {rule}" not in proc.stdout.splitlines()
 
+    def chain_listing(self, table: str, chain: str) -> tuple[str | None, list[str]] | None:
+        """(policy of a built-in chain or None, rules) of one chain, `iptables -S CHAIN`
+        (a few ms in a 10k-Service table); None when the chain does not exist."""
+        base = "ip6tables" if self.family == 6 else "iptables"
+        argv = [f"{base}-{self.variant}", f"--wait={LOCK_WAIT_SECONDS}", "-t", table, "-S", chain]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return None
+        policy, rules = None, []
+        for line in proc.stdout.splitlines():
+            if line.startswith(f"-P {chain} "):
+                policy = line.split()[2]
+            elif line.startswith(f"-A {chain} "):
+                rules.append(line[len(chain) + 4 :])
+        return policy, rules
+
     @retry(
         retry=retry_if_exception(_is_lock_contention),
         stop=stop_after_attempt(4),
