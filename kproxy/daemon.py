@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kproxy import __version__, conntrack
+from kproxy import __version__, conntrack, nodeinfo
 from kproxy.health import HealthServer, ProxyHealth, ServiceHealthServers
 from kproxy.lockfile import locked
 from kproxy.metrics import Metrics
@@ -109,6 +109,9 @@ class DaemonOptions:
     api_wait: float = 10.0
     lock_file: str | None = None
     mode: str = "iptables"
+    # --nodeport-addresses as given (CIDRs, "primary"): resolved at every full sync; the node
+    # IPs are config.node_ips (--node-ip) or else the watched Node's.
+    nodeport_addresses: tuple[str, ...] = ()
 
 
 class CacheWriter:
@@ -175,6 +178,7 @@ class Daemon:
             if opts.state_cache
             else None
         )
+        addresses = nodeinfo.NodeAddresses(opts.config.node_ips, opts.nodeport_addresses)
         self.reconciler = Reconciler(
             self.store,
             opts.config,
@@ -187,6 +191,7 @@ class Daemon:
             lock=(lambda: locked(opts.lock_file, timeout=10, what="sync"))
             if opts.lock_file
             else None,
+            configure=lambda state: addresses.config(opts.config, state.node),
         )
         self.metrics.info.labels(
             version=__version__, mode=opts.mode, backend=families[0].label

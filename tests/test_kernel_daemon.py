@@ -491,3 +491,93 @@ def test_udp_flows_to_a_removed_endpoint_are_cleaned(env):
     assert daemon.metric("kubeproxy_conntrack_reconciler_deleted_entries_total") >= sum(
         1 for p in first.values() if p == "b"
     )
+
+
+# --------------------------------------------------------------------------- node addresses
+
+NP_CLUSTER_IP, NP_PORT = "10.96.0.30", 30080
+NODE_IP = netns.NODE_EXTERNAL_IP  # the node's address on the client link, 192.168.100.1
+
+
+def node_object(*addresses: tuple[str, str]) -> dict:
+    """This node's Node object with status.addresses given as (type, address) pairs."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "node-1", "labels": {}},
+        "status": {"addresses": [{"type": t, "address": a} for t, a in addresses]},
+    }
+
+
+def nodeport_service() -> dict:
+    svc = service("np", NP_CLUSTER_IP, type="NodePort")
+    svc["spec"]["ports"][0]["nodePort"] = NP_PORT
+    return svc
+
+
+def nodeport_answers(ns: str, host: str) -> set[str]:
+    """Who answers 3 TCP connections to host:NP_PORT: pod names, or "refused"/"timeout"."""
+    replies = netns.tcp(ns, host, NP_PORT, count=3, timeout=1.0)
+    return {r.pod if r.ok else r.result for r in replies}
+
+
+def test_nodeport_addresses_primary_takes_the_watched_nodes_ip(env, proxy_mode):
+    """`--nodeport-addresses primary` without --node-ip: NodePorts answer on the Node's
+    InternalIP (preferred to an ExternalIP listed first, as upstream's GetNodeHostIPs), not on
+    the node's other addresses, and follow the Node when its address changes."""
+    topo, api, daemon = env
+    client = topo.add_client()
+    # An ExternalIP listed before the InternalIP: upstream takes the InternalIP.
+    api.apply(node_object(("ExternalIP", "203.0.113.1"), ("InternalIP", NODE_IP)))
+    api.apply(nodeport_service())
+    api.apply(slice_("np-1", "np", POD_A))
+    daemon.start("--mode", proxy_mode, "--nodeport-addresses", "primary")
+    wait_for(
+        f"the NodePort answered on the Node's InternalIP {NODE_IP}",
+        lambda: nodeport_answers(client.ns, NODE_IP) == {"a"},
+        daemon=daemon,
+    )
+    # The node's pod-side address is local too, but not the Node's IP: not captured there,
+    # and node-1 itself has nothing listening on the port.
+    assert nodeport_answers(topo.pods["c"].ns, netns.POD_GATEWAY) == {"refused"}
+
+    # The Node's InternalIP becomes another address of the node: the rules follow.
+    moved = "192.168.100.10"
+    netns.ip(topo.node, "addr", "add", f"{moved}/32", "dev", client.host_if)
+    api.apply(node_object(("InternalIP", moved)))
+    wait_for(
+        f"the NodePort answered on the Node's new InternalIP {moved}",
+        lambda: nodeport_answers(client.ns, moved) == {"a"},
+        daemon=daemon,
+    )
+    assert nodeport_answers(client.ns, NODE_IP) == {"refused"}
+
+
+def test_nodeport_addresses_cidr_follows_the_nodes_local_addresses(env):
+    """`--nodeport-addresses CIDR` is resolved against the node's addresses at every full sync:
+    an address added later serves the NodePort after the next periodic sync. While none
+    matches, that is said once, not on every sync."""
+    topo, api, daemon = env
+    client = topo.add_client()
+    cidr, later = "192.168.77.0/24", "192.168.77.1"
+    topo.client_route(cidr)
+    api.apply(nodeport_service())
+    api.apply(slice_("np-1", "np", POD_A))
+    daemon.start("--nodeport-addresses", cidr, "--iptables-sync-period", "1s")
+    wait_for(
+        "three full syncs",
+        lambda: (daemon.metric("kubeproxy_sync_full_proxy_rules_duration_seconds_count") or 0) >= 3,
+        daemon=daemon,
+    )
+    assert daemon.log().count("no local address matches") == 1, daemon.log()[-3000:]
+
+    netns.ip(topo.node, "addr", "add", f"{later}/32", "dev", "lo")
+    wait_for(
+        f"the NodePort answered on {later}, added after the start",
+        lambda: nodeport_answers(client.ns, later) == {"a"},
+        daemon=daemon,
+    )
+    # Only addresses in the CIDR: the node's client-side address is not one.
+    assert nodeport_answers(client.ns, NODE_IP) == {"refused"}
+    # The rules changed because the node did, not behind kproxy's back.
+    assert not daemon.metric("kproxy_drift_repairs_total", reason="periodic")
