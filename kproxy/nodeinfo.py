@@ -141,3 +141,19 @@ class NodeAddresses:
             ",".join(self.specs),
             why,
         )
+
+
+def nodeport_destinations(
+    config: NodeConfig, version: int, mode: str, local: Iterable[str]
+) -> frozenset[str]:
+    """The addresses of IP `version` that NodePorts are served on, as the render writes them:
+    --nodeport-addresses, or else every address of `local` (the namespace's own); loopback
+    only for IPv4 in iptables mode with localhost NodePorts (never in nftables mode)."""
+    loopback = mode == "iptables" and version == 4 and config.localhost_nodeports
+    candidates = local if config.nodeport_ips is None else config.nodeport_ips
+    out = set()
+    for addr in candidates:
+        ip = ipaddress.ip_address(addr)
+        if ip.version == version and (loopback or not ip.is_loopback):
+            out.add(str(ip))
+    return frozenset(out)
