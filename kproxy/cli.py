@@ -169,8 +169,8 @@ def _add_proxy_flags(p: argparse.ArgumentParser) -> None:
         default=[],
         type=_ip,
         metavar="IP",
-        help="this node's IP (repeat per family; default: the Node's InternalIPs when the "
-        "state holds this Node)",
+        help="this node's IP (repeat per family; default: the Node's first InternalIP, else "
+        "ExternalIP, of each family: from the state, or the watched Node for `run`)",
     )
     p.add_argument(
         "--nodeport-addresses",
