@@ -169,8 +169,8 @@ def _add_proxy_flags(p: argparse.ArgumentParser) -> None:
         default=[],
         type=_ip,
         metavar="IP",
-        help="this node's IP (repeat per family; default: the Node's InternalIPs when the "
-        "state holds this Node)",
+        help="this node's IP (repeat per family; default: the Node's first InternalIP, else "
+        "ExternalIP, of each family: from the state, or the watched Node for `run`)",
     )
     p.add_argument(
         "--nodeport-addresses",
@@ -460,7 +460,9 @@ def _run_daemon(args: argparse.Namespace) -> int:
 
     opts = DaemonOptions(
         node_name=args.node_name,
-        config=_node_config(args, ClusterState(), apply=True),
+        # The node IPs and NodePort addresses are the daemon's to work out at each full sync.
+        config=_node_config(args, ClusterState(), apply=True, resolve_nodeports=False),
+        nodeport_addresses=tuple(args.nodeport_addresses),
         servers=args.master,
         kubeconfig=args.kubeconfig,
         backend=args.iptables_backend,
@@ -481,10 +483,12 @@ def _run_daemon(args: argparse.Namespace) -> int:
     return Daemon(opts).run()
 
 
-def _node_config(args: argparse.Namespace, state: ClusterState, apply: bool) -> NodeConfig:
-    node_ips = tuple(args.node_ip) or (state.node.addresses if state.node else ())
+def _node_config(
+    args: argparse.Namespace, state: ClusterState, apply: bool, resolve_nodeports: bool = True
+) -> NodeConfig:
+    node_ips = tuple(args.node_ip) or (state.node.host_ips if state.node else ())
     nodeport_ips = None
-    if args.nodeport_addresses:
+    if args.nodeport_addresses and resolve_nodeports:
         nodeport_ips = nodeinfo.nodeport_addresses(args.nodeport_addresses, node_ips)
     if args.localhost_nodeports and apply:
         nodeinfo.ensure_route_localnet()

@@ -8,6 +8,10 @@ endpoint of the service it was sent to, and deletes the rest. It never clears al
 (a restart must not reset live flows, issue 122740): only flows decided stale are deleted,
 each by its exact original tuple and conntrack id.
 
+A flow is judged as a NodePort flow only when it was sent to one of the node's addresses the
+NodePort is served on: upstream matches the destination port alone, so a Service without
+endpoints would also delete, say, a pod-to-pod flow that only shares its NodePort's number.
+
 `stale_flows` is the pure decision; `list_udp_flows` / `delete_flows` are thin netlink I/O
 through pyroute2 (no `conntrack` binary needed).
 """
@@ -19,7 +23,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -70,14 +74,18 @@ def _canon(ip: str) -> str:
         return ip
 
 
-def stale_flows(flows: Iterable[Flow], ports: Iterable[UdpServicePort]) -> list[Flow]:
+def stale_flows(
+    flows: Iterable[Flow], ports: Iterable[UdpServicePort], node_port_ips: Collection[str]
+) -> list[Flow]:
     """UDP flows sent to a service (ip, port) or to a NodePort whose reply source
     (ip, port) is not one of that service port's serving endpoints.
 
     Traffic policy, topology and terminating state are deliberately ignored (upstream): a
     flow to any serving endpoint stays, as a TCP connection would. A service port with no
-    endpoints at all still has its flows cleared (upstream bug 139628, fixed). As upstream,
-    the NodePort rule matches on the destination port alone, whatever the destination IP.
+    endpoints at all still has its flows cleared (upstream bug 139628, fixed). A flow is a
+    NodePort flow only when sent to one of `node_port_ips` (the node's addresses the NodePort
+    is served on, canonical spelling): upstream matches the port alone, whatever the
+    destination, and deletes flows between other hosts that merely share the port number.
     """
     by_frontend: dict[tuple[str, int], set[tuple[str, int]]] = {}
     by_node_port: dict[int, set[tuple[str, int]]] = {}
@@ -98,8 +106,9 @@ def stale_flows(flows: Iterable[Flow], ports: Iterable[UdpServicePort]) -> list[
         # number is also some NodePort: traffic to a ClusterIP never takes the NodePort
         # path (upstream would also check it against the NodePort's endpoints and could
         # delete a good flow).
-        allowed = by_frontend.get((_canon(flow.orig_dst), flow.orig_dport))
-        if allowed is None:
+        dst = _canon(flow.orig_dst)
+        allowed = by_frontend.get((dst, flow.orig_dport))
+        if allowed is None and dst in node_port_ips:
             allowed = by_node_port.get(flow.orig_dport)
         if allowed is not None and backend not in allowed:
             stale.append(flow)
@@ -195,22 +204,29 @@ def _show(flow: Flow) -> str:
     )
 
 
-def cleanup(ports: Iterable[UdpServicePort], family: int, metrics: Metrics | None = None) -> int:
-    """List this netns's UDP flows of `family`, delete the stale ones; returns the count.
+def cleanup(
+    ports: Iterable[UdpServicePort],
+    family: int,
+    node_port_ips: Collection[str],
+    metrics: Metrics | None = None,
+) -> int | None:
+    """List this netns's UDP flows of `family`, delete the stale ones; returns the count, or
+    None when the cleanup failed (the caller keeps it due).
 
     Errors are logged, never raised: a failed cleanup must not fail the sync that ran it.
     """
     start = time.monotonic()
-    deleted = 0
+    deleted: int | None = 0
     try:
-        stale = stale_flows(list_udp_flows(family), ports)
+        stale = stale_flows(list_udp_flows(family), ports, node_port_ips)
         if stale:
             deleted = delete_flows(stale)
             log.info("deleted %d of %d stale UDP conntrack entries", deleted, len(stale))
     except Exception as err:  # netlink errors, EPERM without CAP_NET_ADMIN, ...
         log.warning("conntrack cleanup (%s) failed: %s", _family_name(family), err)
+        deleted = None
     if metrics is not None:
-        metrics.conntrack_reconciled(time.monotonic() - start, deleted)
+        metrics.conntrack_reconciled(time.monotonic() - start, deleted or 0)
     return deleted
 
 

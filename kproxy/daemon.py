@@ -8,10 +8,11 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kproxy import __version__, conntrack
+from kproxy import __version__, conntrack, nodeinfo
 from kproxy.health import HealthServer, ProxyHealth, ServiceHealthServers
 from kproxy.lockfile import locked
 from kproxy.metrics import Metrics
@@ -109,6 +110,72 @@ class DaemonOptions:
     api_wait: float = 10.0
     lock_file: str | None = None
     mode: str = "iptables"
+    # --nodeport-addresses as given (CIDRs, "primary"): resolved at every full sync; the node
+    # IPs are config.node_ips (--node-ip) or else the watched Node's.
+    nodeport_addresses: tuple[str, ...] = ()
+
+
+class ConntrackCleanup:
+    """Stale UDP conntrack flows, deleted after the sync that changed a UDP Service.
+
+    What is owed is kept per IP family until a sync of that family succeeds: a sync that
+    failed or was postponed took the changes out of the store, and forgetting them left
+    clients pinned to a removed endpoint for as long as they kept sending (k8s issue 139628).
+    The cleanup then runs against the state and config that successful sync applied.
+    """
+
+    def __init__(
+        self,
+        families: list[str],
+        mode: str,
+        metrics: Metrics | None = None,
+        clean: Callable[[SyncReport, int], int | None] | None = None,
+    ) -> None:
+        self.families = families  # "IPv4", "IPv6": the reconciler's family names
+        self.mode = mode
+        self.metrics = metrics
+        self.clean = clean or self._clean
+        self.due: set[str] = set()
+
+    def after_sync(self, report: SyncReport) -> None:
+        if _udp_changed(report):
+            self.due.update(self.families)
+        for name in sorted(self.due):
+            if name in report.failed_families:
+                continue  # its rules are not the report's state yet
+            version = 6 if name == "IPv6" else 4
+            deleted = self.clean(report, version)
+            if deleted is None:
+                continue  # the cleanup failed: tried again after the next sync
+            self.due.discard(name)
+            if deleted:
+                log.info("removed %d stale UDP conntrack entries (%s)", deleted, name)
+
+    def _clean(self, report: SyncReport, version: int) -> int | None:
+        config = report.config or NodeConfig()
+        family = IPV4 if version == 4 else IPV6
+        ports = [
+            conntrack.UdpServicePort(ips, port, node_port, endpoints)
+            for ips, port, node_port, endpoints in udp_service_ports(report.state, family)
+        ]
+        try:
+            local = nodeinfo.local_addresses() if config.nodeport_ips is None else []
+        except Exception as err:  # netlink: logged, and the cleanup stays due
+            log.warning("conntrack cleanup: cannot list this node's addresses: %s", err)
+            return None
+        node_port_ips = nodeinfo.nodeport_destinations(config, version, self.mode, local)
+        af = socket.AF_INET if version == 4 else socket.AF_INET6
+        return conntrack.cleanup(ports, af, node_port_ips, self.metrics)
+
+
+def _udp_changed(report: SyncReport) -> bool:
+    """A UDP Service, or the endpoints of one, changed in this sync."""
+    return any(
+        p.protocol == "UDP"
+        for key in report.changes.services
+        if (svc := report.state.services.get(key)) is not None
+        for p in svc.ports
+    )
 
 
 class CacheWriter:
@@ -175,6 +242,12 @@ class Daemon:
             if opts.state_cache
             else None
         )
+        addresses = nodeinfo.NodeAddresses(opts.config.node_ips, opts.nodeport_addresses)
+        self.conntrack = (
+            ConntrackCleanup([fam.name for fam in families], opts.mode, self.metrics)
+            if opts.conntrack
+            else None
+        )
         self.reconciler = Reconciler(
             self.store,
             opts.config,
@@ -187,6 +260,7 @@ class Daemon:
             lock=(lambda: locked(opts.lock_file, timeout=10, what="sync"))
             if opts.lock_file
             else None,
+            configure=lambda state: addresses.config(opts.config, state.node),
         )
         self.metrics.info.labels(
             version=__version__, mode=opts.mode, backend=families[0].label
@@ -222,6 +296,9 @@ class Daemon:
 
     def _after_sync(self, report: SyncReport) -> None:
         self.service_health.sync(local_ready_endpoints(report.state, self.opts.config))
+        if self.conntrack is not None:
+            # Before the early return: a failed or postponed sync still owes its cleanup.
+            self.conntrack.after_sync(report)
         if not report.ok:
             return
         if self.cache_writer is not None and self.source.synced.is_set():
@@ -238,25 +315,6 @@ class Daemon:
             gc.freeze()
         if report.full and self.snapshots is not None:
             self._snapshot()
-        if not self.opts.conntrack:
-            return
-        udp_changed = any(
-            p.protocol == "UDP"
-            for key in report.changes.services
-            if (svc := report.state.services.get(key)) is not None
-            for p in svc.ports
-        )
-        if not udp_changed:
-            return
-        for family in (IPV4, IPV6):
-            ports = [
-                conntrack.UdpServicePort(ips, port, node_port, endpoints)
-                for ips, port, node_port, endpoints in udp_service_ports(report.state, family)
-            ]
-            af = socket.AF_INET if family.version == 4 else socket.AF_INET6
-            deleted = conntrack.cleanup(ports, af, self.metrics)
-            if deleted:
-                log.info("removed %d stale UDP conntrack entries (IPv%d)", deleted, family.version)
 
     def _snapshot(self) -> None:
         families = {

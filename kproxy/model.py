@@ -101,10 +101,21 @@ class EndpointSlice:
 class Node:
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    # InternalIPs first, then ExternalIPs, each in the order the Node lists them.
     addresses: tuple[str, ...] = ()
     deleting: bool = False
     # Tainted ToBeDeletedByClusterAutoscaler: /healthz fails so load balancers drain the node.
     tainted_for_deletion: bool = False
+
+    @property
+    def host_ips(self) -> tuple[str, ...]:
+        """The node's IPs as upstream's GetNodeHostIPs picks them: the first address (an
+        InternalIP when there is one), then the first of the other IP family, if any."""
+        if not self.addresses:
+            return ()
+        first = self.addresses[0]
+        other = next((a for a in self.addresses if (":" in a) != (":" in first)), None)
+        return (first, other) if other else (first,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,11 +478,13 @@ def node_from_k8s(obj: Mapping[str, Any]) -> Node:
     meta = c.mapping(obj.get("metadata"), "metadata")
     labels = {str(k): str(v) for k, v in c.mapping(meta.get("labels"), "metadata.labels").items()}
     status = c.mapping(obj.get("status"), "status")
-    addresses = []
+    by_type: dict[str, list[str]] = {"InternalIP": [], "ExternalIP": []}
     for i, raw in enumerate(c.sequence(status.get("addresses"), "status.addresses")):
         a = c.mapping(raw, f"status.addresses[{i}]")
-        if a.get("type") in ("InternalIP", "ExternalIP") and a.get("address"):
-            addresses.append(c.ip(a.get("address"), f"status.addresses[{i}].address"))
+        if a.get("type") in by_type and a.get("address"):
+            by_type[a["type"]].append(c.ip(a.get("address"), f"status.addresses[{i}].address"))
+    # InternalIPs before ExternalIPs, whatever the order listed, as upstream re-sorts them.
+    addresses = by_type["InternalIP"] + by_type["ExternalIP"]
     spec = c.mapping(obj.get("spec"), "spec")
     taints = c.sequence(spec.get("taints"), "spec.taints")
     return Node(

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
+
+from kproxy.model import Node, NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,15 @@ def local_addresses() -> list[str]:
 def nodeport_addresses(specs: list[str], node_ips: tuple[str, ...]) -> tuple[str, ...]:
     """Resolve --nodeport-addresses (CIDRs, or "primary" for the node's own IPs) to the local
     addresses NodePorts answer on, as upstream's GetNodeIPs does."""
+    local = local_addresses() if any(spec != "primary" for spec in specs) else []
+    return match_nodeport_addresses(specs, node_ips, local)
+
+
+def match_nodeport_addresses(
+    specs: Sequence[str], node_ips: Sequence[str], local: Iterable[str]
+) -> tuple[str, ...]:
+    """The addresses of `local` inside the CIDRs of `specs`, and `node_ips` for "primary"
+    (no I/O: the caller dumps the local addresses)."""
     cidrs = []
     chosen: list[str] = []
     for spec in specs:
@@ -64,8 +77,83 @@ def nodeport_addresses(specs: list[str], node_ips: tuple[str, ...]) -> tuple[str
         else:
             cidrs.append(ipaddress.ip_network(spec, strict=False))
     if cidrs:
-        for addr in local_addresses():
+        for addr in local:
             ip = ipaddress.ip_address(addr)
             if any(ip.version == c.version and ip in c for c in cidrs):
                 chosen.append(str(ip))
     return tuple(dict.fromkeys(chosen))
+
+
+class NodeAddresses:
+    """The daemon's node IPs and NodePort addresses, worked out again at every full sync.
+
+    The node IPs are --node-ip, else the watched Node's (InternalIP, then ExternalIP, one per
+    family: upstream's GetNodeHostIPs); --nodeport-addresses CIDRs are matched against the
+    addresses this network namespace has at that moment (one netlink dump), so an address
+    added or removed later is followed. The result is a new NodeConfig: the render itself
+    stays free of I/O.
+    """
+
+    def __init__(
+        self,
+        explicit_node_ips: tuple[str, ...],
+        specs: Sequence[str],
+        local: Callable[[], list[str]] = local_addresses,
+    ) -> None:
+        self.explicit_node_ips = explicit_node_ips
+        self.specs = tuple(specs)
+        self._local = local
+        self._warned_empty = False
+        self._last: tuple[str, ...] = ()  # the NodePort addresses of the last full sync
+
+    def config(self, base: NodeConfig, node: Node | None) -> NodeConfig:
+        """`base` with the node IPs and NodePort addresses of this moment."""
+        node_ips = self.explicit_node_ips or (node.host_ips if node is not None else ())
+        nodeport_ips = None
+        if self.specs:
+            local: list[str] = []
+            if any(spec != "primary" for spec in self.specs):
+                try:
+                    local = self._local()
+                except Exception as err:  # netlink failed: keep what the last sync used
+                    log.warning("cannot list this node's addresses (kept as they were): %s", err)
+                    return replace(base, node_ips=node_ips, nodeport_ips=self._last)
+            nodeport_ips = match_nodeport_addresses(self.specs, node_ips, local)
+            self._warn_when_empty(nodeport_ips, node_ips)
+            self._last = nodeport_ips
+        return replace(base, node_ips=node_ips, nodeport_ips=nodeport_ips)
+
+    def _warn_when_empty(self, nodeport_ips: tuple[str, ...], node_ips: tuple[str, ...]) -> None:
+        # Said once when it happens (again only after an address has matched meanwhile):
+        # a full sync runs every sync period and would repeat it forever.
+        if nodeport_ips:
+            self._warned_empty = False
+            return
+        if self._warned_empty:
+            return
+        self._warned_empty = True
+        if self.specs == ("primary",) and not node_ips:
+            why = "the Node has no InternalIP or ExternalIP (and there is no --node-ip)"
+        else:
+            why = "no local address matches"
+        log.warning(
+            "--nodeport-addresses %s: %s; NodePorts answer on no address until one does",
+            ",".join(self.specs),
+            why,
+        )
+
+
+def nodeport_destinations(
+    config: NodeConfig, version: int, mode: str, local: Iterable[str]
+) -> frozenset[str]:
+    """The addresses of IP `version` that NodePorts are served on, as the render writes them:
+    --nodeport-addresses, or else every address of `local` (the namespace's own); loopback
+    only for IPv4 in iptables mode with localhost NodePorts (never in nftables mode)."""
+    loopback = mode == "iptables" and version == 4 and config.localhost_nodeports
+    candidates = local if config.nodeport_ips is None else config.nodeport_ips
+    out = set()
+    for addr in candidates:
+        ip = ipaddress.ip_address(addr)
+        if ip.version == version and (loopback or not ip.is_loopback):
+            out.add(str(ip))
+    return frozenset(out)

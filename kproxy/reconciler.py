@@ -65,7 +65,9 @@ class SyncReport:
     full: bool
     state: ClusterState
     changes: Changes
+    # The families whose rules were not applied (all of them when the sync was postponed).
     failed_families: list[str] = field(default_factory=list)
+    config: NodeConfig | None = None  # the config the sync rendered with
 
 
 # The periodic verify reads the kernel and compares it with a full render: ~10 s at 10k
@@ -94,9 +96,13 @@ class Reconciler:
         observer: SyncObserver | None = None,
         after_sync: Callable[[SyncReport], None] | None = None,
         lock: Callable[[], AbstractContextManager[None]] | None = None,
+        configure: Callable[[ClusterState], NodeConfig] | None = None,
     ) -> None:
         self.store = store
         self.config = config
+        # Called before each full render (verify, node change) for the config of that moment:
+        # the node's addresses are read there (netlink), never inside the render.
+        self.configure = configure
         self.families = families
         self.min_sync_period = min_sync_period
         self.sync_period = sync_period
@@ -190,23 +196,53 @@ class Reconciler:
         except LockHeld as err:
             log.warning("sync postponed: %s", err)
             state, changes = self.store.snapshot()
-            report = SyncReport(ok=False, full=False, state=state, changes=changes)
+            report = SyncReport(
+                ok=False,
+                full=False,
+                state=state,
+                changes=changes,
+                failed_families=[fam.name for fam in self.families],
+                config=self.config,
+            )
             # The changes were taken out of the store: make the retry a full one.
             for fam in self.families:
                 fam.forget()
+            # Told like a failed sync, so what the changes owed (conntrack cleanup) is kept.
+            if self.after_sync is not None:
+                self.after_sync(report)
             return report
 
     def _sync(self, verify_reason: str | None) -> SyncReport:
         started = time.monotonic()
         state, changes = self.store.snapshot()
         self.observer.changes(changes.service_events, changes.endpoint_events)
-        report = SyncReport(ok=True, full=verify_reason is not None, state=state, changes=changes)
+        partial = verify_reason is None
+        changed = None if changes.node else changes.services
+        reconfigured = False
+        if self.configure is not None and (not partial or changes.node):
+            config = self.configure(state)
+            if config != self.config:
+                reconfigured = True
+                log.info(
+                    "node IPs %s, NodePorts on %s",
+                    ", ".join(config.node_ips) or "unknown",
+                    "every local address"
+                    if config.nodeport_ips is None
+                    else ", ".join(config.nodeport_ips) or "no address",
+                )
+                self.config = config
+                changed = None  # every Service's NodePort and source-range rules may change
+        report = SyncReport(
+            ok=True,
+            full=verify_reason is not None,
+            state=state,
+            changes=changes,
+            config=self.config,
+        )
         lines: dict[str, int] = {}
         rules: dict[str, int] = {}
         no_local = {"internal": 0, "external": 0}
         warned: set[str] = set()
-        partial = verify_reason is None
-        changed = None if changes.node else changes.services
         for fam in self.families:
             if partial and not changes.any() and fam.last is not None:
                 self.observer.updated(fam.name)  # nothing changed: nothing to render or send
@@ -226,7 +262,10 @@ class Reconciler:
                 if warning not in self._warned:
                     log.warning("%s", warning)
             warned.update(rendered.warnings)
-            if verify_reason not in (None, "start", "api-back") and outcome.changed:
+            # A verify that also brought new node addresses changed the rules for that reason,
+            # not because someone else touched them: not reported as drift.
+            drift = verify_reason not in (None, "start", "api-back") and not reconfigured
+            if drift and outcome.changed:
                 log.warning(
                     "%s: repaired rules changed behind kproxy's back (%s): %s",
                     fam.name,

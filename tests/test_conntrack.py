@@ -51,44 +51,63 @@ def svc(
     return UdpServicePort(frozenset(ips), port, node_port, frozenset(endpoints))
 
 
+NODE_IPS = frozenset({NODE_IP, "10.244.1.1"})  # where the node serves its NodePorts
+
+
+def stale(flows, ports, node_port_ips=NODE_IPS):
+    return stale_flows(flows, ports, node_port_ips)
+
+
 # --------------------------------------------------------------------------- stale_flows
 
 
 def test_flow_to_a_serving_endpoint_is_kept():
     flows = [flow(SVC_IP, 53, EP_A), flow(SVC_IP, 53, EP_B, sport=40001)]
-    assert stale_flows(flows, [svc()]) == []
+    assert stale(flows, [svc()]) == []
 
 
 @pytest.mark.parametrize("frontend", [SVC_IP, EXT_IP, LB_IP])
 def test_flow_to_any_frontend_ip_replied_by_a_removed_endpoint_is_stale(frontend):
-    stale = flow(frontend, 53, EP_GONE)
+    gone = flow(frontend, 53, EP_GONE)
     good = flow(frontend, 53, EP_B, sport=40001)
-    assert stale_flows([stale, good], [svc()]) == [stale]
+    assert stale([gone, good], [svc()]) == [gone]
 
 
 def test_endpoint_ip_right_but_port_changed_is_stale():
     moved = flow(SVC_IP, 53, (EP_A[0], 8053))  # the targetPort changed under the flow
-    assert stale_flows([moved], [svc()]) == [moved]
+    assert stale([moved], [svc()]) == [moved]
 
 
 def test_flow_never_dnated_is_stale():
     # sent while the service had no endpoints (0 -> N, k8s issue 48370): nobody DNATed it
     undnated = flow(SVC_IP, 53, (SVC_IP, 53))
-    assert stale_flows([undnated], [svc()]) == [undnated]
+    assert stale([undnated], [svc()]) == [undnated]
 
 
-def test_node_port_flows_judged_by_destination_port_alone():
+def test_node_port_flows_judged_on_every_address_the_node_port_is_served_on():
     to_node = flow(NODE_IP, 30053, EP_GONE, src="192.168.100.2")
     to_other_local_ip = flow("10.244.1.1", 30053, EP_GONE, sport=40001)
     good = flow(NODE_IP, 30053, EP_A, src="192.168.100.2", sport=40002)
     flows = [to_node, to_other_local_ip, good]
-    assert stale_flows(flows, [svc()]) == [to_node, to_other_local_ip]
+    assert stale(flows, [svc()]) == [to_node, to_other_local_ip]
+    # --nodeport-addresses 192.168.100.0/24: only that address serves the NodePort
+    assert stale(flows, [svc()], frozenset({NODE_IP})) == [to_node]
 
 
 def test_service_without_endpoints_still_has_its_flows_cleared():
     # upstream bug 139628 (fixed): a service port whose endpoints all went was skipped
     flows = [flow(SVC_IP, 53, EP_A), flow(NODE_IP, 30053, EP_B, sport=40001)]
-    assert stale_flows(flows, [svc(endpoints=())]) == flows
+    assert stale(flows, [svc(endpoints=())]) == flows
+
+
+def test_flows_elsewhere_that_share_a_node_port_number_are_untouched():
+    # Pod to pod (forwarded through the node) and to a remote host on port 30053: not sent
+    # to the node, so not NodePort traffic, whatever the NodePort's endpoints (upstream
+    # matches the port alone and, for a Service without endpoints, deletes them all).
+    pod_to_pod = flow(EP_A[0], 30053, (EP_A[0], 30053))
+    outward = flow("203.0.113.50", 30053, ("203.0.113.50", 30053), sport=40001)
+    for endpoints in ((), (EP_B,)):
+        assert stale([pod_to_pod, outward], [svc(endpoints=endpoints)]) == []
 
 
 def test_other_protocols_ports_and_destinations_untouched():
@@ -98,12 +117,12 @@ def test_other_protocols_ports_and_destinations_untouched():
         flow("10.96.0.99", 53, EP_GONE),  # another IP, same port
         flow("10.244.1.3", 5353, EP_B),  # pod to pod, no service
     ]
-    assert stale_flows(flows, [svc()]) == []
+    assert stale(flows, [svc()]) == []
 
 
 def test_no_service_ports_means_nothing_is_deleted():
     # a restart with nothing known yet must never clear flows (upstream issue 122740)
-    assert stale_flows([flow(SVC_IP, 53, EP_GONE)], []) == []
+    assert stale([flow(SVC_IP, 53, EP_GONE)], []) == []
 
 
 def test_frontend_match_takes_precedence_over_an_equal_node_port():
@@ -113,7 +132,7 @@ def test_frontend_match_takes_precedence_over_an_equal_node_port():
     other = svc(endpoints=(EP_B,), ips=(SVC_IP,), port=53, node_port=30053)
     good = flow("10.96.0.60", 30053, EP_A)
     bad = flow("10.96.0.60", 30053, EP_B, sport=40001)
-    assert stale_flows([good, bad], [cluster, other]) == [bad]
+    assert stale([good, bad], [cluster, other]) == [bad]
 
 
 def test_ipv6_addresses_compared_canonically():
@@ -123,14 +142,64 @@ def test_ipv6_addresses_compared_canonically():
     six = socket.AF_INET6
     good = flow("fd00:96::53", 53, ("fd00:10:244:1::2", 5353), src="fd00::4", family=six)
     bad = flow("fd00:96::53", 53, ("fd00:10:244:1::3", 5353), src="fd00::4", family=six)
-    assert stale_flows([good, bad], [port]) == [bad]
+    assert stale([good, bad], [port]) == [bad]
 
 
 def test_duplicate_frontends_keep_flows_to_either_endpoint_set():
     one = svc(endpoints=(EP_A,), node_port=0)
     two = svc(endpoints=(EP_B,), node_port=0)
     flows = [flow(SVC_IP, 53, EP_A), flow(SVC_IP, 53, EP_B, sport=40001)]
-    assert stale_flows(flows, [one, two]) == []
+    assert stale(flows, [one, two]) == []
+
+
+# --------------------------------------------------------------------------- owed cleanups
+
+
+def report(ok: bool, udp_change: bool, failed: tuple[str, ...] = ()):
+    from kproxy.model import NodeConfig
+    from kproxy.reconciler import SyncReport
+    from kproxy.store import Changes, ObjectStore
+
+    store = ObjectStore("node-1")
+    store.apply("Service", "ADDED", dns_objects([POD_A])[0])
+    state, changes = store.snapshot()
+    return SyncReport(
+        ok=ok,
+        full=False,
+        state=state,
+        changes=changes if udp_change else Changes(),
+        failed_families=list(failed),
+        config=NodeConfig(node_name="node-1"),
+    )
+
+
+def test_a_cleanup_owed_by_a_failed_sync_is_done_by_the_next_successful_one():
+    from kproxy.daemon import ConntrackCleanup
+
+    cleaned: list[tuple[int, bool]] = []
+    results: list[int | None] = []
+
+    def clean(rep, version: int) -> int | None:
+        cleaned.append((version, rep.ok))
+        return results.pop(0) if results else 0
+
+    owed = ConntrackCleanup(["IPv4", "IPv6"], "iptables", clean=clean)
+    # A UDP endpoint change whose sync was postponed (nothing applied): nothing cleaned yet.
+    owed.after_sync(report(False, True, failed=("IPv4", "IPv6")))
+    assert cleaned == [] and owed.due == {"IPv4", "IPv6"}
+    # The next sync applies IPv6 but IPv4 fails: IPv6 is cleaned, IPv4 stays owed.
+    owed.after_sync(report(False, False, failed=("IPv4",)))
+    assert cleaned == [(6, False)] and owed.due == {"IPv4"}
+    # A successful sync with no change of its own pays the rest; its cleanup failing once
+    # keeps it owed for the sync after.
+    results.append(None)
+    owed.after_sync(report(True, False))
+    assert cleaned[-1] == (4, True) and owed.due == {"IPv4"}
+    owed.after_sync(report(True, False))
+    assert cleaned[-1] == (4, True) and owed.due == set()
+    # Nothing owed, nothing changed: no cleanup at all.
+    owed.after_sync(report(True, False))
+    assert len(cleaned) == 3
 
 
 # --------------------------------------------------------------------------- kernel
@@ -179,7 +248,7 @@ else:
         for p in req["ports"]
     ]
     m = Metrics(process_metrics=False)
-    n = cleanup(ports, socket.AF_INET, m)
+    n = cleanup(ports, socket.AF_INET, frozenset(req["node_port_ips"]), m)
     value = m.registry.get_sample_value
     ct = "kubeproxy_conntrack_reconciler_"
     print(json.dumps({
@@ -240,9 +309,16 @@ def dns_ports(endpoint_ips: list[str]) -> list[dict[str, Any]]:
     ]
 
 
+def cleanup_request(endpoint_ips: list[str]) -> dict[str, Any]:
+    # The NodePort is served on every local address (no --nodeport-addresses): NODE_IP is one.
+    return {"op": "cleanup", "ports": dns_ports(endpoint_ips), "node_port_ips": [NODE_IP]}
+
+
 def sync(topo: netns.Topology, state: Path) -> None:
     argv = [sys.executable, "-m", "kproxy", "sync", "--state", str(state)]
     argv += ["--cluster-cidr", "10.244.0.0/16", "--node-name", "node-1"]
+    # A lock of the test's own: the host's /run/kproxy.lock is shared with other test runs.
+    argv += ["--lock-file", str(state.parent / "kproxy.lock")]
     proc = netns.run(topo.node, argv, check=False, timeout=120)
     assert proc.returncode == 0, f"kproxy sync failed: {proc.stderr}"
 
@@ -283,7 +359,7 @@ def test_cleanup_unpins_flows_from_a_removed_endpoint(topology, write_state):
     assert len(before) == 2 * len(SPORTS), before
 
     # 2. with both endpoints serving, cleanup deletes nothing (no "clear all on start")
-    result = node_helper(topo, {"op": "cleanup", "ports": dns_ports([POD_A, POD_B])})
+    result = node_helper(topo, cleanup_request([POD_A, POD_B]))
     assert result["deleted"] == 0 and result["timed"] == 1
     assert conntrack_ids(topo) == before
 
@@ -296,7 +372,7 @@ def test_cleanup_unpins_flows_from_a_removed_endpoint(topology, write_state):
     assert on_a and on_b
 
     # 4. cleanup in the node namespace deletes exactly the flows replied by a
-    result = node_helper(topo, {"op": "cleanup", "ports": dns_ports([POD_B])})
+    result = node_helper(topo, cleanup_request([POD_B]))
     assert result["deleted"] == len(on_a), result
     assert result["metric"] == len(on_a)
     after = conntrack_ids(topo)

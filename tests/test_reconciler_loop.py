@@ -66,3 +66,54 @@ def test_slow_verify_is_not_run_back_to_back():
     assert 2 <= len(fam.verifies) <= 3, fam.verifies
     gaps = [b - a for a, b in zip(fam.verifies, fam.verifies[1:], strict=False)]
     assert all(g >= 2.9 for g in gaps), gaps
+
+
+class RecordingFamily(SlowVerifyFamily):
+    """Records what each sync was asked to render: (changed Services or None, config)."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.calls: list[tuple[set | None, NodeConfig]] = []
+
+    def sync_state(self, state, config, changed, verify):
+        self.calls.append((None if changed is None else set(changed), config))
+        return super().sync_state(state, config, changed, verify)
+
+
+def test_node_addresses_are_read_at_full_syncs_and_a_change_renders_everything():
+    store = ObjectStore("node-1")
+    addresses = ["192.168.1.10"]
+    asked: list[int] = []
+
+    def configure(state):
+        asked.append(1)
+        return NodeConfig(node_name="node-1", nodeport_ips=tuple(addresses))
+
+    fam = RecordingFamily()
+    rec = Reconciler(store, NodeConfig(node_name="node-1"), [fam], configure=configure)
+    svc = {
+        "kind": "Service",
+        "metadata": {"namespace": "default", "name": "web"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
+    }
+    store.apply("Service", "ADDED", svc)
+    assert rec.sync("start").config.nodeport_ips == ("192.168.1.10",)
+    assert len(asked) == 1
+
+    # A Service change: a partial sync, the addresses are not read again.
+    svc["spec"]["ports"][0]["port"] = 81
+    store.apply("Service", "MODIFIED", svc)
+    rec.sync(None)
+    assert len(asked) == 1 and fam.calls[-1][0] == {("default", "web")}
+
+    # A new address seen by the periodic verify: used at once, for every Service.
+    addresses.append("192.168.1.11")
+    rec.sync("periodic")
+    assert len(asked) == 2 and fam.calls[-1][1].nodeport_ips == ("192.168.1.10", "192.168.1.11")
+
+    # The Node changing is a full render too, and reads the addresses again: with a Service
+    # change in the same sync, everything is rendered, not only that Service.
+    store.apply("Node", "ADDED", {"kind": "Node", "metadata": {"name": "node-1"}})
+    store.apply("Service", "MODIFIED", {**svc, "spec": {**svc["spec"], "clusterIP": "10.96.0.11"}})
+    rec.sync(None)
+    assert len(asked) == 3 and fam.calls[-1][0] is None
