@@ -190,12 +190,15 @@ class ObjectStore:
                     return False
                 self._changes.services.add((old.namespace, old.service_name))
                 return True
+            slice_warnings: list[str] = []
             try:
-                eps = endpoint_slice_from_k8s(obj)
+                eps = endpoint_slice_from_k8s(obj, slice_warnings)
             except InvalidObject as err:
                 self._reject(kind, key, obj, err)
                 return False
             self._rejected[kind].pop(key, None)
+            for warning in slice_warnings:
+                self._warn(warning)
             self._raw[kind][key] = _Raw.of(obj)
             if eps is None:
                 self._slices.pop(key, None)

@@ -133,3 +133,17 @@ def test_cache_copy_is_the_objects_without_managed_fields(tmp_path):
     # A relist without the slice deletes it from the copy too.
     store.resync("EndpointSlice", [])
     assert [json.loads(o)["kind"] for o in store.raw_objects()] == ["Service"]
+
+
+def test_slice_port_without_a_number_warns_once_and_keeps_the_slice():
+    warnings = []
+    store = ObjectStore("node-1", warn=warnings.append)
+    bad = eps("a-1", "a", "10.1.0.1")
+    bad["ports"] = [{"name": "q", "port": None}, {"name": "p", "port": 8080}]
+    store.resync("EndpointSlice", [bad])
+    state, _ = store.snapshot()
+    assert [p.name for p in state.slices[("ns", "a-1")].ports] == ["p"]
+    assert len(warnings) == 1 and "EndpointSlice ns/a-1: ports[0].port" in warnings[0]
+    # The same version listed again is no change and no second warning.
+    assert not store.resync("EndpointSlice", [copy.deepcopy(bad)])
+    assert len(warnings) == 1
