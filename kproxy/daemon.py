@@ -324,8 +324,9 @@ class Daemon:
                 self._start_from_cache(cached)
         # Left once every kind the cache filled is listed too (the Node may come after the
         # two lists `synced` waits for); until then the state is not the API's alone.
-        while not self.source.synced.is_set() or self.store.cached_kinds():
-            if self.stop_event.wait(0.5):
+        while not (self.source.synced.wait(0.5) and not self.store.cached_kinds()):
+            # Listed but a cached kind left: synced.wait no longer waits, this does.
+            if self.stop_event.wait(0.5 if self.source.synced.is_set() else 0):
                 return
         if self.from_cache:
             log.info("API server listed: leaving the state cache")
