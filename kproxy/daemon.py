@@ -179,12 +179,20 @@ def _udp_changed(report: SyncReport) -> bool:
 
 
 class CacheWriter:
-    """Writes the last-known-good state in the background: the latest submission wins, so a
-    burst of syncs costs one write, and a slow disk never delays a sync."""
+    """Writes the last-known-good state in the background, at most once per `interval` (the
+    sync period): under churn a partial sync comes every second, and each write is the whole
+    cluster (megabytes at 10k Services) with an fsync. The latest submission wins: the first
+    is written at once, a newer one `interval` after the previous write, one still pending
+    at stop() before it returns, and a failed one (full disk) again after `interval`. A slow
+    disk never delays a sync."""
 
-    def __init__(self, path: str, node: str, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, path: str, node: str, metrics: Metrics | None = None, interval: float = 0.0
+    ) -> None:
         self.path, self.node, self.metrics = path, node, metrics
+        self.interval = interval
         self._pending: list[str] | None = None
+        self._last_write = float("-inf")  # time.monotonic() of the last write's start
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="state-cache", daemon=True)
@@ -198,11 +206,18 @@ class CacheWriter:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while self._pending is None and not self._stop:
-                    self._cv.wait()
+                while True:
+                    if self._pending is None:
+                        if self._stop:
+                            return
+                        self._cv.wait()
+                        continue
+                    wait = self._last_write + self.interval - time.monotonic()
+                    if self._stop or wait <= 0:
+                        break
+                    self._cv.wait(wait)
                 objects, self._pending = self._pending, None
-                if objects is None:
-                    return
+                self._last_write = time.monotonic()
             try:
                 cache.save(self.path, objects, self.node)
             except OSError as err:
@@ -212,12 +227,16 @@ class CacheWriter:
                 )
                 if self.metrics is not None:
                     self.metrics.state_cache_failures_total.inc()
+                with self._cv:
+                    if self._pending is None and not self._stop:
+                        self._pending = objects  # again in a period, unless a newer one came
 
     def stop(self) -> None:
+        """Write what is pending (SIGTERM: a newer state than the file's is not lost), then end."""
         with self._cv:
             self._stop = True
             self._cv.notify()
-        self._thread.join(5)
+        self._thread.join(10)
 
 
 class Daemon:
@@ -238,7 +257,7 @@ class Daemon:
             else None
         )
         self.cache_writer = (
-            CacheWriter(opts.state_cache, opts.node_name, self.metrics)
+            CacheWriter(opts.state_cache, opts.node_name, self.metrics, opts.sync_period)
             if opts.state_cache
             else None
         )
@@ -302,9 +321,11 @@ class Daemon:
         if not report.ok:
             return
         if self.cache_writer is not None and self.source.synced.is_set():
-            # Only the API's state is cached: re-saving a state read from the cache would
-            # make it look fresh.
-            self.cache_writer.submit(self.store.raw_objects())
+            # Only the API's state is cached: re-saving objects read from the cache (all of
+            # them, or one kind while another is already listed) would make them look fresh.
+            objects = self.store.api_objects()
+            if objects is not None:
+                self.cache_writer.submit(objects)
         if not self._other_mode_removed:
             # The first successful sync is in place: now the other mode's rules can go.
             remove_other_mode(self.opts.mode, self.opts.backend)
@@ -341,7 +362,9 @@ class Daemon:
 
     def _wait_for_state(self) -> None:
         """Until the API source has listed everything; if it cannot within --api-wait, start
-        from the last-known-good cache instead of waiting forever (upstream waits)."""
+        from the last-known-good cache instead of waiting forever (upstream waits). The cache
+        fills only the kinds not listed yet: a listed kind is the API's, and its watch goes on
+        from the list, so an older cached object put in its place would stay."""
         if self.source.synced.wait(self.opts.api_wait) or self.stop_event.is_set():
             self.ready.set()
             return
@@ -356,30 +379,12 @@ class Daemon:
                     getattr(err, "strerror", None) or err,
                 )
             else:
-                age = cached.age()
-                stale = age > self.opts.state_cache_max_age
-                log.warning(
-                    "API server not listed after %.0fs: programming the rules from the "
-                    "state cache %s, saved %.0fs ago%s; still watching the API server",
-                    self.opts.api_wait,
-                    self.opts.state_cache,
-                    age,
-                    " (older than --state-cache-max-age)" if stale else "",
-                )
-                by_kind: dict[str, list[dict]] = {"Service": [], "EndpointSlice": [], "Node": []}
-                for obj in cached.objects:
-                    if isinstance(obj, dict) and obj.get("kind") in by_kind:
-                        by_kind[obj["kind"]].append(obj)
-                for kind, items in by_kind.items():
-                    self.store.resync(kind, items)
-                self._update_node()
-                self.from_cache = True
-                self.health.set_state_cache_age(age)
-                self.metrics.state_cache_age_seconds.set(age)
-                self.metrics.running_from_state_cache.set(1)
-                self.ready.set()
-        while not self.source.synced.wait(0.5):
-            if self.stop_event.is_set():
+                self._start_from_cache(cached)
+        # Left once every kind the cache filled is listed too (the Node may come after the
+        # two lists `synced` waits for); until then the state is not the API's alone.
+        while not (self.source.synced.wait(0.5) and not self.store.cached_kinds()):
+            # Listed but a cached kind left: synced.wait no longer waits, this does.
+            if self.stop_event.wait(0.5 if self.source.synced.is_set() else 0):
                 return
         if self.from_cache:
             log.info("API server listed: leaving the state cache")
@@ -389,6 +394,35 @@ class Daemon:
             self.health.set_state_cache_age(None)
             self.metrics.state_cache_age_seconds.set(0)
             self.metrics.running_from_state_cache.set(0)
+        self.ready.set()
+
+    def _start_from_cache(self, cached: cache.CachedState) -> None:
+        by_kind: dict[str, list[dict]] = {"Service": [], "EndpointSlice": [], "Node": []}
+        for obj in cached.objects:
+            if isinstance(obj, dict) and obj.get("kind") in by_kind:
+                by_kind[obj["kind"]].append(obj)
+        for kind, items in by_kind.items():
+            self.store.seed(kind, items)  # refused for a kind the API has listed
+        kinds = self.store.cached_kinds()
+        if not kinds:
+            return  # listed meanwhile, or nothing cached for what is missing: wait on
+        self._update_node()
+        age = cached.age()
+        stale = age > self.opts.state_cache_max_age
+        log.warning(
+            "API server not listed after %.0fs: programming the rules from the state cache "
+            "%s, saved %.0fs ago%s, for what is not listed yet (%s); still watching the API "
+            "server",
+            self.opts.api_wait,
+            self.opts.state_cache,
+            age,
+            " (older than --state-cache-max-age)" if stale else "",
+            ", ".join(sorted(kinds)),
+        )
+        self.from_cache = True
+        self.health.set_state_cache_age(age)
+        self.metrics.state_cache_age_seconds.set(age)
+        self.metrics.running_from_state_cache.set(1)
         self.ready.set()
 
     def run(self) -> int:

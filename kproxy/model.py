@@ -404,9 +404,17 @@ def service_from_k8s(obj: Mapping[str, Any], warnings: list[str] | None = None) 
     )
 
 
-def endpoint_slice_from_k8s(obj: Mapping[str, Any]) -> EndpointSlice | None:
-    """An EndpointSlice, or None for an FQDN slice (kube-proxy ignores those)."""
+def endpoint_slice_from_k8s(
+    obj: Mapping[str, Any], warnings: list[str] | None = None
+) -> EndpointSlice | None:
+    """An EndpointSlice, or None for an FQDN slice (kube-proxy ignores those).
+
+    Raises InvalidObject for a slice that cannot be used; problems that only cost one port
+    (a port without a number) are appended to `warnings`.
+    """
     c = _Checker("EndpointSlice", obj)
+    if warnings is not None:
+        c.warnings = warnings
     meta = c.mapping(obj.get("metadata"), "metadata")
     labels = c.mapping(meta.get("labels"), "metadata.labels")
     service_name = labels.get(SERVICE_NAME_LABEL)
@@ -422,6 +430,11 @@ def endpoint_slice_from_k8s(obj: Mapping[str, Any]) -> EndpointSlice | None:
     ports = []
     for i, raw in enumerate(c.sequence(obj.get("ports"), "ports")):
         p = c.mapping(raw, f"ports[{i}]", required=True)
+        if p.get("port") is None:
+            # The API allows it ("all ports", never implemented); upstream skips the port and
+            # keeps the slice's others, so one odd port must not take the whole slice down.
+            c.warnings.append(f"{c.fail(f'ports[{i}].port', 'missing')}; port ignored")
+            continue
         ports.append(
             EndpointPort(
                 name=c.string(p.get("name"), f"ports[{i}].name", ""),
@@ -450,7 +463,9 @@ def endpoint_slice_from_k8s(obj: Mapping[str, Any]) -> EndpointSlice | None:
             Endpoint(
                 ip=ip,
                 ready=ready,
-                serving=c.boolean(cond.get("serving"), f"{path}.conditions.serving", ready),
+                # Absent means serving, not "as ready" (upstream's EndpointSliceCache): a
+                # terminating endpoint whose slice omits it is still the fallback.
+                serving=c.boolean(cond.get("serving"), f"{path}.conditions.serving", True),
                 terminating=c.boolean(
                     cond.get("terminating"), f"{path}.conditions.terminating", False
                 ),
@@ -519,7 +534,7 @@ def _plain_ipv4_endpoint(e: Any) -> Endpoint | None:
     ready = cond.get("ready")
     ready = True if ready is None else ready
     serving = cond.get("serving")
-    serving = ready if serving is None else serving
+    serving = True if serving is None else serving
     terminating = cond.get("terminating")
     terminating = False if terminating is None else terminating
     node_name, zone = e.get("nodeName"), e.get("zone")
@@ -571,7 +586,7 @@ def build_state(
                 if svc is not None:
                     services[svc.key] = svc
             elif kind == "EndpointSlice":
-                eps = endpoint_slice_from_k8s(obj)
+                eps = endpoint_slice_from_k8s(obj, warnings)
                 if eps is not None:
                     slices[eps.key] = eps
             elif kind == "Node":

@@ -97,6 +97,11 @@ class ObjectStore:
         self._rejected: dict[str, dict[tuple[str, str], dict[str, Any]]] = {
             kind: {} for kind in self._raw
         }
+        # Where each kind's objects came from: a kind listed from the API is never filled
+        # from the state cache again, and a kind filled from the cache and not listed since
+        # keeps the store's state from being saved as the API's.
+        self._listed: set[str] = set()
+        self._from_cache: set[str] = set()
 
     # --- writers (API source threads) ---
 
@@ -106,28 +111,52 @@ class ObjectStore:
             return self._apply(kind, event, obj)
 
     def resync(self, kind: str, items: list[dict[str, Any]]) -> bool:
-        """Replace the whole view of `kind` by a fresh list (initial list, relist after 410):
-        only real differences count as changes, so a relist with nothing new churns nothing."""
+        """Replace the whole view of `kind` by a fresh list from the API (initial list, relist
+        after 410): only real differences count as changes, so a relist with nothing new
+        churns nothing. What the state cache put there is replaced: an object of another
+        resourceVersion is taken again, one missing from the list is deleted."""
         with self._lock:
-            changed = False
-            current = self._raw[kind]
-            seen = set()
-            rejected = self._rejected[kind]
-            for obj in items:
-                key = _key(obj)
-                seen.add(key)
-                old = current.get(key)
-                bad = rejected.get(key)
-                if bad is not None and _rv(bad) is not None and _rv(bad) == _rv(obj):
-                    continue  # the same invalid version, already reported
-                if old is None or old.rv != _rv(obj) or old.rv is None:
-                    changed |= self._apply(kind, "MODIFIED" if old else "ADDED", obj)
-            for ns, name in [k for k in current if k not in seen]:
-                gone = {"metadata": {"namespace": ns, "name": name}}
-                changed |= self._apply(kind, "DELETED", gone)
-            for key in [k for k in rejected if k not in seen]:
-                del rejected[key]
+            self._listed.add(kind)
+            self._from_cache.discard(kind)
+            return self._resync(kind, items)
+
+    def seed(self, kind: str, items: list[dict[str, Any]]) -> bool:
+        """Fill `kind` from the last-known-good cache, unless the API has listed it already:
+        the watch that follows a list sends an object again only when it changes, so an older
+        cached version put over a listed one would stay. True when the state changed."""
+        with self._lock:
+            if kind in self._listed:
+                return False
+            changed = self._resync(kind, items)
+            if self._raw[kind]:  # objects of this kind now come from the cache
+                self._from_cache.add(kind)
             return changed
+
+    def cached_kinds(self) -> set[str]:
+        """The kinds whose objects came from the state cache and have not been listed since."""
+        with self._lock:
+            return set(self._from_cache)
+
+    def _resync(self, kind: str, items: list[dict[str, Any]]) -> bool:
+        changed = False
+        current = self._raw[kind]
+        seen = set()
+        rejected = self._rejected[kind]
+        for obj in items:
+            key = _key(obj)
+            seen.add(key)
+            old = current.get(key)
+            bad = rejected.get(key)
+            if bad is not None and _rv(bad) is not None and _rv(bad) == _rv(obj):
+                continue  # the same invalid version, already reported
+            if old is None or old.rv != _rv(obj) or old.rv is None:
+                changed |= self._apply(kind, "MODIFIED" if old else "ADDED", obj)
+        for ns, name in [k for k in current if k not in seen]:
+            gone = {"metadata": {"namespace": ns, "name": name}}
+            changed |= self._apply(kind, "DELETED", gone)
+        for key in [k for k in rejected if k not in seen]:
+            del rejected[key]
+        return changed
 
     def _apply(self, kind: str, event: str, obj: dict[str, Any]) -> bool:
         key = _key(obj)
@@ -190,12 +219,15 @@ class ObjectStore:
                     return False
                 self._changes.services.add((old.namespace, old.service_name))
                 return True
+            slice_warnings: list[str] = []
             try:
-                eps = endpoint_slice_from_k8s(obj)
+                eps = endpoint_slice_from_k8s(obj, slice_warnings)
             except InvalidObject as err:
                 self._reject(kind, key, obj, err)
                 return False
             self._rejected[kind].pop(key, None)
+            for warning in slice_warnings:
+                self._warn(warning)
             self._raw[kind][key] = _Raw.of(obj)
             if eps is None:
                 self._slices.pop(key, None)
@@ -235,4 +267,12 @@ class ObjectStore:
     def raw_objects(self) -> list[str]:
         """Every object as the API sent it, as JSON text (for the last-known-good cache)."""
         with self._lock:
+            return [raw.json for objs in self._raw.values() for raw in objs.values()]
+
+    def api_objects(self) -> list[str] | None:
+        """raw_objects() when they all came from the API; None while any kind still holds
+        objects from the state cache (saving that mix would make old objects look fresh)."""
+        with self._lock:
+            if self._from_cache:
+                return None
             return [raw.json for objs in self._raw.values() for raw in objs.values()]

@@ -4,7 +4,8 @@ Only the standard library: `ThreadingHTTPServer` serves Services, EndpointSlices
 (cluster-wide and per-namespace lists), with one global resourceVersion counter across kinds as
 etcd keeps it, `limit`/`continue` paging, and watches: chunked JSON lines, replay from a bounded
 history, BOOKMARK events, and 410 "Expired" for a resourceVersion older than the history.
-Failures are injected with `set_fail()` and `cut_watches()`; `requests` logs every request.
+Failures are injected with `set_fail()`, `set_kind_fail()` (one kind only: 403, 500, or a list
+held until released) and `cut_watches()`; `requests` logs every request.
 
     server = FakeApiServer()      # FakeApiServer(host="10.0.0.1") to bind inside a netns
     server.start()
@@ -123,6 +124,7 @@ class FakeApiServer:
         # A watch may start at any RV >= this one: all later events are still in _history.
         self._compacted_rv = 1
         self._fail: str | None = None
+        self._kind_fail: dict[str, str] = {}  # kind -> "403" | "500" | "hold"
         self._cut_gen = 0  # bumped by cut_watches(); a watch that sees a new value is cut
         self._stopping = False
         # Snapshots of paged lists, by (kind, rv), so `continue` pages stay consistent.
@@ -232,6 +234,21 @@ class FakeApiServer:
             raise ValueError(f"unknown fail mode {mode!r}")
         with self._cond:
             self._fail = mode
+
+    def set_kind_fail(self, kind: str, mode: str | None) -> None:
+        """Fail the lists and watches of one kind only, as a missing RBAC rule or one slow
+        resource does: None healthy; "403" Forbidden; "500"; "hold" keeps each request
+        waiting, unanswered, until the mode changes (then it is answered as the new mode
+        says) or the server stops."""
+        if mode not in (None, "403", "500", "hold"):
+            raise ValueError(f"unknown fail mode {mode!r}")
+        spec = self._kind_of(kind)
+        with self._cond:
+            if mode is None:
+                self._kind_fail.pop(spec.kind, None)
+            else:
+                self._kind_fail[spec.kind] = mode
+            self._cond.notify_all()
 
     def cut_watches(self) -> None:
         """Abort every open watch stream now, without the final chunk (a network cut)."""
@@ -396,6 +413,7 @@ class _Handler(BaseHTTPRequestHandler):
             if routed is None:
                 raise _HTTPError(404, "NotFound", f"the server could not find {path}")
             spec, namespace = routed
+            self._kind_failure(spec)
             fields = _parse_field_selector(query.get("fieldSelector", ""))
             if query.get("labelSelector"):
                 raise _HTTPError(400, "BadRequest", "labelSelector is not supported here")
@@ -407,6 +425,23 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(path, query, err.code, status_object(err.code, err.reason, err.message))
         except OSError:  # the client went away (or cut_watches/stop shut the socket)
             self.close_connection = True
+
+    def _kind_failure(self, spec: _Kind) -> None:
+        """Raise the failure set_kind_fail() asked for this kind; wait while it is "hold"."""
+        api = self.api
+        with api._cond:
+            while api._kind_fail.get(spec.kind) == "hold" and not api._stopping:
+                api._cond.wait()
+            mode = api._kind_fail.get(spec.kind)
+        if mode == "403":
+            raise _HTTPError(
+                403,
+                "Forbidden",
+                f'{spec.plural} is forbidden: User "system:serviceaccount:kube-system:kproxy" '
+                f"cannot list resource {spec.plural!r} at the cluster scope",
+            )
+        if mode == "500":
+            raise _HTTPError(500, "InternalError", f"fake failure of {spec.plural}")
 
     # --- list ---
 

@@ -336,3 +336,45 @@ def _slice(endpoints):
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         "endpoints": endpoints,
     }
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "careful-path"])
+def test_absent_conditions_read_as_upstream_reads_them(fast_path, monkeypatch):
+    """Upstream (pkg/proxy/endpointslicecache.go): ready and serving are true when absent,
+    terminating false. An absent `serving` is not a copy of `ready`: a terminating endpoint
+    whose slice leaves `serving` out still serves (the fallback when no endpoint is ready)."""
+    import kproxy.model as model
+
+    if not fast_path:
+        monkeypatch.setattr(model, "_plain_ipv4_endpoint", lambda e: None)
+    endpoints = [
+        {"addresses": ["10.1.0.1"], "conditions": {"ready": False, "terminating": True}},
+        {"addresses": ["10.1.0.2"], "conditions": {"ready": False, "serving": None}},
+        {"addresses": ["10.1.0.3"]},
+        {"addresses": ["10.1.0.4"], "conditions": {"ready": False, "serving": False}},
+    ]
+    eps = model.endpoint_slice_from_k8s(_slice(endpoints))
+    got = [(e.ready, e.serving, e.terminating) for e in eps.endpoints]
+    assert got == [
+        (False, True, True),
+        (False, True, False),
+        (True, True, False),
+        (False, False, False),
+    ]
+
+
+def test_slice_port_without_a_number_is_skipped_not_the_slice():
+    """A slice port with `port: null` (the API allows it: "all ports", which upstream ignores)
+    costs that port only, with one warning naming the slice and the field."""
+    obj = _slice([{"addresses": ["10.1.0.1"]}])
+    obj["ports"] = [
+        {"name": "metrics", "port": None, "protocol": "TCP"},
+        {"name": "http", "port": 8080, "protocol": "TCP"},
+    ]
+    state, warnings = build_state([obj])
+    eps = state.slices[("default", "web-x")]
+    assert [(p.name, p.port) for p in eps.ports] == [("http", 8080)]
+    assert [e.ip for e in eps.endpoints] == ["10.1.0.1"]
+    assert len(warnings) == 1, warnings
+    assert "EndpointSlice default/web-x: ports[0].port:" in warnings[0]
+    assert "\n" not in warnings[0]

@@ -4,7 +4,9 @@ from kproxy.model import NodeConfig, build_state
 from kproxy.render.iptables import render
 
 
-def cluster(ports, slice_ports, endpoints, svc_type="ClusterIP", extra=()):
+def cluster(ports, slice_ports, endpoints, svc_type="ClusterIP", extra=(), warnings=None):
+    """The state of Service ns/s and its slice; the warnings go to `warnings` when given,
+    else there must be none."""
     objs = [
         {
             "kind": "Service",
@@ -24,8 +26,11 @@ def cluster(ports, slice_ports, endpoints, svc_type="ClusterIP", extra=()):
         },
         *extra,
     ]
-    state, warnings = build_state(objs)
-    assert warnings == []
+    state, found = build_state(objs)
+    if warnings is None:
+        assert found == []
+    else:
+        warnings.extend(found)
     return state
 
 
@@ -156,3 +161,33 @@ def test_large_clusters_leave_out_per_endpoint_comments():
     assert comments(100, 10) == (True, True, True)  # exactly 1000 endpoints: not large
     # 1001 endpoints: per-endpoint comments go, the Service-level ones stay (as upstream).
     assert comments(91, 11) == (False, False, True)
+
+
+def test_slice_port_without_a_number_leaves_the_other_ports_rendered():
+    # `port: null` on one slice port: that Service port has no endpoints (rejected, as
+    # upstream), the other port still goes to the endpoint.
+    warnings = []
+    state = cluster(
+        [{"name": "a", "port": 80}, {"name": "b", "port": 81}],
+        [{"name": "a", "port": None}, {"name": "b", "port": 8081}],
+        [{"addresses": ["10.244.0.9"]}],
+        warnings=warnings,
+    )
+    assert len(warnings) == 1 and "EndpointSlice ns/s-1: ports[0].port" in warnings[0]
+    rs = render(state, NodeConfig()).ruleset
+    dnat = [r for r in nat_rules(rs, "KUBE-SEP-") if "DNAT" in r]
+    assert [d.split("--to-destination ")[1] for d in dnat] == ["10.244.0.9:8081"]
+    assert rs.tables["filter"].chains["KUBE-SERVICES"] == [
+        '-d 10.96.0.5/32 -p tcp -m comment --comment "ns/s:a has no endpoints" -m tcp '
+        "--dport 80 -j REJECT --reject-with icmp-port-unreachable"
+    ]
+
+
+def test_terminating_endpoint_without_serving_condition_is_the_fallback():
+    # No ready endpoint; one terminating endpoint whose slice leaves `serving` out. Upstream
+    # reads the absent condition as serving, so traffic goes to it instead of a REJECT.
+    eps = [{"addresses": ["10.244.0.3"], "conditions": {"ready": False, "terminating": True}}]
+    rs = render(cluster([{"port": 80}], [{"port": 8080}], eps), NodeConfig()).ruleset
+    dnat = [r for r in nat_rules(rs, "KUBE-SEP-") if "DNAT" in r]
+    assert [d.split("--to-destination ")[1] for d in dnat] == ["10.244.0.3:8080"]
+    assert rs.tables["filter"].chains["KUBE-SERVICES"] == []

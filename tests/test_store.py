@@ -133,3 +133,55 @@ def test_cache_copy_is_the_objects_without_managed_fields(tmp_path):
     # A relist without the slice deletes it from the copy too.
     store.resync("EndpointSlice", [])
     assert [json.loads(o)["kind"] for o in store.raw_objects()] == ["Service"]
+
+
+def test_slice_port_without_a_number_warns_once_and_keeps_the_slice():
+    warnings = []
+    store = ObjectStore("node-1", warn=warnings.append)
+    bad = eps("a-1", "a", "10.1.0.1")
+    bad["ports"] = [{"name": "q", "port": None}, {"name": "p", "port": 8080}]
+    store.resync("EndpointSlice", [bad])
+    state, _ = store.snapshot()
+    assert [p.name for p in state.slices[("ns", "a-1")].ports] == ["p"]
+    assert len(warnings) == 1 and "EndpointSlice ns/a-1: ports[0].port" in warnings[0]
+    # The same version listed again is no change and no second warning.
+    assert not store.resync("EndpointSlice", [copy.deepcopy(bad)])
+    assert len(warnings) == 1
+
+
+def test_cache_fills_only_kinds_the_api_has_not_listed():
+    """Start-up with one list late: the state cache fills the kinds not yet listed, never
+    a kind the API has listed (its watch would not send the newer objects again)."""
+    store = ObjectStore("node-1")
+    store.resync("Service", [service("a", "10.96.0.1", rv="9")])
+    assert not store.seed("Service", [service("a", "10.96.0.99", rv="3"), service("old")])
+    assert store.seed("EndpointSlice", [eps("a-1", "a", "10.1.0.1", rv="4")])
+    assert not store.seed("Node", [])  # nothing cached for a kind: nothing from the cache
+    state, _ = store.snapshot()
+    assert set(state.services) == {("ns", "a")}
+    assert state.services[("ns", "a")].cluster_ips == ("10.96.0.1",)
+    assert set(state.slices) == {("ns", "a-1")}
+    assert store.cached_kinds() == {"EndpointSlice"}
+    # Half cache, half API: not a state to save as the API's.
+    assert store.api_objects() is None
+
+
+def test_api_list_replaces_what_the_cache_filled():
+    store = ObjectStore("node-1")
+    store.seed("Service", [service("a", rv="3"), service("gone", "10.96.0.2", rv="2")])
+    store.seed("EndpointSlice", [eps("a-1", "a", "10.1.0.1", rv="4")])
+    store.snapshot()
+    # The real lists: a changed, `gone` deleted meanwhile, a-1 replaced by a-2.
+    assert store.resync("Service", [service("a", "10.96.0.3", rv="7")])
+    assert store.cached_kinds() == {"EndpointSlice"}
+    assert store.resync("EndpointSlice", [eps("a-2", "a", "10.1.0.2", rv="8")])
+    state, changes = store.snapshot()
+    assert set(state.services) == {("ns", "a")}
+    assert state.services[("ns", "a")].cluster_ips == ("10.96.0.3",)
+    assert set(state.slices) == {("ns", "a-2")}
+    assert changes.services == {("ns", "a"), ("ns", "gone")}
+    assert store.cached_kinds() == set()
+    saved = [json.loads(o) for o in store.api_objects()]
+    assert [o["metadata"]["resourceVersion"] for o in saved] == ["7", "8"]
+    # Listed once, a kind is never filled from the cache again.
+    assert not store.seed("EndpointSlice", [eps("a-1", "a", "10.1.0.1", rv="4")])

@@ -697,6 +697,10 @@ def full_disk(short: bool = False) -> dict[str, Any]:
             str(disk / "snapshots"),
             "--state-cache",
             str(disk / "state.json"),
+            # The state cache is rewritten at most once per sync period: a short one, so
+            # that the writes this scenario watches fail (and then succeed) within seconds.
+            "--iptables-sync-period",
+            "3s",
         ]
         bench.apply(service("web2", WEB2_IP), slice_("web2-1", "web2", [POD_A]))
         bench.start_kproxy()
@@ -734,7 +738,12 @@ def full_disk(short: bool = False) -> dict[str, Any]:
         bench.wait("repaired", bench.converged, 30)
         bench.apply(service("late", "10.96.0.40"), slice_("late-1", "late", [POD_A]))
         bench.wait("second change applied", bench.converged, 30)
-        time.sleep(2.0)
+        with contextlib.suppress(TimeoutError):  # reported as a problem below
+            bench.wait(
+                "cache write failure logged",
+                lambda: "could not write the state cache" in bench.kproxy.log(),
+                20,
+            )
         log = bench.kproxy.log()
         cache_during = sh(f"cat {disk}/state.json")
         snaps_during = sh(f"cd {disk}/snapshots && sha256sum *")
