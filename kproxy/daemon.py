@@ -18,6 +18,8 @@ from kproxy.metrics import Metrics
 from kproxy.model import NodeConfig
 from kproxy.modes import modes_for, remove_other_mode
 from kproxy.reconciler import (
+    APPLY,
+    UNEXPECTED,
     Reconciler,
     SyncReport,
     local_ready_endpoints,
@@ -76,11 +78,14 @@ class DaemonObserver:
         if full:
             self.health.mark_ready()
 
-    def failed(self, family: str, partial: bool) -> None:
-        self.metrics.sync_proxy_rules_iptables_restore_failures_total.inc()
-        if partial:
-            self.metrics.sync_proxy_rules_iptables_partial_restore_failures_total.inc()
-        self.metrics.sync_failures_total.labels(family=family).inc()
+    def failed(self, family: str, partial: bool, reason: str) -> None:
+        if reason in (APPLY, UNEXPECTED):
+            # Upstream counts every failed restore, the tool's refusal or its failure to run;
+            # a failed canary check or post-sync step is no restore.
+            self.metrics.sync_proxy_rules_iptables_restore_failures_total.inc()
+            if partial:
+                self.metrics.sync_proxy_rules_iptables_partial_restore_failures_total.inc()
+        self.metrics.sync_failures_total.labels(family=family, reason=reason).inc()
 
     def drift_repaired(self, reason: str) -> None:
         self.metrics.drift_repairs_total.labels(reason=reason).inc()

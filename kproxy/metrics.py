@@ -256,8 +256,10 @@ class Metrics:
         )
         self.sync_failures_total = counter(
             "kproxy_sync_failures",
-            "Failed syncs, per IP family",
-            ("family",),
+            "Failed syncs, per IP family (all: none in particular) and reason: apply (the "
+            "tool refused the change), unexpected (any other error), canary (the canary "
+            "check failed), after-sync (the work after an apply failed)",
+            ("family", "reason"),
             subsystem="",
         )
 
