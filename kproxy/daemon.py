@@ -164,9 +164,13 @@ class Daemon:
         self.stop_event = threading.Event()
         self.store = ObjectStore(opts.node_name, warn=log.warning)
         self.metrics = Metrics()
-        self.health = ProxyHealth(opts.sync_period)
-        self.service_health = ServiceHealthServers(self.health)
+        # The families this node can program (NoFamilyError when none): health tracks only
+        # those, or a node without IPv6 would report an IPv6 "never updated" and be restarted
+        # by its liveness probe over and over.
         families = modes_for(opts.mode, opts.backend)
+        self.family_versions = {fam.family.version for fam in families}
+        self.health = ProxyHealth(opts.sync_period, families=[fam.name for fam in families])
+        self.service_health = ServiceHealthServers(self.health)
         self._other_mode_removed = False
         self.ready = threading.Event()  # the store holds a complete state (API or cache)
         self.from_cache = False
@@ -194,7 +198,10 @@ class Daemon:
             else None,
         )
         self.metrics.info.labels(
-            version=__version__, mode=opts.mode, backend=families[0].label
+            version=__version__,
+            mode=opts.mode,
+            backend=families[0].label,
+            families=",".join(fam.name for fam in families),
         ).set(1)
         self.source = KubeSource(
             opts.servers or None,
@@ -254,6 +261,8 @@ class Daemon:
         if not udp_changed:
             return
         for family in (IPV4, IPV6):
+            if family.version not in self.family_versions:
+                continue  # a family kproxy does not run: nothing of it to clean
             ports = [
                 conntrack.UdpServicePort(ips, port, node_port, endpoints)
                 for ips, port, node_port, endpoints in udp_service_ports(report.state, family)
@@ -346,8 +355,10 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
         log.info(
-            "kproxy running on node %s: metrics on %s, health on %s",
+            "kproxy running on node %s (%s mode, %s): metrics on %s, health on %s",
             opts.node_name,
+            opts.mode,
+            " and ".join(fam.name for fam in self.reconciler.families),
             opts.metrics_bind,
             opts.healthz_bind,
         )
