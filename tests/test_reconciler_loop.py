@@ -123,6 +123,13 @@ class Failures:
         return lambda *args, **kwargs: None
 
 
+def reconciler(fam, **periods) -> Reconciler:
+    """A reconciler of the one stand-in family, syncing as soon as it is asked to."""
+    return Reconciler(
+        ObjectStore("node-1"), NodeConfig(node_name="node-1"), [fam], min_sync_period=0.0, **periods
+    )
+
+
 def run_loop(rec: Reconciler) -> tuple[threading.Thread, threading.Event]:
     stop, synced = threading.Event(), threading.Event()
     synced.set()
@@ -161,15 +168,7 @@ def test_unexpected_sync_errors_are_counted_backed_off_and_survived(caplog):
         ]
     )
     observer = Failures()
-    rec = Reconciler(
-        ObjectStore("node-1"),
-        NodeConfig(node_name="node-1"),
-        [fam],
-        min_sync_period=0.0,
-        sync_period=0.5,
-        canary_interval=60.0,
-        observer=observer,
-    )
+    rec = reconciler(fam, sync_period=0.5, canary_interval=60.0, observer=observer)
     loop, stop = run_loop(rec)
     try:
         assert fam.synced.wait(30), "the loop never synced after the errors stopped"
@@ -199,15 +198,7 @@ def test_an_error_in_the_canary_check_is_counted_and_survived(caplog):
         missing=["IPv4 nat"],
     )
     observer = Failures()
-    rec = Reconciler(
-        ObjectStore("node-1"),
-        NodeConfig(node_name="node-1"),
-        [fam],
-        min_sync_period=0.0,
-        sync_period=60.0,
-        canary_interval=0.05,
-        observer=observer,
-    )
+    rec = reconciler(fam, sync_period=60.0, canary_interval=0.05, observer=observer)
     loop, stop = run_loop(rec)
     try:
         # After three failing checks, one reports a flush: the repair follows.
@@ -232,14 +223,7 @@ def test_notify_is_not_blocked_while_the_canary_check_runs():
             return []
 
     fam = BlockingCanaries()
-    rec = Reconciler(
-        ObjectStore("node-1"),
-        NodeConfig(node_name="node-1"),
-        [fam],
-        min_sync_period=0.0,
-        sync_period=60.0,
-        canary_interval=0.05,
-    )
+    rec = reconciler(fam, sync_period=60.0, canary_interval=0.05)
     loop, stop = run_loop(rec)
     try:
         assert checking.wait(30), "no canary check ran"

@@ -28,7 +28,7 @@ class NftBackend:
     def problem(self) -> str | None:
         """Why nft cannot program this family here (None: it can), checked once at start: `nft
         -c` of a table with a nat base chain, which the kernel validates and then discards
-        (nothing is created; ~30 ms). A kernel without the family or its NAT refuses it; it
+        (nothing is created; ~15 ms). A kernel without the family or its NAT refuses it; it
         is a write that fails there, so reading the family's tables would not tell."""
         text = (
             f"add table {self.family} {PROBE_TABLE}\n"
