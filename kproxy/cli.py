@@ -22,7 +22,7 @@ from kproxy.backends.nftables import NftBackend
 from kproxy.fileio import write_atomically
 from kproxy.lockfile import DEFAULT_LOCK_FILE, LockHeld, locked
 from kproxy.model import ClusterState, NodeConfig, build_state
-from kproxy.modes import modes_for, remove_other_mode
+from kproxy.modes import NoFamilyError, modes_for, remove_other_mode
 from kproxy.nft import NftTable
 from kproxy.plan import full_table
 from kproxy.recovery import DEFAULT_SNAPSHOT_DIR
@@ -480,7 +480,12 @@ def _run_daemon(args: argparse.Namespace) -> int:
         lock_file=args.lock_file or None,
         mode=args.mode,
     )
-    return Daemon(opts).run()
+    try:
+        daemon = Daemon(opts)
+    except NoFamilyError as err:
+        log.error("%s", err)
+        return EXIT_ERROR
+    return daemon.run()
 
 
 def _node_config(
@@ -576,8 +581,13 @@ def _sync_families(args: argparse.Namespace, dry_run: bool) -> int:
         log.warning("%s", warning)
     config = _node_config(args, state, apply=not dry_run)
 
+    try:
+        families = modes_for(args.mode, args.iptables_backend)
+    except NoFamilyError as err:
+        log.error("%s", err)
+        return EXIT_ERROR
     failed = changes = False
-    for fam in modes_for(args.mode, args.iptables_backend):
+    for fam in families:
         t0 = time.perf_counter()
         rendered = fam.render(state, config)
         rendered_at = time.perf_counter()

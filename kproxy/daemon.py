@@ -19,6 +19,8 @@ from kproxy.metrics import Metrics
 from kproxy.model import NodeConfig
 from kproxy.modes import modes_for, remove_other_mode
 from kproxy.reconciler import (
+    APPLY,
+    UNEXPECTED,
     Reconciler,
     SyncReport,
     local_ready_endpoints,
@@ -77,11 +79,14 @@ class DaemonObserver:
         if full:
             self.health.mark_ready()
 
-    def failed(self, family: str, partial: bool) -> None:
-        self.metrics.sync_proxy_rules_iptables_restore_failures_total.inc()
-        if partial:
-            self.metrics.sync_proxy_rules_iptables_partial_restore_failures_total.inc()
-        self.metrics.sync_failures_total.labels(family=family).inc()
+    def failed(self, family: str, partial: bool, reason: str) -> None:
+        if reason in (APPLY, UNEXPECTED):
+            # Upstream counts every failed restore, the tool's refusal or its failure to run;
+            # a failed canary check or post-sync step is no restore.
+            self.metrics.sync_proxy_rules_iptables_restore_failures_total.inc()
+            if partial:
+                self.metrics.sync_proxy_rules_iptables_partial_restore_failures_total.inc()
+        self.metrics.sync_failures_total.labels(family=family, reason=reason).inc()
 
     def drift_repaired(self, reason: str) -> None:
         self.metrics.drift_repairs_total.labels(reason=reason).inc()
@@ -245,9 +250,12 @@ class Daemon:
         self.stop_event = threading.Event()
         self.store = ObjectStore(opts.node_name, warn=log.warning)
         self.metrics = Metrics()
-        self.health = ProxyHealth(opts.sync_period)
-        self.service_health = ServiceHealthServers(self.health)
+        # The families this node can program (NoFamilyError when none): health tracks only
+        # those, or a node without IPv6 would report an IPv6 "never updated" and be restarted
+        # by its liveness probe over and over.
         families = modes_for(opts.mode, opts.backend)
+        self.health = ProxyHealth(opts.sync_period, families=[fam.name for fam in families])
+        self.service_health = ServiceHealthServers(self.health)
         self._other_mode_removed = False
         self.ready = threading.Event()  # the store holds a complete state (API or cache)
         self.from_cache = False
@@ -282,7 +290,10 @@ class Daemon:
             configure=lambda state: addresses.config(opts.config, state.node),
         )
         self.metrics.info.labels(
-            version=__version__, mode=opts.mode, backend=families[0].label
+            version=__version__,
+            mode=opts.mode,
+            backend=families[0].label,
+            families=",".join(fam.name for fam in families),
         ).set(1)
         self.source = KubeSource(
             opts.servers or None,
@@ -433,8 +444,10 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
         log.info(
-            "kproxy running on node %s: metrics on %s, health on %s",
+            "kproxy running on node %s (%s mode, %s): metrics on %s, health on %s",
             opts.node_name,
+            opts.mode,
+            " and ".join(fam.name for fam in self.reconciler.families),
             opts.metrics_bind,
             opts.healthz_bind,
         )

@@ -239,9 +239,10 @@ class Metrics:
         )
         self.info = gauge(
             "kproxy_info",
-            "1, labelled with kproxy's version, its mode and the rules' backend "
-            "(iptables-nft, iptables-legacy or nftables)",
-            ("version", "mode", "backend"),
+            "1, labelled with kproxy's version, its mode, the rules' backend "
+            "(iptables-nft, iptables-legacy or nftables) and the IP families it programs "
+            "(IPv4,IPv6; one alone on a single-stack node)",
+            ("version", "mode", "backend", "families"),
             subsystem="",
         )
         self.snapshot_failures_total = counter(
@@ -256,8 +257,10 @@ class Metrics:
         )
         self.sync_failures_total = counter(
             "kproxy_sync_failures",
-            "Failed syncs, per IP family",
-            ("family",),
+            "Failed syncs, per IP family (all: none in particular) and reason: apply (the "
+            "tool refused the change), unexpected (any other error), canary (the canary "
+            "check failed), after-sync (the work after an apply failed)",
+            ("family", "reason"),
             subsystem="",
         )
 

@@ -14,10 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy import syncer
-from kproxy.backends.iptables import IptablesBackend, family_backends
+from kproxy.backends.iptables import (
+    IptablesBackend,
+    IptablesError,
+    family_backends,
+    family_skipped,
+)
 from kproxy.backends.nftables import NftBackend
 from kproxy.model import ClusterState, NodeConfig
 from kproxy.nft import NftTable
+from kproxy.nodeinfo import ipv6_off
 from kproxy.render.cache import RenderCache
 from kproxy.render.iptables import IPV4, IPV6, fragments_of, render, render_delta
 from kproxy.render.nftables import (
@@ -305,15 +311,38 @@ class NftablesMode(_DeltaSync):
 Mode = IptablesMode | NftablesMode
 
 
-def modes_for(mode: str, iptables_backend: str = "auto") -> list[Mode]:
-    """One driver per IP family for `mode`."""
+class NoFamilyError(IptablesError):
+    """Neither IP family can be programmed on this node."""
+
+
+def modes_for(
+    mode: str, iptables_backend: str = "auto", *, report: bool = True, require: bool = True
+) -> list[Mode]:
+    """One driver per IP family that can be programmed on this node in `mode`. As upstream
+    detects the node's families at start, a family whose tools or kernel support are missing
+    (no ip6tables, IPv6 off in the kernel, nft refusing the ip6 family) is skipped and the
+    node runs single-stack; `report` logs it. Raises NoFamilyError when none is left and
+    `require`."""
+    families: list[Mode] = []
     if mode == "nftables":
-        return [NftablesMode(NftBackend("ip")), NftablesMode(NftBackend("ip6"))]
-    return [IptablesMode(b) for b in family_backends(iptables_backend)]
+        for name in ("ip", "ip6"):
+            backend = NftBackend(name)
+            problem = (ipv6_off() if backend.version == 6 else None) or backend.problem()
+            if problem is not None:
+                family_skipped("nftables", backend.version, problem, report)
+                continue
+            families.append(NftablesMode(backend))
+    else:
+        families.extend(IptablesMode(b) for b in family_backends(iptables_backend, report=report))
+    if require and not families:
+        raise NoFamilyError(f"no IP family can be programmed in {mode} mode on this node")
+    return families
 
 
 def other_mode(mode: str, iptables_backend: str = "auto") -> list[Mode]:
-    return modes_for("iptables" if mode == "nftables" else "nftables", iptables_backend)
+    other = "iptables" if mode == "nftables" else "nftables"
+    # What the other mode cannot program it cannot have left either: nothing to report.
+    return modes_for(other, iptables_backend, report=False, require=False)
 
 
 def remove_other_mode(mode: str, iptables_backend: str = "auto") -> None:

@@ -36,6 +36,16 @@ def write_sysctl(key: str, value: str) -> bool:
         return False
 
 
+def ipv6_off() -> str | None:
+    """Why this kernel has no IPv6 at all (None: it has), as upstream checks it
+    (cmd/kube-proxy/app/server_linux.go): /proc/net/if_inet6 is missing when IPv6 is turned off
+    at boot (ipv6.disable=1) or not built in. (`disable_ipv6=1` is not that: addresses go, the
+    netfilter family stays.)"""
+    if Path("/proc/net/if_inet6").exists():
+        return None
+    return "IPv6 is off in this kernel (no /proc/net/if_inet6)"
+
+
 def conntrack_tcp_liberal() -> bool:
     return read_sysctl(TCP_BE_LIBERAL) not in (None, "0")
 

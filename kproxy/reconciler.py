@@ -10,7 +10,9 @@
   only, k8s issue 129128): a missing one means rules were flushed behind kproxy's back, and
   triggers a verify at once.
 - A failed apply leaves the kernel as it was (every restore is atomic) and is retried with
-  exponential backoff, up to the sync period.
+  exponential backoff, up to the sync period. So is any other error of a sync (a missing
+  binary, a netlink error, a bug): the daemon logs it (its traceback once per distinct
+  error), counts it, and goes on; an error of the canary check is logged and counted too.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class SyncObserver(Protocol):
         rules: dict[str, int],
         no_local: dict[str, int],
     ) -> None: ...
-    def failed(self, family: str, partial: bool) -> None: ...
+    def failed(self, family: str, partial: bool, reason: str) -> None: ...
     def updated(self, family: str) -> None: ...
     def drift_repaired(self, reason: str) -> None: ...
     def programming_latency(self, seconds: float) -> None: ...
@@ -76,6 +78,16 @@ class SyncReport:
 # otherwise run back to back, holding up the partial syncs that carry the changes. (Upstream
 # does a full sync every hour; canaries catch a flush within the canary interval either way.)
 VERIFY_SHARE = 10
+
+# Why a sync counted as failed (kproxy_sync_failures_total's reason label): iptables-restore or
+# nft refused the change; any other exception of a sync (a missing binary, netlink, a bug); an
+# exception of the canary check; one of the work after a successful apply (health check
+# ports, state cache, snapshot, conntrack cleanup).
+APPLY, UNEXPECTED, CANARY, AFTER_SYNC = "apply", "unexpected", "canary", "after-sync"
+ALL_FAMILIES = "all"  # the family label of an error that belongs to no family
+# Distinct errors whose traceback was logged, at most: past it the set starts again (an error
+# whose text changes on every attempt must not grow it forever).
+MAX_TRACEBACKS = 100
 
 
 def verify_interval(sync_period: float, last_verify_seconds: float) -> float:
@@ -116,6 +128,7 @@ class Reconciler:
         self._verify_reason: str | None = "start"
         self.first_sync = threading.Event()
         self._warned: set[str] = set()
+        self._tracebacks: set[tuple[str, str, str]] = set()
         self.syncs = 0  # completed sync attempts, for tests and logs
 
     # --- called from other threads ---
@@ -147,6 +160,7 @@ class Reconciler:
         backoff = 1.0
         while not stop.is_set():
             now = time.monotonic()
+            check_canaries = False
             with self._cv:
                 every = verify_interval(self.sync_period, verify_cost)
                 if now - last_verify >= every and self._verify_reason is None:
@@ -162,23 +176,37 @@ class Reconciler:
                     if due:
                         deadlines.append(start_at)
                     self._cv.wait(max(0.01, min(deadlines) - now))
-                    if time.monotonic() - last_canary >= self.canary_interval and not due:
-                        last_canary = time.monotonic()
-                        missing = self.missing_canaries()
-                        if missing:
-                            log.warning(
-                                "owned rules were flushed (%s missing); repairing",
-                                ", ".join(missing),
-                            )
-                            self._verify_reason = "flush"
-                    continue
+                    check_canaries = (
+                        time.monotonic() - last_canary >= self.canary_interval and not due
+                    )
+                    if not check_canaries:
+                        continue
+            if check_canaries:
+                # Outside the lock: the check runs iptables/nft, and the watch threads' notify()
+                # must not wait for it.
+                last_canary = time.monotonic()
+                missing = self.missing_canaries()
+                if missing:
+                    log.warning(
+                        "owned rules were flushed (%s missing); repairing", ", ".join(missing)
+                    )
+                    with self._cv:
+                        self._verify_reason = "flush"
+                continue
             last_start = time.monotonic()
-            report = self.sync(verify_reason)
-            if verify_reason is not None or not report.ok:
+            try:
+                ok = self.sync(verify_reason).ok
+            except Exception as err:  # outside any family's sync (the store, the lock): a bug
+                self._log_error("sync failed (will retry)", ALL_FAMILIES, err)
+                self.observer.failed(ALL_FAMILIES, partial=verify_reason is None, reason=UNEXPECTED)
+                for fam in self.families:
+                    fam.forget()
+                ok = False
+            if verify_reason is not None or not ok:
                 last_verify = time.monotonic()
-            if verify_reason is not None and report.ok:
+            if verify_reason is not None and ok:
                 verify_cost = last_verify - last_start
-            if report.ok:
+            if ok:
                 backoff = 1.0
                 retry_at = 0.0
             else:
@@ -256,7 +284,13 @@ class Reconciler:
                     log.error("input around the failing line:\n%s", err.detail)
                 report.ok = False
                 report.failed_families.append(fam.name)
-                self.observer.failed(fam.name, partial=partial)
+                self.observer.failed(fam.name, partial=partial, reason=APPLY)
+                continue
+            except Exception as err:  # a missing binary, netlink, a bug: never the daemon's end
+                self._log_error("sync failed (rules unchanged, will retry)", fam.name, err)
+                report.ok = False
+                report.failed_families.append(fam.name)
+                self.observer.failed(fam.name, partial=partial, reason=UNEXPECTED)
                 continue
             for warning in rendered.warnings:
                 if warning not in self._warned:
@@ -299,11 +333,37 @@ class Reconciler:
                 self.observer.programming_latency(max(0.0, now - trigger))
             self.first_sync.set()
         if self.after_sync is not None:
-            self.after_sync(report)
+            try:
+                self.after_sync(report)
+            except Exception as err:  # the rules are applied: only the work after it failed
+                self._log_error("work after the sync failed", ALL_FAMILIES, err)
+                self.observer.failed(ALL_FAMILIES, partial=partial, reason=AFTER_SYNC)
         return report
 
     def missing_canaries(self) -> list[str]:
-        return [m for fam in self.families for m in fam.missing_canaries()]
+        """What the canary check of each family found missing. A check that fails says
+        nothing is missing (it must not trigger repairs by itself): logged and counted."""
+        missing = []
+        for fam in self.families:
+            try:
+                missing.extend(fam.missing_canaries())
+            except Exception as err:
+                self._log_error("canary check failed", fam.name, err)
+                self.observer.failed(fam.name, partial=False, reason=CANARY)
+        return missing
+
+    def _log_error(self, what: str, family: str, err: Exception) -> None:
+        """One line on every occurrence; the traceback only the first time this error (type
+        and message) is seen, so a retry every second does not flood the log."""
+        key = (family, type(err).__name__, str(err))
+        first = key not in self._tracebacks
+        if first:
+            if len(self._tracebacks) >= MAX_TRACEBACKS:
+                self._tracebacks.clear()
+            self._tracebacks.add(key)
+        log.error(
+            "%s %s: %s: %s", family, what, type(err).__name__, err, exc_info=err if first else None
+        )
 
 
 def local_ready_endpoints(

@@ -45,7 +45,7 @@ EXPECTED = {
     "kproxy_apiserver_reachable": ("gauge", {"address"}),
     "kproxy_watch_restarts": ("counter", {"resource"}),
     "kproxy_rules_last_payload_lines": ("gauge", set()),
-    "kproxy_sync_failures": ("counter", {"family"}),
+    "kproxy_sync_failures": ("counter", {"family", "reason"}),
 }
 
 
@@ -74,7 +74,7 @@ def touch_every_labelled(m: Metrics) -> None:
     m.drift_repairs_total.labels(reason="flushed").inc()
     m.reachable("https://10.0.0.1:6443", True)
     m.watch_restart("services")
-    m.sync_failures_total.labels(family="IPv6").inc()
+    m.sync_failures_total.labels(family="IPv6", reason="apply").inc()
 
 
 # --------------------------------------------------------------------------- metrics

@@ -117,3 +117,175 @@ def test_node_addresses_are_read_at_full_syncs_and_a_change_renders_everything()
     store.apply("Service", "MODIFIED", {**svc, "spec": {**svc["spec"], "clusterIP": "10.96.0.11"}})
     rec.sync(None)
     assert len(asked) == 3 and fam.calls[-1][0] is None
+
+
+# --------------------------------------------------------------------------- unexpected errors
+
+
+class FlakyFamily:
+    """A family whose syncs raise the queued errors, one per attempt, then succeed; its canary
+    check raises `canary_errors` the same way, then reports `missing` once."""
+
+    name = "IPv4"
+    label = "stand-in"
+
+    def __init__(self, errors=(), canary_errors=(), missing=()) -> None:
+        self.errors = list(errors)
+        self.canary_errors = list(canary_errors)
+        self.missing = list(missing)
+        self.last = None
+        self.attempts: list[tuple[float, bool]] = []  # (when, verify)
+        self.canary_checks = 0
+        self.synced = threading.Event()
+
+    def sync_state(self, state, config, changed, verify):
+        self.attempts.append((time.monotonic(), verify))
+        if self.errors:
+            raise self.errors.pop(0)
+        self.last = object()
+        self.synced.set()
+        return Outcome(False, verify, "nothing"), Rendered(None, [], {}, {})
+
+    def missing_canaries(self) -> list[str]:
+        self.canary_checks += 1
+        if self.canary_errors:
+            raise self.canary_errors.pop(0)
+        missing, self.missing = self.missing, []
+        return missing
+
+    def forget(self) -> None:
+        self.last = None
+
+
+class Failures:
+    """An observer recording the failures the reconciler reports."""
+
+    def __init__(self) -> None:
+        self.failed_calls: list[tuple[str, str]] = []  # (family, reason)
+        self.repairs: list[str] = []
+
+    def failed(self, family: str, partial: bool, reason: str = "?") -> None:
+        self.failed_calls.append((family, reason))
+
+    def drift_repaired(self, reason: str) -> None:
+        self.repairs.append(reason)
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+def reconciler(fam, **periods) -> Reconciler:
+    """A reconciler of the one stand-in family, syncing as soon as it is asked to."""
+    return Reconciler(
+        ObjectStore("node-1"), NodeConfig(node_name="node-1"), [fam], min_sync_period=0.0, **periods
+    )
+
+
+def run_loop(rec: Reconciler) -> tuple[threading.Thread, threading.Event]:
+    stop, synced = threading.Event(), threading.Event()
+    synced.set()
+    loop = threading.Thread(target=rec.run, args=(stop, synced), daemon=True)
+    loop.start()
+    return loop, stop
+
+
+def stop_loop(rec: Reconciler, loop: threading.Thread, stop: threading.Event) -> None:
+    stop.set()
+    rec.notify()
+    loop.join(10)
+
+
+def wait_until(what: str, check, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_unexpected_sync_errors_are_counted_backed_off_and_survived(caplog):
+    """A missing binary, a netlink error or any other exception from one family's sync must
+    not end the daemon: each is logged (its traceback once), counted with its reason, retried
+    with backoff, and the loop syncs once the error stops."""
+    from kproxy.backends.iptables import IptablesError
+
+    missing = FileNotFoundError(2, "No such file or directory", "iptables-nft-restore")
+    fam = FlakyFamily(
+        errors=[
+            IptablesError("iptables-nft-restore failed: line 3 failed"),
+            missing,
+            FileNotFoundError(2, "No such file or directory", "iptables-nft-restore"),
+            OSError(105, "No buffer space available"),  # ENOBUFS from a netlink socket
+            RuntimeError("something nobody expected"),
+        ]
+    )
+    observer = Failures()
+    rec = reconciler(fam, sync_period=0.5, canary_interval=60.0, observer=observer)
+    loop, stop = run_loop(rec)
+    try:
+        assert fam.synced.wait(30), "the loop never synced after the errors stopped"
+        assert loop.is_alive(), "the loop ended on an unexpected error"
+        assert rec.first_sync.is_set()
+    finally:
+        stop_loop(rec, loop, stop)
+    assert observer.failed_calls == [("IPv4", "apply")] + [("IPv4", "unexpected")] * 4
+    # Retried with backoff (1 s, then capped at the sync period), each retry a verify.
+    times = [t for t, _ in fam.attempts]
+    gaps = [b - a for a, b in zip(times, times[1:5], strict=False)]
+    assert gaps[0] >= 0.95 and all(g >= 0.45 for g in gaps), gaps
+    assert all(verify for _, verify in fam.attempts[:6])
+    # A traceback per distinct error: the same missing binary twice logs one.
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert sorted(type(r.exc_info[1]).__name__ for r in tracebacks) == [
+        "FileNotFoundError",
+        "OSError",
+        "RuntimeError",
+    ]
+    assert sum("iptables-nft-restore" in r.getMessage() for r in caplog.records) >= 3
+
+
+def test_an_error_in_the_canary_check_is_counted_and_survived(caplog):
+    fam = FlakyFamily(
+        canary_errors=[FileNotFoundError(2, "No such file or directory", "iptables-nft")] * 3,
+        missing=["IPv4 nat"],
+    )
+    observer = Failures()
+    rec = reconciler(fam, sync_period=60.0, canary_interval=0.05, observer=observer)
+    loop, stop = run_loop(rec)
+    try:
+        # After three failing checks, one reports a flush: the repair follows.
+        wait_until("the flush repaired", lambda: len(fam.attempts) >= 2)
+        assert loop.is_alive(), "the loop ended on an error of the canary check"
+    finally:
+        stop_loop(rec, loop, stop)
+    assert observer.failed_calls == [("IPv4", "canary")] * 3
+    assert fam.attempts[1][1] is True  # the repair reads the kernel
+    assert len([r for r in caplog.records if r.exc_info]) == 1
+
+
+def test_notify_is_not_blocked_while_the_canary_check_runs():
+    """The canary check runs iptables/nft subprocesses: the watch threads' notify() must not
+    wait for them (it used to, the check ran under the loop's condition lock)."""
+    checking, release = threading.Event(), threading.Event()
+
+    class BlockingCanaries(FlakyFamily):
+        def missing_canaries(self) -> list[str]:
+            checking.set()
+            release.wait(30)
+            return []
+
+    fam = BlockingCanaries()
+    rec = reconciler(fam, sync_period=60.0, canary_interval=0.05)
+    loop, stop = run_loop(rec)
+    try:
+        assert checking.wait(30), "no canary check ran"
+        notifier = threading.Thread(target=rec.notify, daemon=True)
+        notifier.start()
+        notifier.join(5)
+        assert not notifier.is_alive(), "notify() blocked while the canary check ran"
+        # The change it announced is synced once the check is done.
+        synced = rec.syncs
+        release.set()
+        wait_until("the notified sync", lambda: rec.syncs > synced)
+    finally:
+        release.set()
+        stop_loop(rec, loop, stop)

@@ -22,6 +22,8 @@ from tenacity import (
     wait_random,
 )
 
+from kproxy.nodeinfo import ipv6_off
+
 log = logging.getLogger(__name__)
 
 # Seconds iptables-restore waits for the xtables lock before giving up (legacy backend; the nft
@@ -53,8 +55,30 @@ class IptablesBackend:
     variant: str = "nft"
 
     def _binary(self, tool: str) -> str:
+        return f"{self._command()}-{tool}"
+
+    def _command(self) -> str:
         base = "ip6tables" if self.family == 6 else "iptables"
-        return f"{base}-{self.variant}-{tool}"
+        return f"{base}-{self.variant}"
+
+    def problem(self) -> str | None:
+        """Why this family cannot be programmed here (None: it can), checked once at start as
+        upstream's Present() does: the tools kproxy runs are installed and list nat
+        POSTROUTING. Read only: with the nft backend nothing is created; the legacy backend
+        loads its nat table, which the first sync would do anyway."""
+        for tool in (self._binary("restore"), self._binary("save"), self._command()):
+            if shutil.which(tool) is None:
+                return f"{tool} not found"
+        argv = [self._command(), f"--wait={LOCK_WAIT_SECONDS}", "-t", "nat", "-S", "POSTROUTING"]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return f"{argv[0]}: {err}"
+        # Another process holding the xtables lock says nothing about the family: it works.
+        if proc.returncode not in (0, EXIT_RESOURCE_PROBLEM):
+            message = first_line(proc.stderr) or f"exit status {proc.returncode}"
+            return f"`{' '.join(argv)}` failed: {message}"
+        return None
 
     def save(self, table: str) -> str:
         """`iptables-save -t TABLE` text."""
@@ -69,8 +93,7 @@ class IptablesBackend:
     def chain_exists(self, table: str, chain: str) -> bool:
         """Whether `chain` exists in `table`: one cheap call (< 10 ms even in a 10k-Service
         table, ../shared/MEASURED.md), used to notice a flush."""
-        base = "ip6tables" if self.family == 6 else "iptables"
-        argv = [f"{base}-{self.variant}", f"--wait={LOCK_WAIT_SECONDS}", "-t", table, "-S", chain]
+        argv = [self._command(), f"--wait={LOCK_WAIT_SECONDS}", "-t", table, "-S", chain]
         return subprocess.run(argv, capture_output=True).returncode == 0
 
     def rule_missing(self, table: str, chain: str, rule: str) -> bool:
@@ -78,8 +101,7 @@ class IptablesBackend:
         `chain`: `iptables -S CHAIN` lists only that chain (a few ms in a 10k-Service table,
         where `-C` takes 90 ms). An error (the lock, no such chain) says False: a check must
         not trigger repairs by itself."""
-        base = "ip6tables" if self.family == 6 else "iptables"
-        argv = [f"{base}-{self.variant}", f"--wait={LOCK_WAIT_SECONDS}", "-t", table, "-S", chain]
+        argv = [self._command(), f"--wait={LOCK_WAIT_SECONDS}", "-t", table, "-S", chain]
         proc = subprocess.run(argv, capture_output=True, text=True)
         return proc.returncode == 0 and f"-A {chain} {rule}" not in proc.stdout.splitlines()
 
@@ -206,15 +228,30 @@ def detect_variant(family: int = 4) -> str:
 FAMILY_VERSIONS = (4, 6)
 
 
-def family_backends(variant: str = "auto") -> list[IptablesBackend]:
-    """A backend per IP family whose iptables-restore is installed, in the node's variant
-    (or the one forced by `variant`)."""
+def family_backends(variant: str = "auto", *, report: bool = True) -> list[IptablesBackend]:
+    """A backend per IP family that can be programmed on this node, in the node's variant (or
+    the one forced by `variant`). A family whose tools or kernel support are missing is
+    skipped, as upstream runs single-stack then; `report` logs that (once, at start)."""
     out = []
     for version in FAMILY_VERSIONS:
-        base = "ip6tables" if version == 6 else "iptables"
-        if not shutil.which(f"{base}-restore") and not shutil.which(f"{base}-nft-restore"):
-            log.warning("IPv%d: %s-restore not found; family skipped", version, base)
+        problem = ipv6_off() if version == 6 else None
+        if problem is None:
+            chosen = detect_variant(version) if variant == "auto" else variant
+            backend = IptablesBackend(version, chosen)
+            problem = backend.problem()
+        if problem is not None:
+            family_skipped("iptables", version, problem, report)
             continue
-        chosen = detect_variant(version) if variant == "auto" else variant
-        out.append(IptablesBackend(version, chosen))
+        out.append(backend)
     return out
+
+
+def family_skipped(tool: str, version: int, problem: str, report: bool) -> None:
+    """Upstream's "No iptables support for family" line, with the reason."""
+    log.log(
+        logging.WARNING if report else logging.DEBUG,
+        "No %s support for family IPv%d (%s): that family is left alone",
+        tool,
+        version,
+        problem,
+    )

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from kproxy.backends.iptables import IptablesError, failing_context, first_line, stream_to
 from kproxy.nft import TABLE, NftTable, parse_table
 
+# The table `problem()` checks (never committed).
+PROBE_TABLE = "kproxy-probe"
+
 
 class NftError(IptablesError):
     """`nft` failed; the transaction was not applied (nft -f is all or nothing)."""
@@ -21,6 +24,27 @@ class NftBackend:
     @property
     def version(self) -> int:
         return 6 if self.family == "ip6" else 4
+
+    def problem(self) -> str | None:
+        """Why nft cannot program this family here (None: it can), checked once at start: `nft
+        -c` of a table with a nat base chain, which the kernel validates and then discards
+        (nothing is created; ~15 ms). A kernel without the family or its NAT refuses it; it
+        is a write that fails there, so reading the family's tables would not tell."""
+        text = (
+            f"add table {self.family} {PROBE_TABLE}\n"
+            f"add chain {self.family} {PROBE_TABLE} probe"
+            " { type nat hook prerouting priority -100 ; }\n"
+        )
+        try:
+            returncode, stderr = stream_to(["nft", "-c", "-f", "-"], text)
+        except FileNotFoundError:
+            return "nft not found"
+        except OSError as err:
+            return f"nft: {err.strerror or err}"
+        if returncode != 0:
+            message = first_line(stderr) or f"exit status {returncode}"
+            return f"`nft -c` refused an {self.family} table: {message}"
+        return None
 
     def read(self) -> NftTable | None:
         """The kernel's kproxy table, or None when there is none."""
