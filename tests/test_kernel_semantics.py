@@ -398,19 +398,25 @@ LB_CLUSTER_IP, LB_NODE_PORT = "10.96.1.20", 30020
 LB_IP, LB_PROXY_IP = "203.0.113.20", "203.0.113.21"
 
 
+def lb_open_to_client(ingress: list[dict[str, Any]]) -> dict[str, Any]:
+    """Service lb: a LoadBalancer (NodePort LB_NODE_PORT) whose source ranges hold only the
+    first client."""
+    return service(
+        "lb",
+        LB_CLUSTER_IP,
+        [http(node_port=LB_NODE_PORT)],
+        "LoadBalancer",
+        loadBalancerSourceRanges=[f"{CLIENT_IP}/32"],
+        status={"loadBalancer": {"ingress": ingress}},
+    )
+
+
 def test_load_balancer_source_ranges_drop_other_clients_but_not_nodeports(two_clients, write_state):
     topo = two_clients
     a, b = topo.pods["a"], topo.pods["b"]
     ingress = [{"ip": LB_IP, "ipMode": "VIP"}, {"ip": LB_PROXY_IP, "ipMode": "Proxy"}]
     objects = [
-        service(
-            "lb",
-            LB_CLUSTER_IP,
-            [http(node_port=LB_NODE_PORT)],
-            "LoadBalancer",
-            loadBalancerSourceRanges=[f"{CLIENT_IP}/32"],
-            status={"loadBalancer": {"ingress": ingress}},
-        ),
+        lb_open_to_client(ingress),
         endpoint_slice("lb", [endpoint(a), endpoint(b)], [HTTP]),
     ]
     kproxy_sync(topo, write_state, objects)
@@ -445,14 +451,7 @@ def test_nftables_source_ranges_apply_to_a_load_balancer_without_endpoints(
         pytest.skip("kernel test skipped: `nft` is not installed (needed for --mode nftables)")
     with running((("a", 2),), clients=2, mode="nftables") as topo:
         objects = [
-            service(
-                "lb",
-                LB_CLUSTER_IP,
-                [http(node_port=LB_NODE_PORT)],
-                "LoadBalancer",
-                loadBalancerSourceRanges=[f"{CLIENT_IP}/32"],
-                status={"loadBalancer": {"ingress": [{"ip": LB_IP, "ipMode": "VIP"}]}},
-            ),
+            lb_open_to_client([{"ip": LB_IP, "ipMode": "VIP"}]),
             endpoint_slice("lb", [], [HTTP]),
         ]
         kproxy_sync(topo, write_state, objects)
