@@ -187,8 +187,8 @@ def _add_proxy_flags(p: argparse.ArgumentParser) -> None:
         type=_boolean,
         default=True,
         metavar="true|false",
-        help="IPv4 NodePorts also answer on 127.0.0.1 (sets route_localnet, as upstream does; "
-        "default true)",
+        help="iptables mode: IPv4 NodePorts also answer on 127.0.0.1 (sets route_localnet, as "
+        "upstream does; default true); nftables mode never answers there and ignores it",
     )
     p.add_argument(
         "--iptables-backend",
@@ -495,7 +495,9 @@ def _node_config(
     nodeport_ips = None
     if args.nodeport_addresses and resolve_nodeports:
         nodeport_ips = nodeinfo.nodeport_addresses(args.nodeport_addresses, node_ips)
-    if args.localhost_nodeports and apply:
+    # Only iptables mode answers NodePorts on 127.0.0.1; nftables mode never does (as
+    # upstream's), so it leaves route_localnet, and the hole it opens in 127/8, alone.
+    if args.localhost_nodeports and apply and getattr(args, "mode", "iptables") == "iptables":
         nodeinfo.ensure_route_localnet()
     return NodeConfig(
         node_name=args.node_name,

@@ -40,6 +40,11 @@ class PortPolicy:
     uses_cluster_chain: bool
     uses_local_chain: bool
     uses_ext_chain: bool
+    # loadBalancerSourceRanges apply to the LoadBalancer IPs. nftables mode writes its
+    # firewall whenever they do (upstream's nftables proxier: outside the ranges dropped,
+    # inside given the no-endpoints reject when there are none), iptables mode only with
+    # endpoints (`uses_fw_chain`, upstream's iptables proxier).
+    firewalled: bool
     uses_fw_chain: bool
     # A source range holds one of this node's IPs: the node's own requests to a VIP-like LB
     # address loop back with the VIP as source, and must be let through too.
@@ -68,7 +73,7 @@ def port_policy(
     uses_local = int_local or (ext_local and externally_accessible)
     cat = categorize(all_endpoints, node_name, zone, uses_cluster, uses_local)
     has_endpoints = cat.has_any
-    uses_fw_chain = has_endpoints and bool(lb_ips) and bool(source_ranges)
+    firewalled = bool(lb_ips) and bool(source_ranges)
     node_addrs = [ipaddress.ip_address(ip) for ip in family_ips(node_ips, version)]
     return PortPolicy(
         external_ips=external_ips,
@@ -85,8 +90,9 @@ def port_policy(
         uses_cluster_chain=bool(cat.cluster) and uses_cluster,
         uses_local_chain=bool(cat.local) and uses_local,
         uses_ext_chain=has_endpoints and externally_accessible,
-        uses_fw_chain=uses_fw_chain,
-        allow_from_node=uses_fw_chain
+        firewalled=firewalled,
+        uses_fw_chain=has_endpoints and firewalled,
+        allow_from_node=firewalled
         and any(
             addr in ipaddress.ip_network(cidr) for cidr in source_ranges for addr in node_addrs
         ),

@@ -3,8 +3,12 @@ the daemon repairing its table, and switching modes without a gap."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +21,8 @@ import netns  # noqa: E402
 import synthetic  # noqa: E402
 from fake_apiserver import FakeApiServer  # noqa: E402
 from test_kernel_daemon import POD_A, POD_B, WEB_IP, Daemon, pods_reached, service, slice_, wait_for  # noqa: E402,E501
+
+from tests.chaos.harness import group_alive  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 
@@ -241,3 +247,62 @@ def test_streamed_transaction_that_fails_changes_nothing_and_names_the_line(node
     marked = [ln for ln in err.detail.splitlines() if re.match(r"\s*\d+> ", ln)]
     assert marked and "no-such-statement" in marked[0], err.detail
     assert "kproxy" not in nft(node, "list", "tables")
+
+
+# `kproxy`'s apply in a process of its own, stopped in the middle of writing its transaction:
+# the first piece (a flush) is out, the rest is not made yet. A real transaction's pieces are
+# 4,096 lines (~300 KB), larger than any buffer between kproxy and nft, so the padding makes
+# this piece reach past Python's own buffer as a real one does.
+_WRITER_STOPPED_MID_TRANSACTION = """
+import sys, time
+from pathlib import Path
+from kproxy.backends.nftables import NftBackend
+
+def pieces():
+    yield "flush chain ip kproxy services\\n" + "# padding\\n" * 30000
+    Path(sys.argv[1]).touch()
+    time.sleep(120)
+    yield "add rule ip kproxy services ip daddr 10.96.0.10 counter accept\\n"
+
+NftBackend("ip").apply(pieces)
+"""
+
+
+def test_kill9_while_a_transaction_is_written_changes_nothing(node, tmp_path):
+    """kill -9 (or the OOM killer) of kproxy while it writes an nft transaction: `nft -f -`
+    commits whatever it has read when its input ends, so nft must never see an unfinished
+    transaction. Here kproxy alone is killed, as the OOM killer does: an `nft` child, if
+    one was started, outlives it."""
+    netns.run(
+        node,
+        ["nft", "-f", "-"],
+        input="table ip kproxy {\n\tchain services {\n\t\tip daddr 10.96.0.10 accept\n\t}\n}\n",
+    )
+    before = nft(node, "-s", "list", "table", "ip", "kproxy")
+    marker = tmp_path / "mid-transaction"
+    env = netns.command_env()
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    argv = [sys.executable, "-c", _WRITER_STOPPED_MID_TRANSACTION, str(marker)]
+    proc = subprocess.Popen(
+        [netns._ip(), "netns", "exec", node, *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: what it started can be waited for
+    )
+    try:
+        wait_for(
+            "the writer mid-transaction", lambda: marker.exists() or proc.poll() is not None, 30
+        )
+        assert marker.exists(), f"the writer ended early: {proc.stderr.read().decode()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        # An orphaned nft child finishes on its own: wait for the whole group to be gone.
+        wait_for("the writer's children", lambda: not group_alive(proc.pid), 30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        proc.stderr.close()
+    after = nft(node, "-s", "list", "table", "ip", "kproxy")
+    assert after == before, f"a killed writer's half transaction was committed:\n{after}"

@@ -398,19 +398,25 @@ LB_CLUSTER_IP, LB_NODE_PORT = "10.96.1.20", 30020
 LB_IP, LB_PROXY_IP = "203.0.113.20", "203.0.113.21"
 
 
+def lb_open_to_client(ingress: list[dict[str, Any]]) -> dict[str, Any]:
+    """Service lb: a LoadBalancer (NodePort LB_NODE_PORT) whose source ranges hold only the
+    first client."""
+    return service(
+        "lb",
+        LB_CLUSTER_IP,
+        [http(node_port=LB_NODE_PORT)],
+        "LoadBalancer",
+        loadBalancerSourceRanges=[f"{CLIENT_IP}/32"],
+        status={"loadBalancer": {"ingress": ingress}},
+    )
+
+
 def test_load_balancer_source_ranges_drop_other_clients_but_not_nodeports(two_clients, write_state):
     topo = two_clients
     a, b = topo.pods["a"], topo.pods["b"]
     ingress = [{"ip": LB_IP, "ipMode": "VIP"}, {"ip": LB_PROXY_IP, "ipMode": "Proxy"}]
     objects = [
-        service(
-            "lb",
-            LB_CLUSTER_IP,
-            [http(node_port=LB_NODE_PORT)],
-            "LoadBalancer",
-            loadBalancerSourceRanges=[f"{CLIENT_IP}/32"],
-            status={"loadBalancer": {"ingress": ingress}},
-        ),
+        lb_open_to_client(ingress),
         endpoint_slice("lb", [endpoint(a), endpoint(b)], [HTTP]),
     ]
     kproxy_sync(topo, write_state, objects)
@@ -432,6 +438,33 @@ def test_load_balancer_source_ranges_drop_other_clients_but_not_nodeports(two_cl
     assert LB_PROXY_IP not in nat, (
         f"ingress {LB_PROXY_IP} has ipMode Proxy and must not be captured by the node:\n{nat}"
     )
+
+
+def test_nftables_source_ranges_apply_to_a_load_balancer_without_endpoints(
+    kernel_support, write_state
+):
+    """nftables mode, as upstream's nftables proxier: a LoadBalancer's source ranges hold
+    while it has no endpoints. From outside them its IP drops (the client cannot tell a
+    Service is there); from inside, the no-endpoints reject answers. (iptables mode, as
+    upstream's iptables proxier, writes the firewall only with endpoints.)"""
+    if netns.which("nft") is None:
+        pytest.skip("kernel test skipped: `nft` is not installed (needed for --mode nftables)")
+    with running((("a", 2),), clients=2, mode="nftables") as topo:
+        objects = [
+            lb_open_to_client([{"ip": LB_IP, "ipMode": "VIP"}]),
+            endpoint_slice("lb", [], [HTTP]),
+        ]
+        kproxy_sync(topo, write_state, objects)
+        client1, client2 = topo.clients["client"].ns, topo.clients["client2"].ns
+
+        replies = topo.tcp(client1, LB_IP, 80, count=2, timeout=DROP_TIMEOUT)
+        assert all(r.result == "refused" for r in replies), (
+            f"TCP {LB_IP}:80 (LB IP, no endpoints) from allowed client {CLIENT_IP} must be "
+            f"rejected, got {describe(replies)}\n{rules(topo)}"
+        )
+        what = f"TCP {LB_IP}:80 (LB IP, no endpoints) from {CLIENT2_IP}, outside the ranges"
+        timed_out(topo, topo.tcp(client2, LB_IP, 80, count=2, timeout=DROP_TIMEOUT), what)
+        assert_firewalled(topo, what, LB_IP, 80, CLIENT_IP)
 
 
 ETP_CLUSTER_IP, ETP_EXT_IP = "10.96.1.30", "203.0.113.30"
@@ -669,6 +702,23 @@ def test_masquerade_cluster_cidr_and_masquerade_all(one_node, write_state):
 
 
 NP_CLUSTER_IP, NP_PORT = "10.96.1.90", 30090
+
+
+def test_route_localnet_is_set_in_iptables_mode_only(proxy_mode, write_state):
+    """`route_localnet=1` is what lets 127.0.0.1 NodePorts work (and opens 127/8 to martian
+    traffic, k8s issue 90259): iptables mode sets it with --iptables-localhost-nodeports
+    (default true), nftables mode never answers NodePorts on 127.0.0.1 and leaves it alone,
+    as upstream's nftables mode, where that flag means nothing."""
+    key = "net.ipv4.conf.all.route_localnet"
+    with running((), clients=0, mode=proxy_mode) as topo:
+        # A new namespace copies the host's IPv4 settings: start from 0 whatever they are.
+        netns.sysctl(topo.node, key, 0)
+        objects = [service("np", NP_CLUSTER_IP, [http(node_port=NP_PORT)], "NodePort")]
+        kproxy_sync(topo, write_state, objects)
+        value = netns.run(topo.node, ["sysctl", "-n", key]).stdout.strip()
+        assert value == ("1" if proxy_mode == "iptables" else "0"), (
+            f"{key} is {value} after `kproxy sync --mode {proxy_mode}`"
+        )
 
 
 def test_nodeport_addresses_and_localhost_nodeports(two_nodes, write_state):

@@ -182,6 +182,55 @@ def test_render_layout_for_every_kind_of_service():
     assert result.no_local_endpoints == {"internal": 0, "external": 1}
 
 
+def _lb_with_source_ranges(endpoints: list[str]) -> list[dict]:
+    return [
+        {
+            "kind": "Service",
+            "metadata": {"namespace": "ns", "name": "lb"},
+            "spec": {
+                "type": "LoadBalancer",
+                "clusterIP": "10.96.5.5",
+                "ports": [{"name": "p", "port": 80, "nodePort": 30555}],
+                "loadBalancerSourceRanges": ["203.0.113.0/25", "192.168.0.0/24"],
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "5.6.7.9"}]}},
+        },
+        {
+            "kind": "EndpointSlice",
+            "metadata": {
+                "namespace": "ns",
+                "name": "lb-1",
+                "labels": {"kubernetes.io/service-name": "lb"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "p", "port": 8080}],
+            "endpoints": [{"addresses": [ip]} for ip in endpoints],
+        },
+    ]
+
+
+def test_source_ranges_apply_to_a_load_balancer_without_endpoints():
+    # Upstream's nftables proxier writes the firewall chain whatever the endpoints (its
+    # iptables proxier only with endpoints): from outside the ranges the LB IP drops, from
+    # inside it gets the no-endpoints reject.
+    config = NodeConfig(node_name="node-1", node_ips=("192.168.0.2",))
+    for endpoints in ([], ["10.244.1.2"]):
+        t = render(_lb_with_source_ranges(endpoints), config).table
+        fw = t.sets["firewall-ips"].elements.get("5.6.7.9 . tcp . 80")
+        assert fw and fw.startswith("goto firewall-"), (endpoints, t.sets["firewall-ips"])
+        # A source range holds the node's IP: the node's own requests to the VIP loop back
+        # from the LB IP, which is let through too.
+        assert t.chains[fw[5:]].rules == [
+            "ip saddr != { 5.6.7.9, 192.168.0.0/24, 203.0.113.0/25 } drop"
+        ]
+        no_eps = t.sets["no-endpoint-services"].elements
+        if endpoints:
+            assert "5.6.7.9 . tcp . 80" not in no_eps
+        else:
+            assert no_eps["5.6.7.9 . tcp . 80"] == "goto reject-chain"
+            assert not any(k.startswith("5.6.7.9 ") for k in t.sets["service-ips"].elements)
+
+
 def test_ipv6_render_uses_ip6_and_brackets():
     objects = [
         {

@@ -184,16 +184,24 @@ def first_line(text: str) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
 
 
-def failing_context(payload: str, stderr: str, pattern: str = r"line:? (\d+)") -> str:
+def failing_context(
+    payload: str | Iterable[str], stderr: str, pattern: str = r"line:? (\d+)"
+) -> str:
     """The payload lines around the one the tool's error names (as upstream logs them);
-    `pattern` finds the line number in the error."""
+    `pattern` finds the line number in the error. `payload` may be an iterable of lines (an
+    open file): only the lines shown are kept."""
     m = re.search(pattern, stderr)
     if not m:
         return ""
-    lines = payload.splitlines()
     n = int(m.group(1))
-    lo, hi = max(1, n - 3), min(len(lines), n + 3)
-    return "\n".join(f"{i:6d}{'>' if i == n else ' '} {lines[i - 1]}" for i in range(lo, hi + 1))
+    lines = payload.splitlines() if isinstance(payload, str) else payload
+    shown = []
+    for i, line in enumerate(lines, 1):
+        if i > n + 3:
+            break
+        if i >= n - 3:
+            shown.append(f"{i:6d}{'>' if i == n else ' '} {line.rstrip(chr(10))}")
+    return "\n".join(shown)
 
 
 def detect_variant(family: int = 4) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import IO
 
-from kproxy.backends.iptables import IptablesError, failing_context, first_line, stream_to
+from kproxy.backends.iptables import IptablesError, failing_context, first_line
 from kproxy.nft import TABLE, NftTable, parse_table
 
 # The table `problem()` checks (never committed).
@@ -79,16 +82,27 @@ class NftBackend:
 
     def apply(self, transaction: str | Callable[[], Iterable[str]]) -> None:
         """Apply one `nft -f` transaction; `transaction` may be a function returning it in
-        pieces, written as they are made (never one string; called again on failure to show
-        the lines around the one nft names)."""
-        returncode, stderr = stream_to(["nft", "-f", "-"], transaction)
-        if returncode != 0:
-            text = transaction if isinstance(transaction, str) else "".join(transaction())
-            raise NftError(
-                f"nft -f failed: {first_line(stderr)}",
-                returncode,
-                detail=failing_context(text, stderr, r"/dev/stdin:(\d+)"),
+        pieces (a 10k-Service transaction is never held as one string).
+
+        `nft -f -` commits whatever it has read when its input ends, so it is never fed a
+        transaction still being written: a kproxy killed mid-write (kill -9, the OOM killer)
+        would leave that prefix committed, chains flushed without their rules. The pieces
+        go into an anonymous memory file first and nft is started on it once it is whole:
+        killed before, nothing is applied; killed after, the orphaned nft still reads the
+        complete transaction; nft killed too, its one netlink batch lands whole or not."""
+        with _spooled(transaction) as spool:
+            proc = subprocess.run(
+                ["nft", "-f", "-"], stdin=spool, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
+            if proc.returncode != 0:
+                stderr = proc.stderr.decode(errors="replace")
+                spool.seek(0)
+                lines = (line.decode(errors="replace") for line in spool)
+                raise NftError(
+                    f"nft -f failed: {first_line(stderr)}",
+                    proc.returncode,
+                    detail=failing_context(lines, stderr, r"/dev/stdin:(\d+)"),
+                )
 
     def delete_table(self) -> bool:
         """Remove the whole kproxy table; False when there was none."""
@@ -96,3 +110,22 @@ class NftBackend:
             return False
         self.apply(f"delete table {self.family} {TABLE}\n")
         return True
+
+
+def _spooled(transaction: str | Callable[[], Iterable[str]]) -> IO[bytes]:
+    """The whole transaction in an anonymous file, rewound: a memfd (memory, gone with the
+    last process holding it; the node's root filesystem may be read-only), else a temporary
+    file where memfd_create is refused (some seccomp profiles)."""
+    try:
+        spool: IO[bytes] = os.fdopen(os.memfd_create("kproxy-nft", os.MFD_CLOEXEC), "w+b")
+    except OSError:
+        spool = tempfile.TemporaryFile()
+    try:
+        for piece in [transaction] if isinstance(transaction, str) else transaction():
+            spool.write(piece.encode())
+        spool.flush()
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    return spool

@@ -360,7 +360,7 @@ def _render_port(ctx: _Context, job: PortJob) -> _Fragment:
             out.element("service-ips", key(addr), f"goto {external_chain}")
         if not pol.has_external:
             out.element("no-endpoint-services", key(addr), external_filter)
-    if pol.uses_fw_chain:
+    if pol.firewalled:  # endpoints or not, as upstream's nftables mode
         allowed = list(pol.source_ranges)
         if pol.allow_from_node:
             allowed += [f"{a}/{32 if fam.version == 4 else 128}" for a in pol.lb_ips]

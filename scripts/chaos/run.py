@@ -5,7 +5,7 @@ Needs root: every scenario builds its own network namespaces (a node, pods, a cl
 `kproxy run` in them against the test API server with traffic flowing, and deletes all of it
 afterwards. Nothing touches the machine's own network namespace or its /run/xtables.lock.
 
-    scripts/chaos/run.py                       # every scenario, long versions (~25 min)
+    scripts/chaos/run.py                       # every scenario, long versions (~29 min)
     scripts/chaos/run.py kill9 drift --short   # some, in the short versions `make test` runs
     scripts/chaos/run.py --json out.json       # also write the figures as JSON
 
@@ -29,6 +29,9 @@ from tests.chaos import badinput, scenarios  # noqa: E402
 
 SCENARIOS = {
     "kill9": lambda a: scenarios.kill9(a.mode, kills=a.kills, short=a.short),
+    "kill9_nft_apply": lambda a: scenarios.kill9_nft_apply(
+        kills=a.nft_kills, services=a.nft_services, short=a.short
+    ),
     "drift": lambda a: scenarios.drift(a.mode, rounds=3, short=a.short),
     "api_outage": lambda a: scenarios.api_outage(a.mode, outage=a.outage, short=a.short),
     "xtables_lock": lambda a: scenarios.xtables_lock(hold=a.lock_hold, short=a.short),
@@ -52,6 +55,13 @@ def main() -> int:
     p.add_argument("--storm", type=float, default=180.0, help="410 storm seconds")
     p.add_argument("--churn", type=float, default=300.0, help="churn seconds")
     p.add_argument("--services", type=int, default=1000, help="Services during the churn")
+    p.add_argument("--nft-kills", type=int, default=20, help="kills of kill9_nft_apply")
+    p.add_argument(
+        "--nft-services",
+        type=int,
+        default=2000,
+        help="Services (x 10 endpoints) whose transactions kill9_nft_apply interrupts",
+    )
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
     names = args.names or list(SCENARIOS)

@@ -417,7 +417,7 @@ class KproxyProcess:
             # The child finishes on its own (the kernel does not kill orphans); wait for it
             # so the next check sees a settled kernel.
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and _group_alive(self.proc.pid):
+            while time.monotonic() < deadline and group_alive(self.proc.pid):
                 time.sleep(0.02)
 
     def stop(self) -> None:
@@ -443,7 +443,7 @@ class KproxyProcess:
         return rss_bytes(self.pid) if self.alive() else 0
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
         return True
