@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO
 
-from kproxy.backends.iptables import IptablesError, failing_context, first_line
+from kproxy.backends.iptables import IptablesError, failing_context, first_line, stream_to
 from kproxy.nft import TABLE, NftTable, parse_table
 
 # The table `problem()` checks (never committed).
