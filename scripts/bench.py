@@ -42,12 +42,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def worker(args: argparse.Namespace) -> None:
     """Runs inside the benchmark namespace; prints one JSON object."""
-    from kproxy import syncer
+    from kproxy.daemon.reconciler import Reconciler
+    from kproxy.iptables import sync as syncer
+    from kproxy.mode import modes_for
     from kproxy.model import NodeConfig
-    from kproxy.modes import modes_for
-    from kproxy.reconciler import Reconciler
     from kproxy.sources.statefile import load_state
-    from kproxy.store import ObjectStore
+    from kproxy.sources.store import ObjectStore
     from tests.synthetic import as_list, generate
 
     out: dict = {"mode": args.mode, "services": args.services, "endpoints": args.endpoints}

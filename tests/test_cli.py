@@ -95,20 +95,20 @@ def test_json_log_format_is_one_object_per_line():
     import json
     import logging
 
-    from kproxy.cli import _JsonFormatter
+    from kproxy.cli.main import _JsonFormatter
 
     record = logging.LogRecord(
-        "kproxy.reconciler", logging.WARNING, __file__, 1, 'synced "x"\nnext', None, None
+        "kproxy.daemon.reconciler", logging.WARNING, __file__, 1, 'synced "x"\nnext', None, None
     )
     line = _JsonFormatter().format(record)
     assert "\n" not in line
     entry = json.loads(line)
     assert entry["level"] == "warning" and entry["msg"] == 'synced "x"\nnext'
-    assert entry["logger"] == "kproxy.reconciler" and entry["ts"].endswith("Z")
+    assert entry["logger"] == "kproxy.daemon.reconciler" and entry["ts"].endswith("Z")
 
 
 def test_durations_are_spelled_as_kube_proxy_spells_them():
-    from kproxy.cli import _duration
+    from kproxy.cli.main import _duration
 
     assert _duration("30s") == 30 and _duration("1m") == 60 and _duration("500ms") == 0.5
     assert _duration("1h30m") == 5400 and _duration("2.5") == 2.5

@@ -11,7 +11,7 @@ from typing import Any
 import netns
 import pytest
 
-from kproxy.conntrack import Flow, UdpServicePort, stale_flows
+from kproxy.daemon.conntrack import Flow, UdpServicePort, stale_flows
 
 REPO = Path(__file__).resolve().parents[1]
 UDP, TCP = socket.IPPROTO_UDP, socket.IPPROTO_TCP
@@ -156,9 +156,9 @@ def test_duplicate_frontends_keep_flows_to_either_endpoint_set():
 
 
 def report(ok: bool, udp_change: bool, failed: tuple[str, ...] = ()):
+    from kproxy.daemon.reconciler import SyncReport
     from kproxy.model import NodeConfig
-    from kproxy.reconciler import SyncReport
-    from kproxy.store import Changes, ObjectStore
+    from kproxy.sources.store import Changes, ObjectStore
 
     store = ObjectStore("node-1")
     store.apply("Service", "ADDED", dns_objects([POD_A])[0])
@@ -174,7 +174,7 @@ def report(ok: bool, udp_change: bool, failed: tuple[str, ...] = ()):
 
 
 def test_a_cleanup_owed_by_a_failed_sync_is_done_by_the_next_successful_one():
-    from kproxy.daemon import ConntrackCleanup
+    from kproxy.daemon.daemon import ConntrackCleanup
 
     cleaned: list[tuple[int, bool]] = []
     results: list[int | None] = []
@@ -235,8 +235,8 @@ print(json.dumps(out))
 NODE_HELPER = r"""
 import json, socket, sys
 sys.path.insert(0, sys.argv[1])
-from kproxy.conntrack import UdpServicePort, cleanup, list_udp_flows
-from kproxy.metrics import Metrics
+from kproxy.daemon.conntrack import UdpServicePort, cleanup, list_udp_flows
+from kproxy.daemon.metrics import Metrics
 req = json.load(sys.stdin)
 if req["op"] == "list":
     flows = list_udp_flows(socket.AF_INET)

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from kproxy.modes import NoFamilyError, modes_for, other_mode
+from kproxy.mode import NoFamilyError, modes_for, other_mode
 
 
 @pytest.fixture

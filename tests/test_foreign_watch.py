@@ -1,7 +1,7 @@
 """Other tools' changes seen during a whole-table restore (issue 13.7): xtables-monitor's
 output parsed, kproxy's own transactions told apart, the net effect turned into repairs."""
 
-from kproxy.backends.foreign_watch import net_effect, parse_monitor, repair_lines
+from kproxy.iptables.foreign_watch import net_effect, parse_monitor, repair_lines
 
 # Printed by `xtables-monitor -e -4` (iptables 1.8.9) in a namespace: Docker-like `iptables`
 # calls, then a restore of kproxy's (it touches KUBE- chains), then more foreign calls.

@@ -190,7 +190,7 @@ def test_legacy_backend_is_detected_and_driven(kernel_support, tmp_path):
             [
                 sys.executable,
                 "-c",
-                "from kproxy.backends.iptables import detect_variant;print(detect_variant())",
+                "from kproxy.iptables.restore import detect_variant;print(detect_variant())",
             ],
         )
         assert fresh.stdout.strip() == "nft"
@@ -293,7 +293,7 @@ def test_streamed_restore_that_fails_midway_changes_nothing_and_names_the_line(n
     """A whole-table payload is streamed to iptables-restore in pieces; when the tool refuses a
     line in the middle (and stops reading), the error names that line with its neighbours and
     the table is left as it was."""
-    from kproxy.backends.iptables import IptablesBackend, IptablesError, detect_variant
+    from kproxy.iptables.restore import IptablesBackend, IptablesError, detect_variant
 
     before = netns.iptables_save(node)
 
@@ -322,7 +322,7 @@ def test_streamed_restore_that_fails_midway_changes_nothing_and_names_the_line(n
 
 
 def test_streamed_restore_reports_the_lines_sent(node):
-    from kproxy.backends.iptables import IptablesBackend, detect_variant
+    from kproxy.iptables.restore import IptablesBackend, detect_variant
 
     def pieces():
         yield "*nat\n:KUBE-SERVICES - [0:0]\n"

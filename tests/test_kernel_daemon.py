@@ -514,7 +514,7 @@ def test_udp_flows_are_cleaned_after_a_postponed_sync(env, tmp_path):
     """An endpoint removed while the sync is postponed (another kproxy command holds the lock):
     the cleanup it owed is done by the next successful sync, not dropped (k8s issue 139628:
     hours of traffic to a removed DNS endpoint)."""
-    from kproxy.lockfile import locked
+    from kproxy.recovery.lockfile import locked
 
     _, api, daemon = env
     sports = list(range(41100, 41112))

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from kproxy.ruleset import BUILTIN_CHAINS, is_owned_chain, parse_save, rule_target
+from kproxy.iptables.rules import BUILTIN_CHAINS, is_owned_chain, parse_save, rule_target
 from tests.chaos.harness import Bench, netns, service, slice_
 
 pytestmark = pytest.mark.kernel

@@ -216,7 +216,7 @@ def test_nft_table_check_asks_netlink_for_names_only(node):
     `nft list` (which fetches the whole ruleset first: 98 s next to a 10k-Service iptables-nft
     ruleset). A table with a longer name is not mistaken for it."""
     code = (
-        "from kproxy.backends.nftables import NftBackend; "
+        "from kproxy.nftables.nft import NftBackend; "
         "print(NftBackend('ip').exists(), NftBackend('ip6').exists(), NftBackend('ip').read())"
     )
     netns.run(node, ["nft", "add", "table", "ip", "kproxy-old"])
@@ -230,7 +230,7 @@ def test_nft_table_check_asks_netlink_for_names_only(node):
 def test_streamed_transaction_that_fails_changes_nothing_and_names_the_line(node):
     """The nft transaction is written to `nft -f -` in pieces; a refused line fails the whole
     transaction (nothing applied) and the error shows that line."""
-    from kproxy.backends.nftables import NftBackend, NftError
+    from kproxy.nftables.nft import NftBackend, NftError
 
     def pieces():
         yield "add table ip kproxy\n"
@@ -256,7 +256,7 @@ def test_streamed_transaction_that_fails_changes_nothing_and_names_the_line(node
 _WRITER_STOPPED_MID_TRANSACTION = """
 import sys, time
 from pathlib import Path
-from kproxy.backends.nftables import NftBackend
+from kproxy.nftables.nft import NftBackend
 
 def pieces():
     yield "flush chain ip kproxy services\\n" + "# padding\\n" * 30000

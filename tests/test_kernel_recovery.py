@@ -26,7 +26,7 @@ from test_kernel_daemon import (  # noqa: E402
     wait_for,
 )
 
-from kproxy.lockfile import locked  # noqa: E402
+from kproxy.recovery.lockfile import locked  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 

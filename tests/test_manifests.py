@@ -127,7 +127,7 @@ def expand_args(ds: dict[str, Any], configmap: dict[str, Any], node: str) -> lis
 
 def parse_run_args(argv: list[str]):
     """kproxy's own parser on `kproxy run ARGS` (argparse exits 2 on an unknown flag or value)."""
-    from kproxy.cli import build_parser
+    from kproxy.cli.main import build_parser
 
     try:
         return build_parser().parse_args(["run", *argv])
@@ -495,7 +495,7 @@ def test_dockerfile_static():
         assert (ROOT / src).exists(), f"COPY {src}: no such file"
         assert src.rstrip("/") in allowed, f"COPY {src}: excluded by .dockerignore"
     # The package the wheel is built from is the one the entrypoint runs.
-    assert "kproxy" in sources and (ROOT / "kproxy" / "cli.py").exists()
+    assert "kproxy" in sources and (ROOT / "kproxy" / "cli" / "__init__.py").exists()
 
 
 def test_image_entrypoint_is_the_project_script():
@@ -604,7 +604,7 @@ def declared_labels() -> dict[str, set[str]]:
     label value is used: a registry where each labelled metric has one child)."""
     from prometheus_client import generate_latest
 
-    from kproxy.metrics import Metrics
+    from kproxy.daemon.metrics import Metrics
 
     metrics = Metrics()
     for attr in vars(metrics).values():
@@ -834,7 +834,7 @@ def test_readme_commands_use_flags_kproxy_has():
     section = text.split("## Run it in a cluster", 1)
     assert len(section) == 2, "README has no 'Run it in a cluster' section"
     body = section[1].split("\n## ", 1)[0]
-    from kproxy.cli import build_parser
+    from kproxy.cli.main import build_parser
 
     run = build_parser()._subparsers._group_actions[0].choices["run"]  # noqa: SLF001
     known = {o for a in run._actions for o in a.option_strings}  # noqa: SLF001

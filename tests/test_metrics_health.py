@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kproxy.health import HealthServer, ProxyHealth, ServiceHealthServers
-from kproxy.metrics import NETWORK_PROGRAMMING_BUCKETS, Metrics, split_host_port
+from kproxy.daemon.health import HealthServer, ProxyHealth, ServiceHealthServers
+from kproxy.daemon.metrics import NETWORK_PROGRAMMING_BUCKETS, Metrics, split_host_port
 from kproxy.model import Node
 
 # family name as the parser reports it (counters without _total) -> (type, label names)
@@ -378,7 +378,7 @@ def test_port_in_use_warns_once_and_keeps_going(svc_servers, caplog):
         taken = busy.getsockname()[1]
         ok = free_port()
         wanted = {("prod", "blocked"): (taken, 1), ("prod", "web"): (ok, 1)}
-        with caplog.at_level(logging.WARNING, logger="kproxy.health"):
+        with caplog.at_level(logging.WARNING, logger="kproxy.daemon.health"):
             servers.sync(wanted)
             servers.sync(wanted)  # retried, but not warned about again
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -3,10 +3,9 @@
 import copy
 import re
 
-from kproxy.model import NodeConfig, build_state
-from kproxy.plan import full_table, plan
-from kproxy.render.iptables import hash16, render
-from kproxy.ruleset import (
+from kproxy.iptables.plan import full_table, plan
+from kproxy.iptables.render import hash16, render
+from kproxy.iptables.rules import (
     RuleSet,
     Table,
     is_managed_chain,
@@ -14,7 +13,8 @@ from kproxy.ruleset import (
     rule_target,
     table_text,
 )
-from kproxy.syncer import wants_full_restore
+from kproxy.iptables.sync import wants_full_restore
+from kproxy.model import NodeConfig, build_state
 
 CONFIG = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",), localhost_nodeports=False)
 
@@ -272,8 +272,8 @@ def test_whole_table_restore_chosen_only_for_large_changes():
 
 def _delta_fragments(before_ips, after_ips):
     """The fragments a partial sync plans when bravo's endpoints go from before to after."""
-    from kproxy.render.cache import RenderCache
-    from kproxy.render.iptables import IPV4, fragments_of, render_delta
+    from kproxy.iptables.render import IPV4, fragments_of, render_delta
+    from kproxy.rendercache import RenderCache
 
     def state(b_ips):
         objs = [
@@ -298,8 +298,8 @@ def test_fragments_are_never_planned_as_a_whole_table():
     table delete everything else; the types keep them apart, at run time too."""
     import pytest
 
-    from kproxy.backends.iptables import IptablesBackend
-    from kproxy.syncer import sync_family
+    from kproxy.iptables.restore import IptablesBackend
+    from kproxy.iptables.sync import sync_family
 
     whole, _old, new = _delta_fragments(["10.244.2.1"], ["10.244.2.9"])
     live = simulate(lines_of(plan(whole, {})), {})
@@ -312,7 +312,7 @@ def test_fragments_are_never_planned_as_a_whole_table():
 
 
 def test_fragment_plan_names_only_the_changed_services():
-    from kproxy.plan import plan_fragments
+    from kproxy.iptables.plan import plan_fragments
 
     whole, old, new = _delta_fragments(["10.244.2.1", "10.244.2.2"], ["10.244.2.9"])
     live = simulate(lines_of(plan(whole, {})), {})

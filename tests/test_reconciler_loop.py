@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
+from kproxy.daemon.reconciler import Reconciler, verify_interval
+from kproxy.mode import Outcome, Rendered
 from kproxy.model import NodeConfig
-from kproxy.modes import Outcome, Rendered
-from kproxy.reconciler import Reconciler, verify_interval
-from kproxy.store import ObjectStore
+from kproxy.sources.store import ObjectStore
 
 
 class SlowVerifyFamily:
@@ -206,7 +206,7 @@ def test_unexpected_sync_errors_are_counted_backed_off_and_survived(caplog):
     """A missing binary, a netlink error or any other exception from one family's sync must
     not end the daemon: each is logged (its traceback once), counted with its reason, retried
     with backoff, and the loop syncs once the error stops."""
-    from kproxy.backends.iptables import IptablesError
+    from kproxy.iptables.restore import IptablesError
 
     missing = FileNotFoundError(2, "No such file or directory", "iptables-nft-restore")
     fam = FlakyFamily(

@@ -2,10 +2,10 @@
 
 import random
 
+from kproxy.iptables.render import render
 from kproxy.model import NodeConfig
-from kproxy.render.cache import RenderCache
-from kproxy.render.iptables import render
-from kproxy.store import ObjectStore
+from kproxy.rendercache import RenderCache
+from kproxy.sources.store import ObjectStore
 from tests.synthetic import generate
 
 

@@ -13,9 +13,9 @@ documented in the README:
 - the empty KUBE-PROXY-CANARY chains of upstream's flush monitor are declared with the rules.
 """
 
+from kproxy.iptables.render import probability, render
+from kproxy.iptables.rules import parse_save
 from kproxy.model import NodeConfig, build_state
-from kproxy.render.iptables import probability, render
-from kproxy.ruleset import parse_save
 
 
 def svc(ns, name, ip, svc_type="ClusterIP", node_port=None, **spec):

@@ -1,7 +1,7 @@
 """Render details beyond the golden dump: protocols, ports, masquerade, readiness, conflicts."""
 
+from kproxy.iptables.render import render
 from kproxy.model import NodeConfig, build_state
-from kproxy.render.iptables import render
 
 
 def cluster(ports, slice_ports, endpoints, svc_type="ClusterIP", extra=(), warnings=None):

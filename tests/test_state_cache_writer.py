@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from kproxy import daemon as daemon_module
-from kproxy.daemon import CacheWriter
+from kproxy.daemon import daemon as daemon_module
+from kproxy.daemon.daemon import CacheWriter
 
 
 class Saves:

@@ -3,7 +3,7 @@
 import copy
 import json
 
-from kproxy.store import ObjectStore
+from kproxy.sources.store import ObjectStore
 
 
 def service(name, ip="10.96.0.1", rv="1", port=80):

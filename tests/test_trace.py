@@ -5,13 +5,13 @@ import ipaddress
 
 import pytest
 
+from kproxy.iptables.plan import full_table
+from kproxy.iptables.render import IPV4, IPV6, render
+from kproxy.iptables.rules import Table
+from kproxy.iptables.trace import Packet, Tracer
 from kproxy.model import NodeConfig, build_state
-from kproxy.plan import full_table
-from kproxy.render.iptables import IPV4, IPV6, render
-from kproxy.render.nftables import NFT_IPV4, NFT_IPV6, render_nft
-from kproxy.ruleset import Table
-from kproxy.trace import Packet, Tracer
-from kproxy.trace_nft import NftTracer
+from kproxy.nftables.render import NFT_IPV4, NFT_IPV6, render_nft
+from kproxy.nftables.trace import NftTracer
 
 NODE_IP = "192.168.100.1"
 CLIENT = "192.168.100.2"

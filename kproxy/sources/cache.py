@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kproxy.fileio import write_atomically
+from kproxy.recovery.fileio import write_atomically
 
 DEFAULT_STATE_CACHE = "/var/lib/kproxy/state.json"
 SAVED_AT = "kproxy.io/saved-at"

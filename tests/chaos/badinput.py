@@ -347,10 +347,10 @@ def corpus_batches() -> list[list[dict]]:
 CHECKER = r"""
 import json, sys
 from kproxy.model import NodeConfig, build_state
-from kproxy.modes import modes_for, IptablesMode
-from kproxy.plan import full_table
-from kproxy.nft import plan_table
-from kproxy.ruleset import Table, table_text
+from kproxy.mode import modes_for, IptablesMode
+from kproxy.iptables.plan import full_table
+from kproxy.nftables.table import plan_table
+from kproxy.iptables.rules import Table, table_text
 import subprocess
 mode = sys.argv[1]
 batches = json.load(sys.stdin)

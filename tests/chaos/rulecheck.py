@@ -13,11 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from kproxy import nodeinfo
+from kproxy.iptables.plan import plan
+from kproxy.iptables.sync import read_live
+from kproxy.mode import IptablesMode, modes_for
 from kproxy.model import NodeConfig, build_state
-from kproxy.modes import IptablesMode, modes_for
-from kproxy.nft import plan_table
-from kproxy.plan import plan
-from kproxy.syncer import read_live
+from kproxy.nftables.table import plan_table
 
 NODE = "node-1"
 CLUSTER_CIDR = "10.244.0.0/16"

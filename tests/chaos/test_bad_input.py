@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kproxy.iptables.render import IPV4, IPV6, render
 from kproxy.model import (
     InvalidObject,
     NodeConfig,
@@ -19,9 +20,8 @@ from kproxy.model import (
     endpoint_slice_from_k8s,
     service_from_k8s,
 )
-from kproxy.render.iptables import IPV4, IPV6, render
-from kproxy.render.nftables import NFT_IPV4, NFT_IPV6, render_nft
-from kproxy.store import ObjectStore
+from kproxy.nftables.render import NFT_IPV4, NFT_IPV6, render_nft
+from kproxy.sources.store import ObjectStore
 from tests.chaos import badinput
 
 CONFIG = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",))

@@ -53,7 +53,7 @@ def test_api_reconnect_backoff_stays_inside_a_sync_period():
     # The chaos API-outage run converged 24.4s after a 180s outage with a 30s sync period: the
     # watch backoff was capped at 30s (+ jitter), so a change made during the outage could land
     # later than one sync period after the API server returned.
-    from kproxy.daemon import Daemon, DaemonOptions
+    from kproxy.daemon.daemon import Daemon, DaemonOptions
     from kproxy.model import NodeConfig
 
     for period, cap in ((30.0, 24.0), (10.0, 8.0), (120.0, 30.0), (0.5, 1.0)):

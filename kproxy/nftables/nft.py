@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO
 
-from kproxy.backends.iptables import IptablesError, failing_context, first_line, stream_to
-from kproxy.nft import TABLE, NftTable, parse_table
+from kproxy.iptables.restore import IptablesError, failing_context, first_line, stream_to
+from kproxy.nftables.table import TABLE, NftTable, parse_table
 
 # The table `problem()` checks (never committed).
 PROBE_TABLE = "kproxy-probe"

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache, partial
 
 from kproxy.endpoints import ResolvedEndpoint
+from kproxy.iptables.rules import Fragments, Jump, RuleSet
 from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig, Service
 from kproxy.policy import family_cidrs, family_ips, port_policy
-from kproxy.render.cache import RenderCache
-from kproxy.render.ports import (
+from kproxy.ports import (
     Delta,
     PortJob,
     RenderedPorts,
@@ -26,7 +26,7 @@ from kproxy.render.ports import (
     service_ports,
     service_ports_delta,
 )
-from kproxy.ruleset import Fragments, Jump, RuleSet
+from kproxy.rendercache import RenderCache
 
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
 

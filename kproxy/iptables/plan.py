@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from kproxy.ruleset import (
+from kproxy.iptables.rules import (
     BUILTIN_CHAINS,
     Fragments,
     RuleSet,

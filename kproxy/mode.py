@@ -13,28 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kproxy import syncer
-from kproxy.backends.iptables import (
+from kproxy.iptables import sync as syncer
+from kproxy.iptables.render import IPV4, IPV6, fragments_of, render, render_delta
+from kproxy.iptables.restore import (
     IptablesBackend,
     IptablesError,
     family_backends,
     family_skipped,
 )
-from kproxy.backends.nftables import NftBackend
-from kproxy.model import ClusterState, NodeConfig
-from kproxy.nft import NftTable
-from kproxy.nodeinfo import ipv6_off
-from kproxy.render.cache import RenderCache
-from kproxy.render.iptables import IPV4, IPV6, fragments_of, render, render_delta
-from kproxy.render.nftables import (
-    NFT_IPV4,
-    NFT_IPV6,
-    fragments_table,
-    render_nft,
-    render_nft_delta,
-)
-from kproxy.ruleset import Jump, RuleSet, Table, is_owned_chain
-from kproxy.syncer import (
+from kproxy.iptables.rules import Jump, RuleSet, Table, is_owned_chain
+from kproxy.iptables.sync import (
     applied_tables,
     describe,
     describe_nft,
@@ -43,6 +31,18 @@ from kproxy.syncer import (
     sync_fragments,
     sync_nft,
 )
+from kproxy.model import ClusterState, NodeConfig
+from kproxy.nftables.nft import NftBackend
+from kproxy.nftables.render import (
+    NFT_IPV4,
+    NFT_IPV6,
+    fragments_table,
+    render_nft,
+    render_nft_delta,
+)
+from kproxy.nftables.table import NftTable
+from kproxy.nodeinfo import ipv6_off
+from kproxy.rendercache import RenderCache
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class IptablesMode(_DeltaSync):
         return missing
 
     def owned_ruleset(self) -> RuleSet | None:
-        from kproxy.snapshot import owned_ruleset  # snapshot imports render: keep it lazy
+        from kproxy.recovery.snapshot import owned_ruleset  # snapshot imports render: keep it lazy
 
         return owned_ruleset(self.applied) if self.applied is not None else None
 

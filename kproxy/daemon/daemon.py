@@ -12,13 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kproxy import __version__, conntrack, nodeinfo
-from kproxy.health import HealthServer, ProxyHealth, ServiceHealthServers
-from kproxy.lockfile import locked
-from kproxy.metrics import Metrics
-from kproxy.model import NodeConfig
-from kproxy.modes import modes_for, remove_other_mode
-from kproxy.reconciler import (
+from kproxy import __version__, nodeinfo
+from kproxy.daemon import conntrack
+from kproxy.daemon.health import HealthServer, ProxyHealth, ServiceHealthServers
+from kproxy.daemon.metrics import Metrics
+from kproxy.daemon.reconciler import (
     APPLY,
     UNEXPECTED,
     Reconciler,
@@ -26,11 +24,14 @@ from kproxy.reconciler import (
     local_ready_endpoints,
     udp_service_ports,
 )
-from kproxy.recovery import SnapshotStore
-from kproxy.render.iptables import IPV4, IPV6
+from kproxy.iptables.render import IPV4, IPV6
+from kproxy.mode import modes_for, remove_other_mode
+from kproxy.model import NodeConfig
+from kproxy.recovery.lockfile import locked
+from kproxy.recovery.restore import SnapshotStore
 from kproxy.sources import cache
 from kproxy.sources.kube import KubeEvent, KubeSource
-from kproxy.store import ObjectStore
+from kproxy.sources.store import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -25,20 +25,20 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kproxy.backends.iptables import IptablesError
 from kproxy.endpoints import endpoints_for_port
-from kproxy.lockfile import LockHeld
+from kproxy.iptables.render import Family
+from kproxy.iptables.restore import IptablesError
+from kproxy.mode import Mode
 from kproxy.model import ClusterState, NodeConfig
-from kproxy.modes import Mode
 from kproxy.policy import family_ips
-from kproxy.render.iptables import Family
-from kproxy.store import Changes, ObjectStore
+from kproxy.recovery.lockfile import LockHeld
+from kproxy.sources.store import Changes, ObjectStore
 
 log = logging.getLogger(__name__)
 
 
 class SyncObserver(Protocol):
-    """What the reconciler reports (implemented by kproxy.metrics and kproxy.health)."""
+    """What the reconciler reports (daemon.DaemonObserver turns it into metrics and health)."""
 
     def queued(self) -> None: ...
     def changes(self, service_events: int, endpoint_events: int) -> None: ...

@@ -10,12 +10,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from kproxy.backends.foreign_watch import ForeignWatch, Transaction, net_effect, repair_lines
-from kproxy.backends.iptables import IptablesBackend, IptablesError
-from kproxy.backends.nftables import NftBackend
-from kproxy.nft import NftPlan, NftTable, plan_table
-from kproxy.plan import Plan, full_table, plan, plan_fragments
-from kproxy.ruleset import Fragments, RuleSet, Table, parse_save, table_chunks
+from kproxy.iptables.foreign_watch import ForeignWatch, Transaction, net_effect, repair_lines
+from kproxy.iptables.plan import Plan, full_table, plan, plan_fragments
+from kproxy.iptables.restore import IptablesBackend, IptablesError
+from kproxy.iptables.rules import Fragments, RuleSet, Table, parse_save, table_chunks
+from kproxy.nftables.nft import NftBackend
+from kproxy.nftables.table import NftPlan, NftTable, plan_table
 
 log = logging.getLogger(__name__)
 

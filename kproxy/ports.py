@@ -11,7 +11,7 @@ from typing import Any
 from kproxy.endpoints import ResolvedEndpoint, endpoints_for_port
 from kproxy.model import ClusterState, EndpointSlice, Service, ServicePort
 from kproxy.policy import family_ips
-from kproxy.render.cache import RenderCache
+from kproxy.rendercache import RenderCache
 
 
 @dataclass(frozen=True)

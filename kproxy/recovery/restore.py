@@ -7,11 +7,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from kproxy.backends.iptables import IptablesBackend
-from kproxy.backends.nftables import NftBackend, NftError
-from kproxy.fileio import write_atomically
-from kproxy.ruleset import RuleSet, Table
-from kproxy.snapshot import (
+from kproxy.iptables.restore import IptablesBackend
+from kproxy.iptables.rules import RuleSet, Table
+from kproxy.iptables.sync import NftSyncResult, SyncResult, read_live, sync_family, sync_nft
+from kproxy.nftables.nft import NftBackend, NftError
+from kproxy.recovery.fileio import write_atomically
+from kproxy.recovery.snapshot import (
     TABLES,
     Snapshot,
     SnapshotError,
@@ -20,7 +21,6 @@ from kproxy.snapshot import (
     owned_ruleset,
     parse,
 )
-from kproxy.syncer import NftSyncResult, SyncResult, read_live, sync_family, sync_nft
 
 log = logging.getLogger(__name__)
 

@@ -11,30 +11,31 @@ import socket
 import sys
 import time
 
-from kproxy import __version__, nodeinfo, recovery
-from kproxy.backends.iptables import (
+from kproxy import __version__, nodeinfo
+from kproxy.iptables.plan import full_table
+from kproxy.iptables.render import IPV4, IPV6, render
+from kproxy.iptables.restore import (
     IptablesBackend,
     IptablesError,
     detect_variant,
     family_backends,
 )
-from kproxy.backends.nftables import NftBackend
-from kproxy.fileio import write_atomically
-from kproxy.lockfile import DEFAULT_LOCK_FILE, LockHeld, locked
+from kproxy.iptables.rules import Table
+from kproxy.iptables.sync import NftSyncResult, describe, describe_nft, read_live
+from kproxy.iptables.trace import Packet, Tracer, format_outcomes
+from kproxy.mode import NoFamilyError, modes_for, remove_other_mode
 from kproxy.model import ClusterState, NodeConfig, build_state
-from kproxy.modes import NoFamilyError, modes_for, remove_other_mode
-from kproxy.nft import NftTable
-from kproxy.plan import full_table
-from kproxy.recovery import DEFAULT_SNAPSHOT_DIR
-from kproxy.render.iptables import IPV4, IPV6, render
-from kproxy.render.nftables import NFT_IPV4, NFT_IPV6, render_nft
-from kproxy.ruleset import Table
-from kproxy.snapshot import SnapshotError
+from kproxy.nftables.nft import NftBackend
+from kproxy.nftables.render import NFT_IPV4, NFT_IPV6, render_nft
+from kproxy.nftables.table import NftTable
+from kproxy.nftables.trace import NftTracer
+from kproxy.recovery import restore as recovery
+from kproxy.recovery.fileio import write_atomically
+from kproxy.recovery.lockfile import DEFAULT_LOCK_FILE, LockHeld, locked
+from kproxy.recovery.restore import DEFAULT_SNAPSHOT_DIR
+from kproxy.recovery.snapshot import SnapshotError
 from kproxy.sources.cache import DEFAULT_STATE_CACHE
 from kproxy.sources.statefile import StateFileError, load_state
-from kproxy.syncer import NftSyncResult, describe, describe_nft, read_live
-from kproxy.trace import Packet, Tracer, format_outcomes
-from kproxy.trace_nft import NftTracer
 
 log = logging.getLogger("kproxy")
 
@@ -456,7 +457,7 @@ def _duration(text: str) -> float:
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
-    from kproxy.daemon import Daemon, DaemonOptions  # imports the kubernetes client (slow)
+    from kproxy.daemon.daemon import Daemon, DaemonOptions  # imports the kubernetes client (slow)
 
     opts = DaemonOptions(
         node_name=args.node_name,

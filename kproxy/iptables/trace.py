@@ -17,7 +17,7 @@ import shlex
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from kproxy.ruleset import BUILTIN_CHAINS, Table
+from kproxy.iptables.rules import BUILTIN_CHAINS, Table
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 TERMINAL = ("ACCEPT", "DROP", "REJECT")

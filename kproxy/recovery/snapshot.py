@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kproxy import __version__
-from kproxy.nft import NftTable, parse_table
-from kproxy.render.iptables import UNORDERED
-from kproxy.ruleset import (
+from kproxy.iptables.render import UNORDERED
+from kproxy.iptables.rules import (
     BUILTIN_CHAINS,
     Jump,
     RuleSet,
@@ -28,6 +27,7 @@ from kproxy.ruleset import (
     parse_save,
     rule_target,
 )
+from kproxy.nftables.table import NftTable, parse_table
 
 FORMAT_VERSION = 1
 MAGIC = "# kproxy-snapshot"

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kproxy.ruleset import is_owned_chain
+from kproxy.iptables.rules import is_owned_chain
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig
-from kproxy.nft import NftChain, NftSet, NftTable
+from kproxy.nftables.table import NftChain, NftSet, NftTable
 from kproxy.policy import family_cidrs, family_ips, port_policy
-from kproxy.render.cache import RenderCache
-from kproxy.render.ports import (
+from kproxy.ports import (
     Delta,
     PortJob,
     RenderedPorts,
@@ -29,6 +28,7 @@ from kproxy.render.ports import (
     service_ports,
     service_ports_delta,
 )
+from kproxy.rendercache import RenderCache
 
 CHAIN_NAME_LIMIT = 240  # upstream truncates longer names with "..."
 # Endpoint maps: `typeof` a numgen draw (any modulus prints the same) to a verdict.

@@ -14,8 +14,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from kproxy.nft import NftTable
-from kproxy.trace import Branch, Outcome, Packet, merge
+from kproxy.iptables.trace import Branch, Outcome, Packet, merge
+from kproxy.nftables.table import NftTable
 
 TERMINAL = ("ACCEPT", "DROP", "REJECT")
 _NUMGEN = re.compile(r"^numgen random mod (\d+) vmap (?:\{ (.*) \}|@(\S+))$")

@@ -29,7 +29,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kproxy.metrics import Metrics
+    from kproxy.daemon.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

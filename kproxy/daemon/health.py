@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from kproxy.metrics import Metrics, split_host_port
+from kproxy.daemon.metrics import Metrics, split_host_port
 from kproxy.model import Node
 
 log = logging.getLogger(__name__)
