@@ -45,9 +45,6 @@ class PortIndex:
     total: int
     conflicts: bool
 
-    def ordered(self) -> list[PortJob]:
-        return list(self.jobs.values())
-
 
 def _service_jobs(
     key: tuple[str, str],

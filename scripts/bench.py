@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def worker(args: argparse.Namespace) -> None:
     """Runs inside the benchmark namespace; prints one JSON object."""
+    from kproxy import tools
     from kproxy.daemon.reconciler import Reconciler
-    from kproxy.iptables import sync as syncer
-    from kproxy.mode import modes_for
+    from kproxy.families import modes_for
     from kproxy.model import NodeConfig
     from kproxy.sources.statefile import load_state
     from kproxy.sources.store import ObjectStore
@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     out["load"] = time.perf_counter() - t0
     config = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",))
     modes = modes_for(args.mode)
-    syncer.RECORD_PAYLOADS = True  # the bare replay below needs the exact text sent
+    tools.RECORD_PAYLOADS = True  # the bare replay below needs the exact text sent
 
     # Full sync from empty, as `kproxy sync` does it (both families).
     render_s = apply_s = 0.0

@@ -18,11 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kproxy.daemon.reconciler import Reconciler  # noqa: E402
+from kproxy.families import modes_for  # noqa: E402
+from kproxy.iptables.mode import IptablesMode  # noqa: E402
 from kproxy.iptables.plan import plan  # noqa: E402
 from kproxy.iptables.sync import read_live  # noqa: E402
-from kproxy.mode import IptablesMode, modes_for  # noqa: E402
 from kproxy.model import NodeConfig  # noqa: E402
-from kproxy.nftables.table import plan_table  # noqa: E402
+from kproxy.nftables.plan import plan_table  # noqa: E402
 from kproxy.sources.store import ObjectStore  # noqa: E402
 from tests.synthetic import generate  # noqa: E402
 

@@ -108,7 +108,7 @@ def test_json_log_format_is_one_object_per_line():
 
 
 def test_durations_are_spelled_as_kube_proxy_spells_them():
-    from kproxy.cli.main import _duration
+    from kproxy.cli.flags import _duration
 
     assert _duration("30s") == 30 and _duration("1m") == 60 and _duration("500ms") == 0.5
     assert _duration("1h30m") == 5400 and _duration("2.5") == 2.5

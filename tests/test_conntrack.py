@@ -174,7 +174,7 @@ def report(ok: bool, udp_change: bool, failed: tuple[str, ...] = ()):
 
 
 def test_a_cleanup_owed_by_a_failed_sync_is_done_by_the_next_successful_one():
-    from kproxy.daemon.daemon import ConntrackCleanup
+    from kproxy.daemon.conntrack import ConntrackCleanup
 
     cleaned: list[tuple[int, bool]] = []
     results: list[int | None] = []

@@ -8,7 +8,8 @@ import logging
 
 import pytest
 
-from kproxy.mode import NoFamilyError, modes_for, other_mode
+from kproxy.errors import NoFamilyError
+from kproxy.families import modes_for, other_mode
 
 
 @pytest.fixture

@@ -127,7 +127,7 @@ def expand_args(ds: dict[str, Any], configmap: dict[str, Any], node: str) -> lis
 
 def parse_run_args(argv: list[str]):
     """kproxy's own parser on `kproxy run ARGS` (argparse exits 2 on an unknown flag or value)."""
-    from kproxy.cli.main import build_parser
+    from kproxy.cli.flags import build_parser
 
     try:
         return build_parser().parse_args(["run", *argv])
@@ -834,7 +834,7 @@ def test_readme_commands_use_flags_kproxy_has():
     section = text.split("## Run it in a cluster", 1)
     assert len(section) == 2, "README has no 'Run it in a cluster' section"
     body = section[1].split("\n## ", 1)[0]
-    from kproxy.cli.main import build_parser
+    from kproxy.cli.flags import build_parser
 
     run = build_parser()._subparsers._group_actions[0].choices["run"]  # noqa: SLF001
     known = {o for a in run._actions for o in a.option_strings}  # noqa: SLF001

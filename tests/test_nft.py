@@ -3,8 +3,9 @@
 import copy
 
 from kproxy.model import NodeConfig, build_state
+from kproxy.nftables.plan import plan_table
 from kproxy.nftables.render import NFT_IPV6, hash_name, render_nft
-from kproxy.nftables.table import NftChain, NftSet, NftTable, parse_table, plan_table
+from kproxy.nftables.table import NftChain, NftSet, NftTable, parse_table
 from tests.synthetic import generate
 
 CONFIG = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",))

@@ -5,12 +5,12 @@ import os
 
 import pytest
 
-from kproxy.iptables.plan import plan
+from kproxy.iptables.plan import owned_ruleset, plan
 from kproxy.iptables.render import render
 from kproxy.iptables.sync import applied_tables
 from kproxy.model import NodeConfig, build_state
 from kproxy.recovery.restore import SnapshotStore, latest_snapshot, read_snapshot
-from kproxy.recovery.snapshot import SnapshotError, dump, owned_ruleset, parse
+from kproxy.recovery.snapshot import SnapshotError, dump, parse
 from tests.synthetic import generate
 
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from kproxy.daemon import daemon as daemon_module
-from kproxy.daemon.daemon import CacheWriter
+from kproxy.daemon import cachewriter as daemon_module
+from kproxy.daemon.cachewriter import CacheWriter
 
 
 class Saves:

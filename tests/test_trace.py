@@ -8,10 +8,11 @@ import pytest
 from kproxy.iptables.plan import full_table
 from kproxy.iptables.render import IPV4, IPV6, render
 from kproxy.iptables.rules import Table
-from kproxy.iptables.trace import Packet, Tracer
+from kproxy.iptables.trace import Tracer
 from kproxy.model import NodeConfig, build_state
 from kproxy.nftables.render import NFT_IPV4, NFT_IPV6, render_nft
 from kproxy.nftables.trace import NftTracer
+from kproxy.tracecore import Packet
 
 NODE_IP = "192.168.100.1"
 CLIENT = "192.168.100.2"

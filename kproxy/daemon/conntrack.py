@@ -13,7 +13,8 @@ NodePort is served on: upstream matches the destination port alone, so a Service
 endpoints would also delete, say, a pod-to-pod flow that only shares its NodePort's number.
 
 `stale_flows` is the pure decision; `list_udp_flows` / `delete_flows` are thin netlink I/O
-through pyroute2 (no `conntrack` binary needed).
+through pyroute2 (no `conntrack` binary needed); `ConntrackCleanup` is the daemon's record of
+the cleanups owed, run after each sync.
 """
 
 from __future__ import annotations
@@ -23,13 +24,19 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from kproxy import nodeinfo
+from kproxy.endpoints import endpoints_for_port
+from kproxy.model import ClusterState, NodeConfig
+from kproxy.policy import family_ips
+
 if TYPE_CHECKING:
     from kproxy.daemon.metrics import Metrics
+    from kproxy.daemon.reconciler import SyncReport
 
 log = logging.getLogger(__name__)
 
@@ -232,3 +239,83 @@ def cleanup(
 
 def _family_name(family: int) -> str:
     return "IPv6" if family == socket.AF_INET6 else "IPv4"
+
+
+def udp_service_ports(state: ClusterState, version: int) -> list[UdpServicePort]:
+    """Every UDP Service port of IP `version`: its IPs, port, node port, serving endpoints."""
+    out = []
+    by_service = state.slices_by_service()
+    address_type = f"IPv{version}"
+    for key, svc in state.services.items():
+        ips = frozenset(
+            family_ips((*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips), version)
+        )
+        if not ips:
+            continue
+        for port in svc.ports:
+            if port.protocol != "UDP":
+                continue
+            eps = endpoints_for_port(port, by_service.get(key, []), address_type)
+            serving = frozenset((e.ip, e.port) for e in eps if e.endpoint.serving)
+            node_port = port.node_port if svc.type in ("NodePort", "LoadBalancer") else 0
+            out.append(UdpServicePort(ips, port.port, node_port, serving))
+    return out
+
+
+class ConntrackCleanup:
+    """Stale UDP conntrack flows, deleted after the sync that changed a UDP Service.
+
+    What is owed is kept per IP family until a sync of that family succeeds: a sync that
+    failed or was postponed took the changes out of the store, and forgetting them left
+    clients pinned to a removed endpoint for as long as they kept sending (k8s issue 139628).
+    The cleanup then runs against the state and config that successful sync applied.
+    """
+
+    def __init__(
+        self,
+        families: list[str],
+        mode: str,
+        metrics: Metrics | None = None,
+        clean: Callable[[SyncReport, int], int | None] | None = None,
+    ) -> None:
+        self.families = families  # "IPv4", "IPv6": the reconciler's family names
+        self.mode = mode
+        self.metrics = metrics
+        self.clean = clean or self._clean
+        self.due: set[str] = set()
+
+    def after_sync(self, report: SyncReport) -> None:
+        if _udp_changed(report):
+            self.due.update(self.families)
+        for name in sorted(self.due):
+            if name in report.failed_families:
+                continue  # its rules are not the report's state yet
+            version = 6 if name == "IPv6" else 4
+            deleted = self.clean(report, version)
+            if deleted is None:
+                continue  # the cleanup failed: tried again after the next sync
+            self.due.discard(name)
+            if deleted:
+                log.info("removed %d stale UDP conntrack entries (%s)", deleted, name)
+
+    def _clean(self, report: SyncReport, version: int) -> int | None:
+        config = report.config or NodeConfig()
+        ports = udp_service_ports(report.state, version)
+        try:
+            local = nodeinfo.local_addresses() if config.nodeport_ips is None else []
+        except Exception as err:  # netlink: logged, and the cleanup stays due
+            log.warning("conntrack cleanup: cannot list this node's addresses: %s", err)
+            return None
+        node_port_ips = nodeinfo.nodeport_destinations(config, version, self.mode, local)
+        af = socket.AF_INET if version == 4 else socket.AF_INET6
+        return cleanup(ports, af, node_port_ips, self.metrics)
+
+
+def _udp_changed(report: SyncReport) -> bool:
+    """A UDP Service, or the endpoints of one, changed in this sync."""
+    return any(
+        p.protocol == "UDP"
+        for key in report.changes.services
+        if (svc := report.state.services.get(key)) is not None
+        for p in svc.ports
+    )

@@ -5,27 +5,23 @@ from __future__ import annotations
 import gc
 import logging
 import signal
-import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kproxy import __version__, nodeinfo
-from kproxy.daemon import conntrack
-from kproxy.daemon.health import HealthServer, ProxyHealth, ServiceHealthServers
-from kproxy.daemon.metrics import Metrics
-from kproxy.daemon.reconciler import (
-    APPLY,
-    UNEXPECTED,
-    Reconciler,
-    SyncReport,
+from kproxy.daemon.cachewriter import CacheWriter
+from kproxy.daemon.conntrack import ConntrackCleanup
+from kproxy.daemon.health import (
+    HealthServer,
+    ProxyHealth,
+    ServiceHealthServers,
     local_ready_endpoints,
-    udp_service_ports,
 )
-from kproxy.iptables.render import IPV4, IPV6
-from kproxy.mode import modes_for, remove_other_mode
+from kproxy.daemon.metrics import Metrics
+from kproxy.daemon.reconciler import APPLY, UNEXPECTED, Reconciler, SyncReport
+from kproxy.families import modes_for, remove_other_mode
 from kproxy.model import NodeConfig
 from kproxy.recovery.lockfile import locked
 from kproxy.recovery.restore import SnapshotStore
@@ -119,130 +115,6 @@ class DaemonOptions:
     # --nodeport-addresses as given (CIDRs, "primary"): resolved at every full sync; the node
     # IPs are config.node_ips (--node-ip) or else the watched Node's.
     nodeport_addresses: tuple[str, ...] = ()
-
-
-class ConntrackCleanup:
-    """Stale UDP conntrack flows, deleted after the sync that changed a UDP Service.
-
-    What is owed is kept per IP family until a sync of that family succeeds: a sync that
-    failed or was postponed took the changes out of the store, and forgetting them left
-    clients pinned to a removed endpoint for as long as they kept sending (k8s issue 139628).
-    The cleanup then runs against the state and config that successful sync applied.
-    """
-
-    def __init__(
-        self,
-        families: list[str],
-        mode: str,
-        metrics: Metrics | None = None,
-        clean: Callable[[SyncReport, int], int | None] | None = None,
-    ) -> None:
-        self.families = families  # "IPv4", "IPv6": the reconciler's family names
-        self.mode = mode
-        self.metrics = metrics
-        self.clean = clean or self._clean
-        self.due: set[str] = set()
-
-    def after_sync(self, report: SyncReport) -> None:
-        if _udp_changed(report):
-            self.due.update(self.families)
-        for name in sorted(self.due):
-            if name in report.failed_families:
-                continue  # its rules are not the report's state yet
-            version = 6 if name == "IPv6" else 4
-            deleted = self.clean(report, version)
-            if deleted is None:
-                continue  # the cleanup failed: tried again after the next sync
-            self.due.discard(name)
-            if deleted:
-                log.info("removed %d stale UDP conntrack entries (%s)", deleted, name)
-
-    def _clean(self, report: SyncReport, version: int) -> int | None:
-        config = report.config or NodeConfig()
-        family = IPV4 if version == 4 else IPV6
-        ports = [
-            conntrack.UdpServicePort(ips, port, node_port, endpoints)
-            for ips, port, node_port, endpoints in udp_service_ports(report.state, family)
-        ]
-        try:
-            local = nodeinfo.local_addresses() if config.nodeport_ips is None else []
-        except Exception as err:  # netlink: logged, and the cleanup stays due
-            log.warning("conntrack cleanup: cannot list this node's addresses: %s", err)
-            return None
-        node_port_ips = nodeinfo.nodeport_destinations(config, version, self.mode, local)
-        af = socket.AF_INET if version == 4 else socket.AF_INET6
-        return conntrack.cleanup(ports, af, node_port_ips, self.metrics)
-
-
-def _udp_changed(report: SyncReport) -> bool:
-    """A UDP Service, or the endpoints of one, changed in this sync."""
-    return any(
-        p.protocol == "UDP"
-        for key in report.changes.services
-        if (svc := report.state.services.get(key)) is not None
-        for p in svc.ports
-    )
-
-
-class CacheWriter:
-    """Writes the last-known-good state in the background, at most once per `interval` (the
-    sync period): under churn a partial sync comes every second, and each write is the whole
-    cluster (megabytes at 10k Services) with an fsync. The latest submission wins: the first
-    is written at once, a newer one `interval` after the previous write, one still pending
-    at stop() before it returns, and a failed one (full disk) again after `interval`. A slow
-    disk never delays a sync."""
-
-    def __init__(
-        self, path: str, node: str, metrics: Metrics | None = None, interval: float = 0.0
-    ) -> None:
-        self.path, self.node, self.metrics = path, node, metrics
-        self.interval = interval
-        self._pending: list[str] | None = None
-        self._last_write = float("-inf")  # time.monotonic() of the last write's start
-        self._cv = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="state-cache", daemon=True)
-        self._thread.start()
-
-    def submit(self, objects: list[str]) -> None:
-        with self._cv:
-            self._pending = objects
-            self._cv.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while True:
-                    if self._pending is None:
-                        if self._stop:
-                            return
-                        self._cv.wait()
-                        continue
-                    wait = self._last_write + self.interval - time.monotonic()
-                    if self._stop or wait <= 0:
-                        break
-                    self._cv.wait(wait)
-                objects, self._pending = self._pending, None
-                self._last_write = time.monotonic()
-            try:
-                cache.save(self.path, objects, self.node)
-            except OSError as err:
-                # The previous cache file is intact (atomic write); say so and go on.
-                log.warning(
-                    "could not write the state cache %s: %s", self.path, err.strerror or err
-                )
-                if self.metrics is not None:
-                    self.metrics.state_cache_failures_total.inc()
-                with self._cv:
-                    if self._pending is None and not self._stop:
-                        self._pending = objects  # again in a period, unless a newer one came
-
-    def stop(self) -> None:
-        """Write what is pending (SIGTERM: a newer state than the file's is not lost), then end."""
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        self._thread.join(10)
 
 
 class Daemon:
@@ -382,13 +254,13 @@ class Daemon:
             return
         if self.opts.state_cache:
             try:
-                cached = cache.load(self.opts.state_cache)
-            except (OSError, ValueError) as err:
+                cached = cache.fallback(self.opts.state_cache, self.opts.state_cache_max_age)
+            except cache.CacheUnusable as err:
                 log.warning(
                     "API server not listed after %.0fs and no usable state cache (%s); "
                     "waiting for the API server, rules left as they are",
                     self.opts.api_wait,
-                    getattr(err, "strerror", None) or err,
+                    err,
                 )
             else:
                 self._start_from_cache(cached)
@@ -420,7 +292,6 @@ class Daemon:
             return  # listed meanwhile, or nothing cached for what is missing: wait on
         self._update_node()
         age = cached.age()
-        stale = age > self.opts.state_cache_max_age
         log.warning(
             "API server not listed after %.0fs: programming the rules from the state cache "
             "%s, saved %.0fs ago%s, for what is not listed yet (%s); still watching the API "
@@ -428,7 +299,7 @@ class Daemon:
             self.opts.api_wait,
             self.opts.state_cache,
             age,
-            " (older than --state-cache-max-age)" if stale else "",
+            " (older than --state-cache-max-age)" if cached.stale else "",
             ", ".join(sorted(kinds)),
         )
         self.from_cache = True

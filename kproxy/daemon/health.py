@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from kproxy.daemon.metrics import Metrics, split_host_port
-from kproxy.model import Node
+from kproxy.model import ClusterState, Node, NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -363,3 +363,25 @@ class ServiceHealthServers:
             for srv in self._servers.values():
                 srv.close()
             self._servers.clear()
+
+
+def local_ready_endpoints(
+    state: ClusterState, config: NodeConfig
+) -> dict[tuple[str, str], tuple[int, int]]:
+    """(namespace, name) -> (healthCheckNodePort, local ready endpoints) for the Services that
+    need a health check (LoadBalancer with externalTrafficPolicy Local), as upstream counts."""
+    wanted = {}
+    by_service = state.slices_by_service()
+    for key, svc in state.services.items():
+        if svc.type != "LoadBalancer" or not svc.external_policy_local:
+            continue
+        if not svc.health_check_node_port:
+            continue
+        local = {
+            ep.ip
+            for eps in by_service.get(key, [])
+            for ep in eps.endpoints
+            if ep.ready and config.node_name and ep.node_name == config.node_name
+        }
+        wanted[key] = (svc.health_check_node_port, len(local))
+    return wanted

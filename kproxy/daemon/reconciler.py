@@ -2,9 +2,9 @@
 
 - Nothing is written before the source has listed Services and EndpointSlices completely.
 - A change renders only the Services it touched and plans their old rules against their new
-  ones (no kernel read, see modes.py); the kernel itself is read and every difference repaired
-  ("verify") at start, after a failed apply, when a canary has vanished, and once per sync
-  period. A sync with nothing changed does nothing.
+  ones (no kernel read, see kproxy/mode.py); the kernel itself is read and every difference
+  repaired ("verify") at start, after a failed apply, when a canary has vanished, and once per
+  sync period. A sync with nothing changed does nothing.
 - The canaries (empty KUBE-PROXY-CANARY chains in mangle, nat and filter of each family; the
   kproxy table in nftables mode) are checked every canary interval (upstream watches mangle
   only, k8s issue 129128): a missing one means rules were flushed behind kproxy's back, and
@@ -25,12 +25,9 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kproxy.endpoints import endpoints_for_port
-from kproxy.iptables.render import Family
-from kproxy.iptables.restore import IptablesError
-from kproxy.mode import Mode
+from kproxy.errors import ApplyError
+from kproxy.mode import Mode, sync_families
 from kproxy.model import ClusterState, NodeConfig
-from kproxy.policy import family_ips
 from kproxy.recovery.lockfile import LockHeld
 from kproxy.sources.store import Changes, ObjectStore
 
@@ -126,7 +123,6 @@ class Reconciler:
         self._cv = threading.Condition()
         self._pending = False
         self._verify_reason: str | None = "start"
-        self.first_sync = threading.Event()
         self._warned: set[str] = set()
         self._tracebacks: set[tuple[str, str, str]] = set()
         self.syncs = 0  # completed sync attempts, for tests and logs
@@ -271,27 +267,34 @@ class Reconciler:
         rules: dict[str, int] = {}
         no_local = {"internal": 0, "external": 0}
         warned: set[str] = set()
+        todo = []
         for fam in self.families:
             if partial and not changes.any() and fam.last is not None:
                 self.observer.updated(fam.name)  # nothing changed: nothing to render or send
                 warned.update(self._warned)
-                continue
-            try:
-                outcome, rendered = fam.sync_state(state, self.config, changed, verify=not partial)
-            except IptablesError as err:  # NftError is one too
-                log.error("%s sync failed (rules unchanged, will retry): %s", fam.name, err)
-                if err.detail:
-                    log.error("input around the failing line:\n%s", err.detail)
+            else:
+                todo.append(fam)
+        # Every error of one family's sync ends that family's sync only: a missing binary,
+        # netlink, a bug are never the daemon's end.
+        results = sync_families(
+            todo, state, self.config, changed, verify=not partial, errors=(Exception,)
+        )
+        for result in results:
+            fam, err = result.mode, result.error
+            if err is not None:
+                if isinstance(err, ApplyError):
+                    log.error("%s sync failed (rules unchanged, will retry): %s", fam.name, err)
+                    if err.detail:
+                        log.error("input around the failing line:\n%s", err.detail)
+                    reason = APPLY
+                else:
+                    self._log_error("sync failed (rules unchanged, will retry)", fam.name, err)
+                    reason = UNEXPECTED
                 report.ok = False
                 report.failed_families.append(fam.name)
-                self.observer.failed(fam.name, partial=partial, reason=APPLY)
+                self.observer.failed(fam.name, partial=partial, reason=reason)
                 continue
-            except Exception as err:  # a missing binary, netlink, a bug: never the daemon's end
-                self._log_error("sync failed (rules unchanged, will retry)", fam.name, err)
-                report.ok = False
-                report.failed_families.append(fam.name)
-                self.observer.failed(fam.name, partial=partial, reason=UNEXPECTED)
-                continue
+            outcome, rendered = result.outcome, result.rendered
             for warning in rendered.warnings:
                 if warning not in self._warned:
                     log.warning("%s", warning)
@@ -331,7 +334,6 @@ class Reconciler:
             now = time.time()
             for trigger in changes.trigger_times:
                 self.observer.programming_latency(max(0.0, now - trigger))
-            self.first_sync.set()
         if self.after_sync is not None:
             try:
                 self.after_sync(report)
@@ -364,50 +366,3 @@ class Reconciler:
         log.error(
             "%s %s: %s: %s", family, what, type(err).__name__, err, exc_info=err if first else None
         )
-
-
-def local_ready_endpoints(
-    state: ClusterState, config: NodeConfig
-) -> dict[tuple[str, str], tuple[int, int]]:
-    """(namespace, name) -> (healthCheckNodePort, local ready endpoints) for the Services that
-    need a health check (LoadBalancer with externalTrafficPolicy Local), as upstream counts."""
-    wanted = {}
-    by_service = state.slices_by_service()
-    for key, svc in state.services.items():
-        if svc.type != "LoadBalancer" or not svc.external_policy_local:
-            continue
-        if not svc.health_check_node_port:
-            continue
-        local = {
-            ep.ip
-            for eps in by_service.get(key, [])
-            for ep in eps.endpoints
-            if ep.ready and config.node_name and ep.node_name == config.node_name
-        }
-        wanted[key] = (svc.health_check_node_port, len(local))
-    return wanted
-
-
-def udp_service_ports(
-    state: ClusterState, family: Family
-) -> list[tuple[frozenset[str], int, int, frozenset[tuple[str, int]]]]:
-    """Every UDP Service port of `family`: (its IPs, port, node port, serving endpoints)."""
-    out = []
-    by_service = state.slices_by_service()
-    address_type = f"IPv{family.version}"
-    for key, svc in state.services.items():
-        ips = frozenset(
-            family_ips(
-                (*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips), family.version
-            )
-        )
-        if not ips:
-            continue
-        for port in svc.ports:
-            if port.protocol != "UDP":
-                continue
-            eps = endpoints_for_port(port, by_service.get(key, []), address_type)
-            serving = frozenset((e.ip, e.port) for e in eps if e.endpoint.serving)
-            node_port = port.node_port if svc.type in ("NodePort", "LoadBalancer") else 0
-            out.append((ips, port.port, node_port, serving))
-    return out

@@ -11,7 +11,9 @@ How the change stays minimal:
 - jump rules in built-in chains are inserted only when missing, duplicates removed; stale jumps
   into owned chains are deleted; every other rule and chain is foreign and never named.
 
-No I/O.
+Also the two ways between whole tables and owned rules: `full_table` (a table as it must be
+after a sync, foreign rules kept) and `owned_ruleset` (the part of read tables that is
+kproxy's, as a render lays it out). No I/O.
 """
 
 from __future__ import annotations
@@ -19,14 +21,20 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from kproxy.iptables.render import UNORDERED
 from kproxy.iptables.rules import (
     BUILTIN_CHAINS,
+    OWNED_TABLES,
     Fragments,
+    Jump,
     RuleSet,
     Table,
+    is_managed_chain,
     is_owned_chain,
     rule_target,
 )
+
+NODEPORTS_JUMP = "-j KUBE-NODEPORTS"
 
 
 @dataclass
@@ -253,3 +261,36 @@ def full_table(desired: RuleSet, name: str, live: Table) -> Table:
     for chain, rules in want.chains.items():
         out.chains[chain] = list(rules)
     return out
+
+
+def owned_ruleset(tables: dict[str, Table]) -> RuleSet:
+    """The part of parsed tables that is kproxy's: managed chains and jumps into them."""
+    out = RuleSet()
+    for name in OWNED_TABLES:
+        table = tables.get(name)
+        if table is None:
+            continue
+        out.table(name)
+        for chain, rules in table.chains.items():
+            if chain in BUILTIN_CHAINS.get(name, ()):
+                for rule in rules:
+                    target = rule_target(rule)
+                    if target is not None and is_managed_chain(name, target):
+                        out.jumps.append(Jump(name, chain, rule))
+            elif is_managed_chain(name, chain):
+                out.chain(name, chain).extend(rules)
+    _layout(out)
+    return out
+
+
+def _layout(rs: RuleSet) -> None:
+    """The shared chains' order rules (see RuleSet.unordered), as the renderer sets them."""
+    for key in UNORDERED:
+        rs.unordered[key] = 0
+    services = rs.tables.get("nat", Table("nat")).chains.get("KUBE-SERVICES", [])
+    tail = 0
+    for rule in reversed(services):
+        if not rule.endswith(NODEPORTS_JUMP):
+            break
+        tail += 1
+    rs.unordered[("nat", "KUBE-SERVICES")] = tail

@@ -6,10 +6,8 @@ Everything here acts on the network namespace the process runs in.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,8 @@ from tenacity import (
     wait_random,
 )
 
-from kproxy.nodeinfo import ipv6_off
+from kproxy.errors import ApplyError
+from kproxy.tools import failing_context, first_line, stream_to
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +33,8 @@ LOCK_WAIT_SECONDS = 5
 EXIT_RESOURCE_PROBLEM = 4
 
 
-class IptablesError(Exception):
+class IptablesError(ApplyError):
     """An iptables command failed; str() is a one-line summary, `detail` the context."""
-
-    def __init__(self, message: str, returncode: int = 1, detail: str = "") -> None:
-        super().__init__(message)
-        self.returncode = returncode
-        self.detail = detail
 
 
 def _is_lock_contention(err: BaseException) -> bool:
@@ -159,51 +153,6 @@ class IptablesBackend:
         return lines
 
 
-def stream_to(argv: list[str], payload: str | Callable[[], Iterable[str]]) -> tuple[int, str]:
-    """Run argv with `payload` (or its pieces, written as they are made) on stdin; (exit
-    status, stderr)."""
-    pieces = [payload] if isinstance(payload, str) else payload()
-    # stderr to a file: a tool that fails early and writes much must not block our writes.
-    with tempfile.TemporaryFile() as errfile:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errfile
-        )
-        assert proc.stdin is not None
-        try:
-            with proc.stdin:
-                for piece in pieces:
-                    proc.stdin.write(piece.encode())
-        except BrokenPipeError:
-            pass  # the tool stopped reading (an error): its exit status and stderr tell
-        returncode = proc.wait()
-        errfile.seek(0)
-        return returncode, errfile.read().decode(errors="replace")
-
-
-def first_line(text: str) -> str:
-    return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-
-
-def failing_context(
-    payload: str | Iterable[str], stderr: str, pattern: str = r"line:? (\d+)"
-) -> str:
-    """The payload lines around the one the tool's error names (as upstream logs them);
-    `pattern` finds the line number in the error. `payload` may be an iterable of lines (an
-    open file): only the lines shown are kept."""
-    m = re.search(pattern, stderr)
-    if not m:
-        return ""
-    n = int(m.group(1))
-    lines = payload.splitlines() if isinstance(payload, str) else payload
-    shown = []
-    for i, line in enumerate(lines, 1):
-        if i > n + 3:
-            break
-        if i >= n - 3:
-            shown.append(f"{i:6d}{'>' if i == n else ' '} {line.rstrip(chr(10))}")
-    return "\n".join(shown)
-
-
 def detect_variant(family: int = 4) -> str:
     """The iptables backend this node uses, decided as kubernetes-sigs/iptables-wrappers does:
     the kubelet's KUBE-IPTABLES-HINT chain in mangle wins; otherwise whichever backend holds
@@ -231,35 +180,3 @@ def detect_variant(family: int = 4) -> str:
             return variant
     counts = {v: sum(1 for ln in dump(v).splitlines() if ln.startswith("-")) for v in available}
     return "legacy" if counts["legacy"] > counts["nft"] else "nft"
-
-
-FAMILY_VERSIONS = (4, 6)
-
-
-def family_backends(variant: str = "auto", *, report: bool = True) -> list[IptablesBackend]:
-    """A backend per IP family that can be programmed on this node, in the node's variant (or
-    the one forced by `variant`). A family whose tools or kernel support are missing is
-    skipped, as upstream runs single-stack then; `report` logs that (once, at start)."""
-    out = []
-    for version in FAMILY_VERSIONS:
-        problem = ipv6_off() if version == 6 else None
-        if problem is None:
-            chosen = detect_variant(version) if variant == "auto" else variant
-            backend = IptablesBackend(version, chosen)
-            problem = backend.problem()
-        if problem is not None:
-            family_skipped("iptables", version, problem, report)
-            continue
-        out.append(backend)
-    return out
-
-
-def family_skipped(tool: str, version: int, problem: str, report: bool) -> None:
-    """Upstream's "No iptables support for family" line, with the reason."""
-    log.log(
-        logging.WARNING if report else logging.DEBUG,
-        "No %s support for family IPv%d (%s): that family is left alone",
-        tool,
-        version,
-        problem,
-    )

@@ -45,6 +45,8 @@ FIXED_CHAINS: dict[str, frozenset[str]] = {
     ),
     "mangle": frozenset({"KUBE-PROXY-CANARY"}),
 }
+# The tables kproxy writes to.
+OWNED_TABLES = ("filter", "nat", "mangle")
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
 # Chains kproxy writes but never deletes, because the kubelet writes the same one: upstream
 # kube-proxy's KUBE-FIREWALL (localhost NodePort protection) is an exact copy of the kubelet's.

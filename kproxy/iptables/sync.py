@@ -1,6 +1,6 @@
-"""One sync of one IP family: read the kernel, plan against the desired rules, apply.
-
-Shared by `kproxy sync`, `kproxy diff` and (later) the daemon's reconciler.
+"""iptables mode's sync of one IP family: read the kernel, plan against the desired rules,
+apply with iptables-restore — as edits (--noflush), as whole tables (foreign rules carried
+over, other tools' changes meanwhile put back), or as a partial sync's fragments.
 """
 
 from __future__ import annotations
@@ -10,18 +10,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from kproxy import tools
 from kproxy.iptables.foreign_watch import ForeignWatch, Transaction, net_effect, repair_lines
 from kproxy.iptables.plan import Plan, full_table, plan, plan_fragments
 from kproxy.iptables.restore import IptablesBackend, IptablesError
 from kproxy.iptables.rules import Fragments, RuleSet, Table, parse_save, table_chunks
-from kproxy.nftables.nft import NftBackend
-from kproxy.nftables.table import NftPlan, NftTable, plan_table
 
 log = logging.getLogger(__name__)
-
-# Keep the text of every payload sent in SyncResult.sent (benchmarks replay it with the bare
-# tool); off by default: a whole 10k-Service table is 37 MB of text.
-RECORD_PAYLOADS = False
 
 # A --noflush restore on iptables 1.8.9 costs roughly the square of its payload, a plain
 # restore the size of the whole table (../shared/MEASURED.md: 43k lines take 5 s with
@@ -39,7 +34,7 @@ class SyncResult:
     full_tables: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     # What was sent, in order: (with --noflush, iptables-restore input); whole tables only with
-    # RECORD_PAYLOADS. For benchmarks.
+    # tools.RECORD_PAYLOADS. For benchmarks.
     sent: list[tuple[bool, str]] = field(default_factory=list)
 
 
@@ -166,13 +161,13 @@ def _sync_family(
             recorded.clear()
             for name in names:
                 for piece in table_chunks(full_table(desired, name, live.get(name, Table(name)))):
-                    if RECORD_PAYLOADS:
+                    if tools.RECORD_PAYLOADS:
                         recorded.append(piece)
                     yield piece
 
         try:
             result.lines_sent += backend.restore(pieces, noflush=False)
-            if RECORD_PAYLOADS:
+            if tools.RECORD_PAYLOADS:
                 result.sent.append((False, "".join(recorded)))
             result.full_tables = full
         except IptablesError as err:
@@ -291,47 +286,3 @@ def applied_tables(desired: RuleSet) -> dict[str, Table]:
         chains = {**jumps, **desired.tables.get(name, Table(name)).chains}
         out[name] = Table(name, chains)
     return out
-
-
-@dataclass
-class NftSyncResult:
-    plan: NftPlan
-    read_kernel: bool = True
-    lines_sent: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def sync_nft(
-    backend: NftBackend,
-    desired: NftTable,
-    dry_run: bool = False,
-    assumed: NftTable | None = None,
-    known: bool = False,
-) -> NftSyncResult:
-    """Bring the kernel's kproxy table of `backend`'s family to `desired` in one transaction.
-
-    With `known` set, `assumed` (None: no table) is taken as what the kernel holds and is not
-    read; otherwise the kernel's table is listed first.
-    """
-    t0 = time.perf_counter()
-    live = assumed if known else backend.read()
-    t1 = time.perf_counter()
-    the_plan = plan_table(desired, live)
-    t2 = time.perf_counter()
-    result = NftSyncResult(
-        the_plan, read_kernel=not known, timings={"read": t1 - t0, "plan": t2 - t1}
-    )
-    if dry_run or the_plan.empty():
-        return result
-    backend.apply(the_plan.pieces)
-    result.lines_sent = len(the_plan.lines)
-    result.timings["apply"] = time.perf_counter() - t2
-    return result
-
-
-def describe_nft(result: NftSyncResult) -> str:
-    t = result.timings
-    return (
-        f"{result.lines_sent} lines sent, {result.plan.summary()}; read {t.get('read', 0):.3f}s "
-        f"plan {t.get('plan', 0):.3f}s apply {t.get('apply', 0):.3f}s"
-    )

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import ipaddress
 import shlex
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from functools import lru_cache
 
 from kproxy.iptables.rules import BUILTIN_CHAINS, Table
+from kproxy.tracecore import Address, Branch, Outcome, Packet, merge, outcome
 
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 TERMINAL = ("ACCEPT", "DROP", "REJECT")
 
 
@@ -100,46 +100,6 @@ def parse_rule(text: str) -> Rule:
     return Rule(text, tuple(matches), None, (), unsupported)
 
 
-@dataclass(frozen=True)
-class Packet:
-    src: Address
-    dst: Address
-    proto: str
-    dport: int
-    mark: int = 0
-    dnat: str | None = None  # "ip:port" after DNAT
-    masquerade: bool = False
-
-
-@dataclass
-class Branch:
-    """One way the connection can go, with its probability."""
-
-    probability: float
-    packet: Packet
-    path: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def fork(self, factor: float, **changes: object) -> Branch:
-        return Branch(
-            self.probability * factor,
-            replace(self.packet, **changes) if changes else self.packet,
-            list(self.path),
-            list(self.notes),
-        )
-
-
-@dataclass
-class Outcome:
-    probability: float
-    verdict: str  # ACCEPT, DROP or REJECT
-    dnat: str | None
-    masquerade: bool
-    path: list[str]
-    notes: list[str]
-    delivered: str  # "forwarded", "local" (to this node) or "sent" (node's own traffic)
-
-
 class Tracer:
     def __init__(self, tables: dict[str, Table], local_ips: set[Address]) -> None:
         self.tables = tables
@@ -155,7 +115,7 @@ class Tracer:
         first = "OUTPUT" if origin == "node" else "PREROUTING"
         for b, verdict in self.hook("nat", first, start):
             if verdict in ("DROP", "REJECT"):
-                out.append(self._outcome(b, verdict, "dropped in nat"))
+                out.append(outcome(b, verdict, "dropped in nat"))
                 continue
             dst = (
                 ipaddress.ip_address(b.packet.dnat.rsplit(":", 1)[0].strip("[]"))
@@ -170,17 +130,11 @@ class Tracer:
                 filter_hook, delivered = "FORWARD", "forwarded"
             for fb, fverdict in self.hook("filter", filter_hook, b):
                 if fverdict in ("DROP", "REJECT") or delivered == "local":
-                    out.append(self._outcome(fb, fverdict, delivered))
+                    out.append(outcome(fb, fverdict, delivered))
                     continue
                 for pb, _ in self.hook("nat", "POSTROUTING", fb):
-                    out.append(self._outcome(pb, "ACCEPT", delivered))
+                    out.append(outcome(pb, "ACCEPT", delivered))
         return merge(out)
-
-    @staticmethod
-    def _outcome(b: Branch, verdict: str, delivered: str) -> Outcome:
-        return Outcome(
-            b.probability, verdict, b.packet.dnat, b.packet.masquerade, b.path, b.notes, delivered
-        )
 
     def hook(self, table: str, chain: str, branch: Branch) -> list[tuple[Branch, str]]:
         """Walk a built-in chain; a branch that falls off its end takes the policy."""
@@ -291,44 +245,3 @@ def _option(args: tuple[str, ...], name: str) -> str:
         if a == name:
             return args[i + 1]
     return ""
-
-
-def merge(outcomes: list[Outcome]) -> list[Outcome]:
-    """One line per distinct result (same verdict, DNAT, masquerade and path)."""
-    merged: dict[tuple, Outcome] = {}
-    for o in outcomes:
-        key = (o.verdict, o.dnat, o.masquerade, tuple(o.path), o.delivered)
-        if key in merged:
-            merged[key].probability += o.probability
-            merged[key].notes.extend(n for n in o.notes if n not in merged[key].notes)
-        else:
-            merged[key] = Outcome(
-                o.probability,
-                o.verdict,
-                o.dnat,
-                o.masquerade,
-                list(o.path),
-                list(dict.fromkeys(o.notes)),
-                o.delivered,
-            )
-    return sorted(merged.values(), key=lambda o: (-o.probability, o.dnat or ""))
-
-
-ORIGINS = {"node": "the node", "pod": "a pod", "external": "an external client"}
-
-
-def format_outcomes(packet: Packet, origin: str, outcomes: list[Outcome]) -> str:
-    lines = [
-        f"new {packet.proto} connection {packet.src} -> {packet.dst} port {packet.dport} "
-        f"(from {ORIGINS[origin]})"
-    ]
-    for o in outcomes:
-        where = f"DNAT to {o.dnat}" if o.dnat else "not DNATed"
-        masq = "masqueraded" if o.masquerade else "source kept"
-        lines.append(
-            f"  {o.probability * 100:6.2f}%  {o.verdict:<6} {where}, {masq} ({o.delivered})"
-        )
-        lines.append(f"           path: {' > '.join(o.path)}")
-        for note in o.notes:
-            lines.append(f"           note: {note}")
-    return "\n".join(lines)

@@ -9,14 +9,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO
 
-from kproxy.iptables.restore import IptablesError, failing_context, first_line, stream_to
+from kproxy.errors import ApplyError
 from kproxy.nftables.table import TABLE, NftTable, parse_table
+from kproxy.tools import failing_context, first_line, stream_to
 
 # The table `problem()` checks (never committed).
 PROBE_TABLE = "kproxy-probe"
 
 
-class NftError(IptablesError):
+class NftError(ApplyError):
     """`nft` failed; the transaction was not applied (nft -f is all or nothing)."""
 
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from kproxy.iptables.trace import Branch, Outcome, Packet, merge
 from kproxy.nftables.table import NftTable
+from kproxy.tracecore import Branch, Outcome, Packet, merge, outcome
 
-TERMINAL = ("ACCEPT", "DROP", "REJECT")
 _NUMGEN = re.compile(r"^numgen random mod (\d+) vmap (?:\{ (.*) \}|@(\S+))$")
 _VMAP = re.compile(
     r"^(?P<prefix>.*?)\b(?P<key>(?:ip6? daddr \. )?meta l4proto \. th dport) vmap @(?P<map>\S+)$"
@@ -65,11 +64,11 @@ class NftTracer:
                     results = self.hook(chain, b)
                 for rb, verdict in results:
                     if verdict in ("DROP", "REJECT"):
-                        out.append(_outcome(rb, verdict, delivered))
+                        out.append(outcome(rb, verdict, delivered))
                     else:
                         nxt.append((rb, "ACCEPT", delivered))
             branches = nxt
-        out.extend(_outcome(b, "ACCEPT", delivered) for b, _, delivered in branches)
+        out.extend(outcome(b, "ACCEPT", delivered) for b, _, delivered in branches)
         return merge(out)
 
     def hook(self, chain: str, branch: Branch) -> list[tuple[Branch, str]]:
@@ -251,9 +250,3 @@ class NftTracer:
                 b.notes.append(f"match {' '.join(tokens[i:])!r} not understood")
                 return False
         return True
-
-
-def _outcome(b: Branch, verdict: str, delivered: str) -> Outcome:
-    return Outcome(
-        b.probability, verdict, b.packet.dnat, b.packet.masquerade, b.path, b.notes, delivered
-    )

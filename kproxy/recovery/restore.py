@@ -1,4 +1,5 @@
-"""Snapshots, verified restore and cleanup against the kernel (the I/O around snapshot.py)."""
+"""Snapshots taken from the kernel and put back (verified first), the daemon's snapshot
+directory, and cleanup: the I/O around the snapshot format (recovery/snapshot.py)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from kproxy.iptables.mode import IptablesMode
+from kproxy.iptables.plan import owned_ruleset
 from kproxy.iptables.restore import IptablesBackend
-from kproxy.iptables.rules import RuleSet, Table
-from kproxy.iptables.sync import NftSyncResult, SyncResult, read_live, sync_family, sync_nft
+from kproxy.iptables.rules import OWNED_TABLES, RuleSet
+from kproxy.iptables.sync import read_live
+from kproxy.mode import Mode, Outcome
+from kproxy.nftables.mode import NftablesMode
 from kproxy.nftables.nft import NftBackend, NftError
 from kproxy.recovery.fileio import write_atomically
-from kproxy.recovery.snapshot import (
-    TABLES,
-    Snapshot,
-    SnapshotError,
-    dump,
-    dump_chunks,
-    owned_ruleset,
-    parse,
-)
+from kproxy.recovery.snapshot import Snapshot, SnapshotError, dump, dump_chunks, parse
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +32,7 @@ def family_name(backend: IptablesBackend) -> str:
 def take_snapshot(backends: list[IptablesBackend], node: str, nft_mode: bool = True) -> str:
     """The text of a snapshot of everything kproxy owns in the kernel: iptables mode's rules
     of every family, and nftables mode's kproxy tables when there are any."""
-    families = {family_name(b): owned_ruleset(read_live(b, list(TABLES))) for b in backends}
+    families = {family_name(b): owned_ruleset(read_live(b, list(OWNED_TABLES))) for b in backends}
     nft = {}
     for fam in ("ip", "ip6") if nft_mode else ():
         try:
@@ -81,40 +78,32 @@ def latest_snapshot(directory: str | Path) -> tuple[Path, Snapshot]:
 
 def restore(
     snap: Snapshot, backends: list[IptablesBackend], dry_run: bool = False
-) -> dict[str, SyncResult]:
-    """Apply a verified snapshot through the plan/apply path (minimal, atomic, foreign rules
-    untouched). Families missing from the snapshot are left alone."""
-    results: dict[str, SyncResult | NftSyncResult] = {}
+) -> dict[str, Outcome]:
+    """Apply a verified snapshot as a sync applies a render (minimal, atomic, foreign rules
+    untouched), per family: iptables mode's through `backends`, nftables mode's tables.
+    Families missing from the snapshot are left alone."""
+    results: dict[str, Outcome] = {}
     for backend in backends:
         rs = snap.families.get(family_name(backend))
-        if rs is None:
-            continue
-        results[family_name(backend)] = sync_family(backend, rs, dry_run=dry_run)
+        if rs is not None:
+            results[family_name(backend)] = IptablesMode(backend, dry_run).sync(rs)
     for fam, table in snap.nft.items():
-        results[f"nftables {fam}"] = sync_nft(NftBackend(fam), table, dry_run=dry_run)
+        results[f"nftables {fam}"] = NftablesMode(NftBackend(fam), dry_run).sync(table)
     return results
 
 
-def cleanup(
-    backends: list[IptablesBackend], dry_run: bool = False, nft_mode: bool = True
-) -> dict[str, str]:
-    """Remove everything kproxy owns in either mode: iptables mode's chains and jumps in every
-    family, nftables mode's kproxy tables. Returns, per family, what was (or would be) sent."""
+def cleanup(families: list[Mode]) -> dict[str, str]:
+    """Remove everything kproxy owns in `families` (Mode.remove_all; made with dry_run, only
+    say it). Returns, per family, what was (or would be) sent: iptables mode's families every
+    time, nftables mode's where there was a table."""
     done = {}
-    for backend in backends:
-        empty = RuleSet(tables={name: Table(name) for name in TABLES})
-        result = sync_family(backend, empty, dry_run=dry_run)
-        done[family_name(backend)] = result.plan.restore_text()
-    for fam in ("ip", "ip6") if nft_mode else ():
-        backend_nft = NftBackend(fam)
-        try:
-            present = backend_nft.exists()
-        except OSError:
-            present = False
-        if present:
-            if not dry_run:
-                backend_nft.delete_table()
-            done[f"nftables {fam}"] = f"delete table {fam} kproxy\n"
+    for fam in families:
+        outcome = fam.remove_all()
+        if isinstance(fam, NftablesMode):
+            if outcome.changed:
+                done[f"nftables {fam.family.name}"] = outcome.payload
+        else:
+            done[fam.name] = outcome.payload
     return done
 
 

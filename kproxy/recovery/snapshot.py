@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kproxy import __version__
-from kproxy.iptables.render import UNORDERED
+from kproxy.iptables.plan import owned_ruleset
 from kproxy.iptables.rules import (
     BUILTIN_CHAINS,
-    Jump,
+    OWNED_TABLES,
     RuleSet,
     Table,
     is_managed_chain,
@@ -31,11 +31,9 @@ from kproxy.nftables.table import NftTable, parse_table
 
 FORMAT_VERSION = 1
 MAGIC = "# kproxy-snapshot"
-TABLES = ("filter", "nat", "mangle")
 FAMILIES = ("IPv4", "IPv6")
 # Targets kproxy's own chains use besides its chains.
 STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "REJECT", "RETURN", "DNAT", "MARK", "MASQUERADE"})
-NODEPORTS_JUMP = "-j KUBE-NODEPORTS"
 
 
 class SnapshotError(Exception):
@@ -50,47 +48,10 @@ class Snapshot:
     body: str = ""
 
 
-def owned_ruleset(tables: dict[str, Table]) -> RuleSet:
-    """The part of parsed tables that is kproxy's: managed chains and jumps into them."""
-    out = RuleSet()
-    for name in TABLES:
-        table = tables.get(name)
-        if table is None:
-            continue
-        out.table(name)
-        for chain, rules in table.chains.items():
-            if chain in BUILTIN_CHAINS.get(name, ()):
-                for rule in rules:
-                    target = rule_target(rule)
-                    if target is not None and is_managed_chain(name, target):
-                        out.jumps.append(Jump(name, chain, rule))
-            elif is_managed_chain(name, chain):
-                out.chain(name, chain).extend(rules)
-    _layout(out)
-    return out
-
-
-def _layout(rs: RuleSet) -> None:
-    """The shared chains' order rules (see RuleSet.unordered), as the renderer sets them."""
-    for key in UNORDERED:
-        rs.unordered[key] = 0
-    services = rs.tables.get("nat", Table("nat")).chains.get("KUBE-SERVICES", [])
-    tail = 0
-    for rule in reversed(services):
-        if not rule.endswith(NODEPORTS_JUMP):
-            break
-        tail += 1
-    rs.unordered[("nat", "KUBE-SERVICES")] = tail
-
-
-def ruleset_text(rs: RuleSet) -> str:
-    """iptables-save form of an owned RuleSet (built-in chains only through their rules)."""
-    return "".join(ruleset_chunks(rs))
-
-
 def ruleset_chunks(rs: RuleSet) -> Iterator[str]:
-    """ruleset_text in pieces of a chain each."""
-    for name in TABLES:
+    """iptables-save form of an owned RuleSet (built-in chains only through their rules), in
+    pieces of a chain each."""
+    for name in OWNED_TABLES:
         table = rs.tables.get(name)
         jumps = [j for j in rs.jumps if j.table == name]
         if table is None and not jumps:
@@ -250,7 +211,7 @@ def _check_nft(family: str, lines: list[str]) -> NftTable:
 
 def _check_owned(family: str, tables: dict[str, Table]) -> None:
     for name, table in tables.items():
-        if name not in TABLES:
+        if name not in OWNED_TABLES:
             raise SnapshotError(f"{family}: table {name!r} is not one kproxy writes")
         builtins = BUILTIN_CHAINS.get(name, ())
         for chain, policy in table.policies.items():

@@ -2,6 +2,7 @@
 API server, kept on disk so the node's rules can be rebuilt with no API server at all.
 
 The file is a Kubernetes `List` of the raw objects, so it is also a valid `--state` file.
+`fallback` is the one policy for using it, `kproxy run`'s and `kproxy sync`'s alike.
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ DEFAULT_STATE_CACHE = "/var/lib/kproxy/state.json"
 SAVED_AT = "kproxy.io/saved-at"
 
 
+class CacheUnusable(Exception):
+    """There is no usable state cache; str() says why."""
+
+
 @dataclass
 class CachedState:
     objects: list[dict[str, Any]]
     saved_at: float  # epoch seconds
+    stale: bool = False  # older than the max age it was loaded with (fallback)
 
     def age(self, now: float | None = None) -> float:
         return max(0.0, (now if now is not None else time.time()) - self.saved_at)
@@ -54,3 +60,17 @@ def load(path: str | Path) -> CachedState:
     except (KeyError, TypeError, ValueError):
         saved_at = Path(path).stat().st_mtime
     return CachedState(doc["items"], saved_at)
+
+
+def fallback(path: str | Path, max_age: float) -> CachedState:
+    """The cached state to program from while the API server cannot be listed: used however
+    old it is (the rules of an older state beat no rules, or the rules of no state), and
+    flagged `stale` past `max_age` for the caller to say so. Only the kinds the API server
+    has not listed come from it: a listed kind is the API's (the daemon's store refuses to
+    seed one; a one-shot list is all or nothing). Raises CacheUnusable."""
+    try:
+        cached = load(path)
+    except (OSError, ValueError) as err:
+        raise CacheUnusable(getattr(err, "strerror", None) or str(err)) from None
+    cached.stale = cached.age() > max_age
+    return cached

@@ -347,9 +347,10 @@ def corpus_batches() -> list[list[dict]]:
 CHECKER = r"""
 import json, sys
 from kproxy.model import NodeConfig, build_state
-from kproxy.mode import modes_for, IptablesMode
+from kproxy.families import modes_for
+from kproxy.iptables.mode import IptablesMode
 from kproxy.iptables.plan import full_table
-from kproxy.nftables.table import plan_table
+from kproxy.nftables.plan import plan_table
 from kproxy.iptables.rules import Table, table_text
 import subprocess
 mode = sys.argv[1]

@@ -13,11 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from kproxy import nodeinfo
+from kproxy.families import modes_for
+from kproxy.iptables.mode import IptablesMode
 from kproxy.iptables.plan import plan
 from kproxy.iptables.sync import read_live
-from kproxy.mode import IptablesMode, modes_for
 from kproxy.model import NodeConfig, build_state
-from kproxy.nftables.table import plan_table
+from kproxy.nftables.plan import plan_table
 
 NODE = "node-1"
 CLUSTER_CIDR = "10.244.0.0/16"

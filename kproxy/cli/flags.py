@@ -1,0 +1,381 @@
+"""The `kproxy` command line: every subcommand's flags, spelled as kube-proxy spells them where
+kube-proxy has one (see ../shared/DESIGN.md for the contract)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+
+from kproxy import __version__
+from kproxy.recovery.lockfile import DEFAULT_LOCK_FILE
+from kproxy.recovery.restore import DEFAULT_SNAPSHOT_DIR
+from kproxy.sources.cache import DEFAULT_STATE_CACHE
+
+
+def _cidr(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CIDR") from None
+
+
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def _nodeport_specs(text: str) -> list[str]:
+    return [p.strip() if p.strip() == "primary" else _cidr(p) for p in text.split(",") if p]
+
+
+def _cidrs(text: str) -> list[str]:
+    """Comma-separated CIDRs, as kube-proxy spells a dual-stack --cluster-cidr."""
+    return [_cidr(p) for p in text.split(",") if p]
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def _add_node_flags(p: argparse.ArgumentParser, state_required: bool = True) -> None:
+    p.add_argument(
+        "--state",
+        metavar="FILE",
+        required=state_required,
+        help="Services/EndpointSlices (and optionally this Node) as a Kubernetes "
+        "List, multi-document YAML or JSON (default: read them from the API server, or from "
+        "the last-known-good cache when it cannot be reached)",
+    )
+    p.add_argument("--mode", choices=("iptables", "nftables"), default="iptables")
+    _add_proxy_flags(p)
+
+
+def _add_proxy_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of how this node proxies, shared by every command (spelled as kube-proxy's)."""
+    p.add_argument(
+        "--node-name",
+        "--hostname-override",
+        dest="node_name",
+        default=socket.gethostname(),
+        help="this node's name (default: hostname)",
+    )
+    p.add_argument(
+        "--cluster-cidr",
+        action="extend",
+        type=_cidrs,
+        default=[],
+        metavar="CIDR[,CIDR]",
+        help="pod CIDRs, one per IP family (repeat or comma-separate); traffic to a ClusterIP "
+        "from outside them is masqueraded",
+    )
+    p.add_argument(
+        "--masquerade-all",
+        action="store_true",
+        help="masquerade all traffic sent to Service cluster IPs",
+    )
+    p.add_argument(
+        "--iptables-masquerade-bit",
+        dest="masquerade_bit",
+        type=int,
+        default=14,
+        choices=range(32),
+        metavar="0-31",
+        help="fwmark bit marking packets to masquerade (default 14: 0x4000)",
+    )
+    p.add_argument(
+        "--node-ip",
+        action="append",
+        default=[],
+        type=_ip,
+        metavar="IP",
+        help="this node's IP (repeat per family; default: the Node's first InternalIP, else "
+        "ExternalIP, of each family: from the state, or the watched Node for `run`)",
+    )
+    p.add_argument(
+        "--nodeport-addresses",
+        action="extend",
+        default=[],
+        type=_nodeport_specs,
+        metavar="CIDR|primary",
+        help="answer NodePorts only on local addresses in these CIDRs, or on the node's own "
+        "IPs with 'primary' (default: every local address)",
+    )
+    p.add_argument(
+        "--iptables-localhost-nodeports",
+        dest="localhost_nodeports",
+        type=_boolean,
+        default=True,
+        metavar="true|false",
+        help="iptables mode: IPv4 NodePorts also answer on 127.0.0.1 (sets route_localnet, as "
+        "upstream does; default true); nftables mode never answers there and ignores it",
+    )
+    p.add_argument(
+        "--iptables-backend",
+        choices=("auto", "nft", "legacy"),
+        default="auto",
+        help="iptables variant to drive (default: detect as iptables-wrappers does)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kproxy",
+        description="kube-proxy's job on a Linux node: Services and EndpointSlices in, "
+        "iptables rules out.",
+    )
+    parser.add_argument("--version", action="version", version=f"kproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_sync = sub.add_parser(
+        "sync",
+        help="program this network namespace's rules once from a state file",
+        description="Read the cluster state from FILE and program the kernel of the current "
+        "network namespace once. Exit 0 on success, 1 when the kernel refused "
+        "the change (previous rules stay), 2 on unusable input (kernel untouched).",
+    )
+    _add_node_flags(p_sync, state_required=False)
+    _add_api_flags(p_sync)
+    _add_lock_flag(p_sync)
+    p_diff = sub.add_parser(
+        "diff",
+        help="print what a sync would change",
+        description="Print the change a sync would apply. Exit 0 when the kernel already "
+        "matches, 1 when a sync would change something, 2 on error.",
+    )
+    _add_node_flags(p_diff, state_required=False)
+    _add_api_flags(p_diff)
+    _add_lock_flag(p_diff)  # accepted for symmetry: diff changes nothing, takes no lock
+    p_trace = sub.add_parser(
+        "trace",
+        help="show the path a new connection takes through the rules",
+        description="Follow a new connection through the rules kproxy renders from --state "
+        "(or, with --live, the rules in this network namespace): chains visited, endpoints "
+        "with their probability, masquerading, DROP or REJECT. Reads nothing else and "
+        "changes nothing.",
+    )
+    _add_node_flags(p_trace, state_required=False)
+    p_trace.add_argument(
+        "--live",
+        action="store_true",
+        help="trace the kernel's current rules instead of a render of --state",
+    )
+    p_trace.add_argument("--src", type=_ip, required=True, help="client address")
+    p_trace.add_argument("--dst", type=_ip, required=True, help="address connected to")
+    p_trace.add_argument("--dport", type=int, required=True, help="port connected to")
+    p_trace.add_argument("--proto", choices=("tcp", "udp", "sctp"), default="tcp")
+    p_trace.add_argument(
+        "--from",
+        dest="origin",
+        choices=("auto", "pod", "node", "external"),
+        default="auto",
+        help="where the connection starts (default: the node when --src is one of its "
+        "addresses, a pod when it is in --cluster-cidr, else external)",
+    )
+    p_trace.add_argument(
+        "--local-ip",
+        action="append",
+        default=[],
+        type=_ip,
+        metavar="IP",
+        help="an address of this node, for `-m addrtype LOCAL` (default: --node-ip, and with "
+        "--live the namespace's addresses)",
+    )
+    p_run = sub.add_parser(
+        "run",
+        help="the daemon: watch the API server and keep the rules in sync",
+        description="Watch Services, EndpointSlices and this Node through the API server and "
+        "keep this network namespace's rules equal to them; serve metrics and health.",
+    )
+    p_run.add_argument("--mode", choices=("iptables", "nftables"), default="iptables")
+    _add_proxy_flags(p_run)
+    _add_api_flags(p_run)
+    _add_lock_flag(p_run)
+    p_run.add_argument(
+        "--snapshot-dir",
+        default=DEFAULT_SNAPSHOT_DIR,
+        help=f"where a snapshot is written after each full sync (default {DEFAULT_SNAPSHOT_DIR})",
+    )
+    p_run.add_argument("--snapshot-keep", type=int, default=5, help="snapshots kept (default 5)")
+    p_run.add_argument(
+        "--api-wait",
+        type=_duration,
+        default=10.0,
+        metavar="DURATION",
+        help="how long to wait at start for the API server before programming the rules from "
+        "the state cache (default 10s)",
+    )
+    p_run.add_argument(
+        "--iptables-sync-period",
+        dest="sync_period",
+        type=_duration,
+        default=30.0,
+        metavar="DURATION",
+        help="verify and repair the kernel's rules at least this often (default 30s)",
+    )
+    p_run.add_argument(
+        "--iptables-min-sync-period",
+        dest="min_sync_period",
+        type=_duration,
+        default=1.0,
+        metavar="DURATION",
+        help="apply changes at most this often (default 1s)",
+    )
+    p_run.add_argument(
+        "--canary-interval",
+        type=_duration,
+        default=5.0,
+        metavar="DURATION",
+        help="check the canary chains in mangle, nat and filter this often (default 5s)",
+    )
+    p_run.add_argument(
+        "--metrics-bind-address",
+        default="127.0.0.1:10249",
+        help="host:port for /metrics (default 127.0.0.1:10249)",
+    )
+    p_run.add_argument(
+        "--healthz-bind-address",
+        default="0.0.0.0:10256",
+        help="host:port for /healthz, /livez and /readyz (default 0.0.0.0:10256)",
+    )
+    p_run.add_argument(
+        "--conntrack-cleanup",
+        type=_boolean,
+        default=True,
+        metavar="true|false",
+        help="delete stale UDP conntrack entries after endpoint changes (default true)",
+    )
+    p_run.add_argument("--log-format", choices=("text", "json"), default="text")
+
+    p_snap = sub.add_parser(
+        "snapshot",
+        help="save kproxy's own rules to a file",
+        description="Write the rules kproxy owns (both families) with a checksummed header.",
+    )
+    p_snap.add_argument("--out", required=True, metavar="FILE")
+    p_snap.add_argument(
+        "--mode",
+        choices=("all", "iptables", "nftables"),
+        default="all",
+        help="which mode's rules to save (default: whatever kproxy owns)",
+    )
+    _add_backend_flags(p_snap)
+    _add_lock_flag(p_snap)
+    p_restore = sub.add_parser(
+        "restore",
+        help="put a snapshot back, atomically",
+        description="Verify a snapshot (format, checksum, only kproxy's chains) and apply it "
+        "with the same minimal, atomic path as a sync. A refused file changes nothing: exit "
+        "2 with the reason; exit 1 when the kernel refused the change.",
+    )
+    which = p_restore.add_mutually_exclusive_group(required=True)
+    which.add_argument("file", nargs="?", metavar="FILE")
+    which.add_argument(
+        "--latest", action="store_true", help="the newest valid snapshot in --snapshot-dir"
+    )
+    p_restore.add_argument("--snapshot-dir", default=DEFAULT_SNAPSHOT_DIR)
+    p_restore.add_argument("--dry-run", action="store_true", help="print what would change")
+    _add_backend_flags(p_restore)
+    _add_lock_flag(p_restore)
+    p_clean = sub.add_parser(
+        "cleanup",
+        help="remove every rule and chain kproxy owns",
+        description="Remove kproxy's chains and the jumps into them, in both families; "
+        "everything else stays.",
+    )
+    p_clean.add_argument("--dry-run", action="store_true", help="print what would be removed")
+    p_clean.add_argument(
+        "--mode",
+        choices=("all", "iptables", "nftables"),
+        default="all",
+        help="which mode's rules to remove (default: both)",
+    )
+    _add_backend_flags(p_clean)
+    _add_lock_flag(p_clean)
+    return parser
+
+
+def _add_backend_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--node-name", "--hostname-override", dest="node_name", default=socket.gethostname()
+    )
+    p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+
+
+def _add_lock_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lock-file",
+        default=DEFAULT_LOCK_FILE,
+        help=f"kproxy commands that change rules hold this lock (default {DEFAULT_LOCK_FILE})",
+    )
+
+
+def _add_api_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    p.add_argument(
+        "--master",
+        action="extend",
+        type=_urls,
+        default=[],
+        metavar="URL[,URL]",
+        help="API server address(es); several give failover, tried in order",
+    )
+    p.add_argument(
+        "--api-timeout",
+        type=_duration,
+        default=10.0,
+        metavar="DURATION",
+        help="give up on the API server after this long (one-shot commands; default 10s)",
+    )
+    p.add_argument(
+        "--state-cache",
+        default=DEFAULT_STATE_CACHE,
+        help=f"last-known-good cluster state (default {DEFAULT_STATE_CACHE})",
+    )
+    p.add_argument(
+        "--no-cache-fallback",
+        action="store_true",
+        help="fail (exit 2) when the API server cannot be read, instead of using the cache",
+    )
+    p.add_argument(
+        "--state-cache-max-age",
+        type=_duration,
+        default=3600.0,
+        metavar="DURATION",
+        help="a cache older than this is still used, but flagged (default 1h)",
+    )
+
+
+def _urls(text: str) -> list[str]:
+    return [u.strip() for u in text.split(",") if u.strip()]
+
+
+def _duration(text: str) -> float:
+    """A Go-style duration (`500ms`, `30s`, `1m`, `1h30m`) or plain seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    total, number, i = 0.0, "", 0
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    while i < len(text):
+        if text[i].isdigit() or text[i] == ".":
+            number += text[i]
+            i += 1
+            continue
+        unit = "ms" if text.startswith("ms", i) else text[i]
+        if unit not in units or not number:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a duration (like 30s, 1m)")
+        total += float(number) * units[unit]
+        number = ""
+        i += len(unit)
+    if number:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (like 30s, 1m)")
+    return total

@@ -1,0 +1,118 @@
+"""nftables mode behind the Mode interface (kproxy.mode), one object per IP family: render the
+`kproxy` table, plan, apply as one `nft -f` transaction; the table itself is the canary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kproxy import tools
+from kproxy.mode import DeltaSync, Outcome, Rendered
+from kproxy.model import ClusterState, NodeConfig
+from kproxy.nftables.nft import NftBackend
+from kproxy.nftables.render import (
+    NFT_IPV4,
+    NFT_IPV6,
+    fragments_table,
+    render_nft,
+    render_nft_delta,
+)
+from kproxy.nftables.sync import describe_nft, sync_nft
+from kproxy.nftables.table import TABLE, NftTable
+from kproxy.ports import Delta
+from kproxy.rendercache import RenderCache
+
+
+class NftablesMode(DeltaSync):
+    mode = "nftables"
+
+    def __init__(self, backend: NftBackend, dry_run: bool = False) -> None:
+        self.backend = backend
+        self.dry_run = dry_run
+        self.family = NFT_IPV4 if backend.family == "ip" else NFT_IPV6
+        self.name = f"IPv{self.family.version}"
+        self.cache = RenderCache()
+        self.applied: NftTable | None = None
+        self.known = False  # `applied` is what the kernel holds (None: no table)
+        self.label = "nftables"
+        self.last: Any = None
+        self.rules = 0
+
+    def render(self, state: ClusterState, config: NodeConfig) -> Rendered:
+        r = render_nft(state, config, self.family, cache=self.cache)
+        self._candidate = r
+        self.rules = r.table.rule_count()
+        return Rendered(r.table, r.warnings, r.no_local_endpoints, {TABLE: self.rules})
+
+    def render_delta(
+        self, state: ClusterState, config: NodeConfig, changed: set[tuple[str, str]]
+    ) -> Delta | None:
+        return render_nft_delta(state, config, changed, self.last, self.cache)
+
+    def sync_delta(self, delta: Delta) -> tuple[Outcome, Rendered] | None:
+        full = self.last.table
+        old = fragments_table(self.family, [o for o, _ in delta.pairs], full)
+        new = fragments_table(self.family, [n for _, n in delta.pairs], full)
+        result = sync_nft(self.backend, new, dry_run=self.dry_run, assumed=old, known=True)
+        self.applied, self.known = None, False  # the full record is stale
+        self.rules += new.rule_count() - old.rule_count()
+        text = result.plan.text()  # a few lines
+        outcome = Outcome(
+            not result.plan.empty(),
+            False,
+            describe_nft(result),
+            text,
+            {TABLE: len(result.plan.lines)},
+            [(False, text)] if text else [],
+        )
+        rendered = Rendered(
+            new,
+            delta.result.warnings,
+            dict(delta.result.no_local_endpoints),
+            {TABLE: self.rules},
+        )
+        return outcome, rendered
+
+    def sync(self, desired: NftTable, verify: bool = True) -> Outcome:
+        known = self.known and not verify
+        try:
+            result = sync_nft(
+                self.backend, desired, dry_run=self.dry_run, assumed=self.applied, known=known
+            )
+        except Exception:
+            self.forget()
+            raise
+        if not self.dry_run:
+            self.applied, self.known = desired, True
+        sent = []
+        if tools.RECORD_PAYLOADS and not self.dry_run and not result.plan.empty():
+            sent = [(False, result.plan.text())]
+        return Outcome(
+            not result.plan.empty(),
+            result.read_kernel,
+            describe_nft(result),
+            result.plan.text,  # formatted only when asked for (diff)
+            {TABLE: len(result.plan.lines)},
+            sent,
+        )
+
+    def forget(self) -> None:
+        self.applied, self.known = None, False
+        self.last = None
+
+    def missing_canaries(self) -> list[str]:
+        return [] if self.backend.exists() else [f"{self.name} table {self.family.name} {TABLE}"]
+
+    def owned_ruleset(self) -> None:
+        return None  # the daemon does not snapshot nftables mode's table (yet)
+
+    def remove_all(self) -> Outcome:
+        """Delete the kproxy table of this family."""
+        present = self.backend.exists()
+        if present and not self.dry_run:
+            self.backend.delete_table()
+        self.forget()
+        text = f"delete table {self.family.name} {TABLE}\n" if present else ""
+        return Outcome(present, True, "table deleted" if present else "no table", text)
+
+    def present(self) -> bool:
+        return self.backend.exists()
