@@ -69,6 +69,7 @@ IO_MODULES = (
     "kproxy.sources",
     "kproxy.daemon",
     "kproxy.recovery.restore",
+    "kproxy.recovery.cleanup",
     "kproxy.recovery.fileio",
     "kproxy.recovery.lockfile",
     "kproxy.cli",

@@ -25,6 +25,7 @@ from kproxy.nftables.render import NFT_IPV4, NFT_IPV6, render_nft
 from kproxy.nftables.table import NftTable
 from kproxy.nftables.trace import NftTracer
 from kproxy.recovery import restore as recovery
+from kproxy.recovery.cleanup import cleanup
 from kproxy.recovery.fileio import write_atomically
 from kproxy.recovery.lockfile import LockHeld, locked
 from kproxy.recovery.snapshot import SnapshotError
@@ -243,7 +244,7 @@ def run_cleanup(args: argparse.Namespace) -> int:
         families += modes_for("nftables", report=False, require=False, dry_run=args.dry_run)
     try:
         with locked(args.lock_file, what="cleanup"):
-            results = recovery.cleanup(families)
+            results = cleanup(families)
     except LockHeld as err:
         log.error("%s", err)
         return EXIT_ERROR

@@ -2,7 +2,7 @@
 
 A rule is held as the text `iptables-save` prints after `-A CHAIN ` (its canonical form), so
 that what the kernel prints back compares equal to what was rendered with a plain string
-comparison. The renderer writes canonical text directly (see render/iptables.py); nothing is
+comparison. The renderer writes canonical text directly (see iptables/render.py); nothing is
 normalised on the sync path. No I/O here.
 """
 

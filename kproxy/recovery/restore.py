@@ -1,5 +1,5 @@
-"""Snapshots taken from the kernel and put back (verified first), the daemon's snapshot
-directory, and cleanup: the I/O around the snapshot format (recovery/snapshot.py)."""
+"""Snapshots taken from the kernel, read from files (verified) and put back; the daemon's
+snapshot directory. The I/O around the snapshot format (recovery/snapshot.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from kproxy.iptables.plan import owned_ruleset
 from kproxy.iptables.restore import IptablesBackend
 from kproxy.iptables.rules import OWNED_TABLES, RuleSet
 from kproxy.iptables.sync import read_live
-from kproxy.mode import Mode, Outcome
+from kproxy.mode import Outcome
 from kproxy.nftables.mode import NftablesMode
 from kproxy.nftables.nft import NftBackend, NftError
 from kproxy.recovery.fileio import write_atomically
@@ -90,21 +90,6 @@ def restore(
     for fam, table in snap.nft.items():
         results[f"nftables {fam}"] = NftablesMode(NftBackend(fam), dry_run).sync(table)
     return results
-
-
-def cleanup(families: list[Mode]) -> dict[str, str]:
-    """Remove everything kproxy owns in `families` (Mode.remove_all; made with dry_run, only
-    say it). Returns, per family, what was (or would be) sent: iptables mode's families every
-    time, nftables mode's where there was a table."""
-    done = {}
-    for fam in families:
-        outcome = fam.remove_all()
-        if isinstance(fam, NftablesMode):
-            if outcome.changed:
-                done[f"nftables {fam.family.name}"] = outcome.payload
-        else:
-            done[fam.name] = outcome.payload
-    return done
 
 
 @dataclass
