@@ -7,16 +7,17 @@ through iptables-restore or nft. Each keeps a render cache and the record of its
 (what the kernel should now hold), so a sync after a change plans against memory and reads
 nothing from the kernel; a verify reads the kernel and repairs.
 
-Shared here: the daemon's delta sync (`DeltaSync.sync_state`) and the one loop over the
-families (`sync_families`). No I/O: the modes do it.
+Shared here: the daemon's delta sync (`Mode.sync_state`) and the one loop over the families
+(`sync_families`). No I/O: the modes do it.
 """
 
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from kproxy.errors import ApplyError
 from kproxy.model import ClusterState, NodeConfig
@@ -50,80 +51,66 @@ class Outcome:
         return self.plan_text() if callable(self.plan_text) else self.plan_text
 
 
-class Mode(Protocol):
-    """One proxy mode driving one IP family of this node.
+class Mode(ABC):
+    """One proxy mode driving one IP family of this node; each mode's package implements it.
+
+    `sync_state` is the daemon's sync, shared by both modes: with the Services that changed
+    and a previous render (and no verify), only those Services are rendered and their change
+    applied — the kernel is not read and the payload holds nothing else; otherwise everything
+    is rendered and planned against the record of the last full apply (or, when that record is
+    stale after delta syncs, or to verify, against the kernel). A change too large to send as
+    edits (a node drain: hundreds of Services at once) is synced as a full render too, so a
+    whole-table restore only ever carries the whole rule set.
 
     A mode made with `dry_run` plans and reports but never changes the kernel."""
 
     mode: str  # "iptables" or "nftables"
     name: str  # the family: "IPv4" or "IPv6"
     label: str  # what programs it, for logs and kproxy_info: "iptables-nft", "nftables"
+    dry_run: bool
     last: Any  # the render last applied, for render_delta (None: render everything next)
+    _candidate: Any  # the result of the last render(), `last` once it is applied
 
+    @abstractmethod
     def render(self, state: ClusterState, config: NodeConfig) -> Rendered:
         """Every rule this family should hold (no I/O)."""
-        ...
 
+    @abstractmethod
     def render_delta(
         self, state: ClusterState, config: NodeConfig, changed: set[tuple[str, str]]
     ) -> Delta | None:
         """Only the `changed` Services, against `last`; None when the change reaches beyond
         them and everything must be rendered (no I/O)."""
-        ...
 
+    @abstractmethod
     def sync(self, desired: Any, verify: bool = True) -> Outcome:
         """Bring the kernel to a full render's `desired`. `verify`: plan against the kernel's
         tables, read now; otherwise against the record of the last apply, when there is one."""
-        ...
 
+    @abstractmethod
     def sync_delta(self, delta: Delta) -> tuple[Outcome, Rendered] | None:
         """Apply a delta's change without reading the kernel; None, with nothing applied, when
         it is too large to send as edits (the caller then syncs a full render)."""
-        ...
 
-    def sync_state(
-        self,
-        state: ClusterState,
-        config: NodeConfig,
-        changed: set[tuple[str, str]] | None,
-        verify: bool,
-    ) -> tuple[Outcome, Rendered]:
-        """The daemon's sync (DeltaSync): a delta when it can, else render and sync all."""
-        ...
-
+    @abstractmethod
     def forget(self) -> None:
         """Drop the record of the last apply: the next sync renders all and reads the kernel."""
-        ...
 
+    @abstractmethod
     def missing_canaries(self) -> list[str]:
         """What of the flush canaries is gone from the kernel ([]: nothing)."""
-        ...
 
+    @abstractmethod
     def owned_ruleset(self) -> Any:
         """The rules of the last full apply, for the daemon's snapshot (None: not kept)."""
-        ...
 
+    @abstractmethod
     def remove_all(self) -> Outcome:
         """Delete everything this mode owns in this family."""
-        ...
 
+    @abstractmethod
     def present(self) -> bool:
         """Whether the kernel holds anything this mode owns in this family."""
-        ...
-
-
-class DeltaSync:
-    """The daemon's sync, shared by both modes: with the Services that changed and a previous
-    render (and no verify), only those Services are rendered and their change applied — the
-    kernel is not read and the payload holds nothing else; otherwise everything is rendered
-    and planned against the record of the last full apply (or, when that record is stale after
-    delta syncs, or to verify, against the kernel). A change too large to send as edits (a
-    node drain: hundreds of Services at once) is synced as a full render too, so a whole-table
-    restore only ever carries the whole rule set. A subclass provides the rest of Mode."""
-
-    last: Any
-    dry_run: bool
-    _candidate: Any  # the result of the last render(), `last` once it is applied
 
     def sync_state(
         self,
@@ -132,6 +119,7 @@ class DeltaSync:
         changed: set[tuple[str, str]] | None,
         verify: bool,
     ) -> tuple[Outcome, Rendered]:
+        """The daemon's sync (above): a delta when it can, else render and sync all."""
         if not verify and changed is not None and self.last is not None:
             delta = self.render_delta(state, config, changed)
             if delta is not None:

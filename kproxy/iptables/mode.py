@@ -18,7 +18,7 @@ from kproxy.iptables.sync import (
     sync_family,
     sync_fragments,
 )
-from kproxy.mode import DeltaSync, Outcome, Rendered
+from kproxy.mode import Mode, Outcome, Rendered
 from kproxy.model import ClusterState, NodeConfig
 from kproxy.ports import Delta
 from kproxy.rendercache import RenderCache
@@ -27,7 +27,7 @@ CANARY = "KUBE-PROXY-CANARY"
 CANARY_TABLES = ("mangle", "nat", "filter")
 
 
-class IptablesMode(DeltaSync):
+class IptablesMode(Mode):
     mode = "iptables"
 
     def __init__(self, backend: IptablesBackend, dry_run: bool = False) -> None:

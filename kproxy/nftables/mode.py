@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from kproxy import tools
-from kproxy.mode import DeltaSync, Outcome, Rendered
+from kproxy.mode import Mode, Outcome, Rendered
 from kproxy.model import ClusterState, NodeConfig
 from kproxy.nftables.nft import NftBackend
 from kproxy.nftables.render import (
@@ -22,7 +22,7 @@ from kproxy.ports import Delta
 from kproxy.rendercache import RenderCache
 
 
-class NftablesMode(DeltaSync):
+class NftablesMode(Mode):
     mode = "nftables"
 
     def __init__(self, backend: NftBackend, dry_run: bool = False) -> None:
