@@ -1,6 +1,6 @@
 """Running the tools that program the kernel, for both modes: a payload streamed to a
 command's stdin, the first line of what it said, the payload lines around the one its error
-names."""
+names; and the benchmarks' switch to keep every payload sent."""
 
 from __future__ import annotations
 
