@@ -4,7 +4,9 @@ small ones, foreign rules intact, atomic failure. Runs in a namespace it creates
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -345,27 +347,25 @@ def test_foreign_rules_added_during_a_whole_table_restore_survive(node, tmp_path
 
     state = write(tmp_path / "s.json", synthetic.generate(5000, 2))
     argv = [sys.executable, "-m", "kproxy", "sync", "--state", str(state)]
-    argv += ["--cluster-cidr", "10.244.0.0/16"]
+    argv += ["--cluster-cidr", "10.244.0.0/16", "--lock-file", str(tmp_path / "lock")]
     added: list[tuple[str, str]] = []
     stop = threading.Event()
 
     def race() -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            rule = f"-s 192.0.{n // 250}.{n % 250 + 1}/32 -j ACCEPT"
-            if (
-                netns.run(
-                    node, ["iptables", "-A", "FORWARD", *rule.split()], check=False
-                ).returncode
-                == 0
-            ):
-                added.append(("FORWARD", rule))
-            rule = f"-s 198.51.{n // 250}.{n % 250 + 1}/32 -j MASQUERADE"
-            cmd = ["iptables", "-t", "nat", "-A", "POSTROUTING", *rule.split()]
+        # A busy CNI agent: a rule every 0.2 s, alternating filter and nat, for a bounded time
+        # that covers the sync's read, render and restore (a writer that never pauses can
+        # starve a big iptables-nft-restore: its batch is refused while the generation moves).
+        for n in range(1, 60):
+            if stop.wait(0.2):
+                return
+            if n % 2:
+                chain, rule = "FORWARD", f"-s 192.0.2.{n}/32 -j ACCEPT"
+                cmd = ["iptables", "-A", chain, *rule.split()]
+            else:
+                chain, rule = "POSTROUTING", f"-s 198.51.100.{n}/32 -j MASQUERADE"
+                cmd = ["iptables", "-t", "nat", "-A", chain, *rule.split()]
             if netns.run(node, cmd, check=False).returncode == 0:
-                added.append(("POSTROUTING", rule))
-            time.sleep(0.02)
+                added.append((chain, rule))
 
     racer = threading.Thread(target=race, daemon=True)
     proc = subprocess.Popen(
@@ -374,6 +374,7 @@ def test_foreign_rules_added_during_a_whole_table_restore_survive(node, tmp_path
         stderr=subprocess.STDOUT,
         text=True,
         env=netns.command_env(),
+        start_new_session=True,  # killed with its children (iptables-restore) on failure
     )
     try:
         racer.start()
@@ -382,14 +383,17 @@ def test_foreign_rules_added_during_a_whole_table_restore_survive(node, tmp_path
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
         stop.set()
         racer.join(30)
     assert proc.returncode == 0, out
-    assert "whole nat" in out or "whole" in out, out
+    assert "whole nat restored" in out, out
     save = netns.iptables_save(node)
     lines = set(save.splitlines())
     lost = [f"-A {chain} {rule}" for chain, rule in added if f"-A {chain} {rule}" not in lines]
-    assert len(added) > 20
+    assert len(added) > 10
     assert not lost, f"{len(lost)} of {len(added)} foreign rules lost, e.g. {lost[:3]}\n{out}"
     assert ":FORWARD ACCEPT [0:0]" in lines, "the FORWARD policy set during the sync was lost"
+    # Some foreign rules did land inside the window (the test has teeth) and were put back.
+    assert "put back" in out, out
