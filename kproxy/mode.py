@@ -67,6 +67,7 @@ class Mode(ABC):
     mode: str  # "iptables" or "nftables"
     name: str  # the family: "IPv4" or "IPv6"
     label: str  # what programs it, for logs and kproxy_info: "iptables-nft", "nftables"
+    tables: tuple[str, ...]  # the tables its rule counts are reported for (metrics' `table`)
     dry_run: bool
     last: Any  # the render last applied, for render_delta (None: render everything next)
     _candidate: Any  # the result of the last render(), `last` once it is applied

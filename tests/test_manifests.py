@@ -637,6 +637,80 @@ def check_exprs_against(exported: dict[str, set[str]]) -> list[str]:
     return problems
 
 
+MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+def promql_matchers(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """(metric name, [(label, op, value)]) of each vector selector in `expr`, the target's
+    own labels (job, instance: Prometheus adds them) left out."""
+    out = []
+    for name, _labels in promql_selectors(expr):
+        m = re.search(rf"(?<![a-zA-Z0-9_:]){re.escape(name)}\s*(\{{[^}}]*\}})?", expr)
+        assert m, (name, expr)
+        matchers = [
+            (label, op, value)
+            for label, op, value in MATCHER.findall(m.group(1) or "")
+            if label not in TARGET_LABELS
+        ]
+        out.append((name, matchers))
+    return out
+
+
+def exposed_series(text: str) -> dict[str, list[dict[str, str]]]:
+    """Each sample name of a /metrics exposition and the label sets it is exposed with."""
+    out: dict[str, list[dict[str, str]]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?", line)
+            assert m, line
+            labels = dict(
+                re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(2) or "")
+            )
+            out.setdefault(m.group(1), []).append(labels)
+    return out
+
+
+def _matches(labels: dict[str, str], label: str, op: str, value: str) -> bool:
+    have = labels.get(label, "")
+    hit = re.fullmatch(value, have) is not None if "~" in op else have == value
+    return hit if op in ("=", "=~") else not hit
+
+
+def missing_series(text: str) -> list[str]:
+    """Each series an alert or a dashboard panel selects that the exposition `text` lacks. A
+    regex of plain alternatives (reason=~"flush|periodic") needs a series for each of them."""
+    exposed = exposed_series(text)
+    problems = []
+    for where, expr in all_exprs():
+        for name, matchers in promql_matchers(expr):
+            if name in PROMETHEUS_SERIES:
+                continue
+            wanted = [matchers]
+            for i, (label, op, value) in enumerate(matchers):
+                if op == "=~" and re.fullmatch(r"[\w-]+(\|[\w-]+)+", value):
+                    rest = matchers[:i] + matchers[i + 1 :]
+                    wanted = [[*rest, (label, "=", v)] for v in value.split("|")]
+                    break
+            for want in wanted:
+                if not any(
+                    all(_matches(labels, *m) for m in want) for labels in exposed.get(name, [])
+                ):
+                    shown = ",".join(f'{lb}{op}"{v}"' for lb, op, v in want)
+                    problems.append(f"{where}: no {name}{{{shown}}}")
+    return problems
+
+
+def test_promql_matchers_and_missing_series():
+    expr = 'increase(a_total{job="kube-proxy", reason=~"flush|periodic"}[1h]) > 3 and b{x!="y"}'
+    assert promql_matchers(expr) == [
+        ("a_total", [("reason", "=~", "flush|periodic")]),
+        ("b", [("x", "!=", "y")]),
+    ]
+    text = 'a_total{reason="flush"} 0.0\nb{x="z"} 1.0\n'
+    assert exposed_series(text) == {"a_total": [{"reason": "flush"}], "b": [{"x": "z"}]}
+    assert _matches({"x": "z"}, "x", "!=", "y") and not _matches({"x": "y"}, "x", "!=", "y")
+
+
 def test_promql_selector_extraction():
     expr = (
         'histogram_quantile(0.99, sum by (instance, le) (rate(a_bucket{job="x", le!=""}'

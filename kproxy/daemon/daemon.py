@@ -20,7 +20,14 @@ from kproxy.daemon.health import (
     local_ready_endpoints,
 )
 from kproxy.daemon.metrics import Metrics
-from kproxy.daemon.reconciler import APPLY, UNEXPECTED, Reconciler, SyncReport
+from kproxy.daemon.reconciler import (
+    APPLY,
+    DRIFT_REASONS,
+    UNEXPECTED,
+    Reconciler,
+    SyncReport,
+    failure_labels,
+)
 from kproxy.families import modes_for, remove_other_mode
 from kproxy.model import NodeConfig
 from kproxy.recovery.lockfile import locked
@@ -179,6 +186,13 @@ class Daemon:
             # is back, and the changes made meanwhile must land within a sync period (the
             # source's own 30s cap plus the relist and the sync overshot a 30s sync period).
             backoff_max=max(1.0, min(30.0, 0.8 * opts.sync_period)),
+        )
+        self.metrics.start_at_zero(
+            tables=families[0].tables,
+            failures=failure_labels([fam.name for fam in families]),
+            drift_reasons=DRIFT_REASONS,
+            resources=[res.kind for res in self.source.resources],
+            addresses=self.source.servers,
         )
 
     def _on_event(self, event: KubeEvent) -> None:

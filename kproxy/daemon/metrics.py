@@ -26,6 +26,11 @@ from prometheus_client import (
 )
 
 SUBSYSTEM = "kubeproxy"
+# Label values known before anything happened (Metrics.start_at_zero): the codes the health
+# endpoints answer, the two traffic policies, the verbs the API source uses.
+HEALTH_CODES = ("200", "503")
+TRAFFIC_POLICIES = ("internal", "external")
+API_VERBS = ("LIST", "WATCH")
 DEFAULT_METRICS_BIND = "127.0.0.1:10249"
 
 # prometheus.ExponentialBuckets(0.001, 2, 15): 1 ms .. 16.384 s.
@@ -263,6 +268,41 @@ class Metrics:
             ("family", "reason"),
             subsystem="",
         )
+
+    def start_at_zero(
+        self,
+        *,
+        tables: tuple[str, ...],
+        failures: list[tuple[str, str]],
+        drift_reasons: tuple[str, ...],
+        resources: list[str],
+        addresses: list[str],
+    ) -> None:
+        """Create every labelled series whose label values are known at start, at 0.
+
+        A labelled series otherwise appears at its first use: until then a dashboard panel is
+        empty, and an alert's increase() misses that first event (a series born at 1 has
+        increased by nothing). `failures`: the (family, reason) pairs of kproxy_sync_failures;
+        `resources`: the watched kinds; `addresses`: the API servers, unreachable until one
+        answers (upstream's own labelled metrics are created here too)."""
+        for table in tables:
+            self.sync_proxy_rules_iptables_total.labels(table=table)
+            self.sync_proxy_rules_iptables_last.labels(table=table)
+        for policy in TRAFFIC_POLICIES:
+            self.sync_proxy_rules_no_local_endpoints_total.labels(traffic_policy=policy)
+        for code in HEALTH_CODES:
+            self.proxy_healthz_total.labels(code=code)
+            self.proxy_livez_total.labels(code=code)
+        for verb in API_VERBS:
+            self.rest_client_requests_total.labels(code="200", verb=verb)
+        for family, reason in failures:
+            self.sync_failures_total.labels(family=family, reason=reason)
+        for reason in drift_reasons:
+            self.drift_repairs_total.labels(reason=reason)
+        for resource in resources:
+            self.watch_restarts_total.labels(resource=resource)
+        for address in addresses:
+            self.apiserver_reachable.labels(address=address)
 
     # -- helpers for the callers that only report an event
 

@@ -82,6 +82,19 @@ VERIFY_SHARE = 10
 # ports, state cache, snapshot, conntrack cleanup).
 APPLY, UNEXPECTED, CANARY, AFTER_SYNC = "apply", "unexpected", "canary", "after-sync"
 ALL_FAMILIES = "all"  # the family label of an error that belongs to no family
+# Why a verify found and repaired drift (kproxy_drift_repairs_total's reason label): a canary
+# chain vanished; the periodic verify found a difference; the verify after a failed sync did.
+FLUSH, PERIODIC, RETRY = "flush", "periodic", "retry"
+DRIFT_REASONS = (FLUSH, PERIODIC, RETRY)
+
+
+def failure_labels(families: list[str]) -> list[tuple[str, str]]:
+    """Every (family, reason) a failed sync is counted under, so the daemon can show each at 0
+    from the start (an alert's increase() misses the first event of a series born at 1)."""
+    per_family = [(fam, reason) for fam in families for reason in (APPLY, UNEXPECTED, CANARY)]
+    return per_family + [(ALL_FAMILIES, UNEXPECTED), (ALL_FAMILIES, AFTER_SYNC)]
+
+
 # Distinct errors whose traceback was logged, at most: past it the set starts again (an error
 # whose text changes on every attempt must not grow it forever).
 MAX_TRACEBACKS = 100
@@ -160,7 +173,7 @@ class Reconciler:
             with self._cv:
                 every = verify_interval(self.sync_period, verify_cost)
                 if now - last_verify >= every and self._verify_reason is None:
-                    self._verify_reason = "periodic"
+                    self._verify_reason = PERIODIC
                 due = self._pending or self._verify_reason is not None
                 start_at = max(last_start + self.min_sync_period, retry_at)
                 if due and now >= start_at:
@@ -187,7 +200,7 @@ class Reconciler:
                         "owned rules were flushed (%s missing); repairing", ", ".join(missing)
                     )
                     with self._cv:
-                        self._verify_reason = "flush"
+                        self._verify_reason = FLUSH
                 continue
             last_start = time.monotonic()
             try:
@@ -210,7 +223,7 @@ class Reconciler:
                 retry_at = time.monotonic() + backoff
                 backoff = min(backoff * 2, self.sync_period)
                 with self._cv:
-                    self._verify_reason = self._verify_reason or "retry"
+                    self._verify_reason = self._verify_reason or RETRY
 
     def sync(self, verify_reason: str | None) -> SyncReport:
         """One sync of every family. `verify_reason` set: plan against the kernel's tables."""

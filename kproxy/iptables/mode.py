@@ -29,6 +29,7 @@ CANARY_TABLES = ("mangle", "nat", "filter")
 
 class IptablesMode(Mode):
     mode = "iptables"
+    tables = OWNED_TABLES
 
     def __init__(self, backend: IptablesBackend, dry_run: bool = False) -> None:
         self.backend = backend

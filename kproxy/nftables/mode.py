@@ -24,6 +24,7 @@ from kproxy.rendercache import RenderCache
 
 class NftablesMode(Mode):
     mode = "nftables"
+    tables = (TABLE,)
 
     def __init__(self, backend: NftBackend, dry_run: bool = False) -> None:
         self.backend = backend
