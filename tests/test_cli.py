@@ -3,10 +3,12 @@ never reached for these)."""
 
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from kproxy import __version__
+from kproxy.recovery.lockfile import locked
 
 
 def kproxy(*args):
@@ -114,3 +116,49 @@ def test_durations_are_spelled_as_kube_proxy_spells_them():
     assert _duration("1h30m") == 5400 and _duration("2.5") == 2.5
     with pytest.raises(Exception, match="not a duration"):
         _duration("10 parsecs")
+
+
+@pytest.fixture
+def held_lock(tmp_path):
+    """A lock file held (as the daemon holds it) for the test's duration."""
+    path = tmp_path / "kproxy.lock"
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with locked(str(path), command="kproxy run"):
+            holding.set()
+            release.wait(120)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert holding.wait(10)
+    yield path
+    release.set()
+    thread.join()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["sync", "--state", "{tmp}/nope.yaml"],
+        ["restore", "{tmp}/nope.snap"],
+        ["snapshot", "--out", "{tmp}/no-such-dir/snap"],
+    ],
+)
+def test_missing_input_is_reported_before_waiting_for_a_held_lock(args, tmp_path, held_lock):
+    # The lock is held and the wait long: a missing input must be reported as missing, at
+    # once, never as a held lock (the kernel is never reached: the command stops first).
+    args = [a.format(tmp=tmp_path) for a in args]
+    res = kproxy(*args, "--lock-file", str(held_lock), "--lock-wait", "100s")
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "nope" in lines[0] or "no-such-dir" in lines[0]
+    assert "holds" not in lines[0] and "waiting" not in lines[0]
+
+
+def test_lock_wait_is_a_duration_flag_with_a_default():
+    res = kproxy("sync", "--help")
+    assert "--lock-wait DURATION" in res.stdout and "120s" in res.stdout
+    res = kproxy("sync", "--state", "x.yaml", "--lock-wait", "soon")
+    assert res.returncode == 2 and "is not a duration" in res.stderr

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 import time
+from contextlib import AbstractContextManager
 
 from kproxy import nodeinfo
 from kproxy.errors import ApplyError, NoFamilyError
@@ -41,21 +43,45 @@ EXIT_FAILED = 1  # sync: the kernel refused the change (nothing half-applied)
 EXIT_ERROR = 2  # bad input or usage; the kernel was not touched
 
 
+def _locked(args: argparse.Namespace, what: str) -> AbstractContextManager[None]:
+    """The lock of a one-shot command: wait up to --lock-wait, saying once for whom."""
+
+    def waiting(holder: str) -> None:
+        log.info(
+            "waiting up to %gs for %s, held by %s (--lock-wait)",
+            args.lock_wait,
+            args.lock_file,
+            holder,
+        )
+
+    return locked(args.lock_file, timeout=args.lock_wait, what=what, on_wait=waiting)
+
+
 def run_sync(args: argparse.Namespace, dry_run: bool) -> int:
     """`kproxy sync`, or with `dry_run` `kproxy diff` (which changes nothing, so takes no
     lock)."""
     if dry_run:
         return _sync_once(args, dry_run)
+    started = time.perf_counter()
+    loaded = None
+    if args.state:
+        # A state file is read before waiting for the lock: a missing or broken one is
+        # reported at once, not after a wait or as a held lock. The API server is read once
+        # the lock is held, so the state applied is the freshest.
+        loaded = _load(args, dry_run)
+        if isinstance(loaded, int):
+            return loaded
     try:
-        with locked(args.lock_file, what="sync"):
-            return _sync_once(args, dry_run)
+        with _locked(args, "sync"):
+            return _sync_once(args, dry_run, started, loaded)
     except LockHeld as err:
         log.error("%s", err)
         return EXIT_ERROR
 
 
-def _sync_once(args: argparse.Namespace, dry_run: bool) -> int:
-    started = time.perf_counter()
+def _load(args: argparse.Namespace, dry_run: bool) -> tuple[ClusterState, list[str], float] | int:
+    """(state, warnings, when it was loaded) from --state or the API server, or the exit
+    status when it cannot be read."""
     try:
         state, warnings = read_cluster(
             args.state,
@@ -71,7 +97,22 @@ def _sync_once(args: argparse.Namespace, dry_run: bool) -> int:
     except StateFileError as err:
         log.error("%s", err)
         return EXIT_ERROR
-    loaded = time.perf_counter()
+    return state, warnings, time.perf_counter()
+
+
+def _sync_once(
+    args: argparse.Namespace,
+    dry_run: bool,
+    started: float | None = None,
+    read: tuple[ClusterState, list[str], float] | None = None,
+) -> int:
+    started = time.perf_counter() if started is None else started
+    if read is None:
+        result = _load(args, dry_run)
+        if isinstance(result, int):
+            return result
+        read = result
+    state, warnings, loaded = read
     for warning in warnings:
         log.warning("%s", warning)
     config = node_config(args, state, apply=not dry_run)
@@ -172,9 +213,14 @@ def node_config(
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        # Said before waiting for the lock: the wait would only delay this error.
+        log.error("cannot write %s: no directory %s", args.out, out_dir)
+        return EXIT_ERROR
     backends = family_backends(args.iptables_backend)
     try:
-        with locked(args.lock_file, what="snapshot"):
+        with _locked(args, "snapshot"):
             text = recovery.take_snapshot(
                 backends if args.mode != "nftables" else [],
                 args.node_name,
@@ -209,7 +255,7 @@ def run_restore(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     backends = family_backends(args.iptables_backend)
     try:
-        with locked(args.lock_file, what="restore"):
+        with _locked(args, "restore"):
             results = recovery.restore(snap, backends, dry_run=args.dry_run)
     except LockHeld as err:
         log.error("%s", err)
@@ -243,7 +289,7 @@ def run_cleanup(args: argparse.Namespace) -> int:
         # cannot has none to remove, which is no news.
         families += modes_for("nftables", report=False, require=False, dry_run=args.dry_run)
     try:
-        with locked(args.lock_file, what="cleanup"):
+        with _locked(args, "cleanup"):
             results = cleanup(families)
     except LockHeld as err:
         log.error("%s", err)

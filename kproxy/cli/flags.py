@@ -8,7 +8,7 @@ import ipaddress
 import socket
 
 from kproxy import __version__
-from kproxy.recovery.lockfile import DEFAULT_LOCK_FILE
+from kproxy.recovery.lockfile import DEFAULT_LOCK_FILE, DEFAULT_LOCK_WAIT
 from kproxy.recovery.restore import DEFAULT_SNAPSHOT_DIR
 from kproxy.sources.cache import DEFAULT_STATE_CACHE
 
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--mode", choices=("iptables", "nftables"), default="iptables")
     _add_proxy_flags(p_run)
     _add_api_flags(p_run)
-    _add_lock_flag(p_run)
+    _add_lock_flag(p_run, wait=False)  # the daemon postpones a sync it cannot lock
     p_run.add_argument(
         "--snapshot-dir",
         default=DEFAULT_SNAPSHOT_DIR,
@@ -309,12 +309,22 @@ def _add_backend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
 
 
-def _add_lock_flag(p: argparse.ArgumentParser) -> None:
+def _add_lock_flag(p: argparse.ArgumentParser, wait: bool = True) -> None:
     p.add_argument(
         "--lock-file",
         default=DEFAULT_LOCK_FILE,
         help=f"kproxy commands that change rules hold this lock (default {DEFAULT_LOCK_FILE})",
     )
+    if wait:
+        p.add_argument(
+            "--lock-wait",
+            type=_duration,
+            default=DEFAULT_LOCK_WAIT,
+            metavar="DURATION",
+            help="wait this long for another kproxy command (or the daemon's sync) to release "
+            f"the lock, then exit 2 (default {DEFAULT_LOCK_WAIT:g}s: longer than a full sync of "
+            "10k Services)",
+        )
 
 
 def _add_api_flags(p: argparse.ArgumentParser) -> None:

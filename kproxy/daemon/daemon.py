@@ -164,7 +164,7 @@ class Daemon:
             canary_interval=opts.canary_interval,
             observer=DaemonObserver(self.metrics, self.health, self.store),
             after_sync=self._after_sync,
-            lock=(lambda: locked(opts.lock_file, timeout=10, what="sync"))
+            lock=(lambda: locked(opts.lock_file, timeout=10, what="sync", command="kproxy run"))
             if opts.lock_file
             else None,
             configure=lambda state: addresses.config(opts.config, state.node),
