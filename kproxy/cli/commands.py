@@ -29,7 +29,7 @@ from kproxy.nftables.trace import NftTracer
 from kproxy.recovery import restore as recovery
 from kproxy.recovery.cleanup import cleanup
 from kproxy.recovery.fileio import write_atomically
-from kproxy.recovery.lockfile import LockHeld, locked
+from kproxy.recovery.lockfile import LockError, locked, open_lock_file
 from kproxy.recovery.snapshot import SnapshotError
 from kproxy.sources.oneshot import read_cluster
 from kproxy.sources.statefile import StateFileError, load_state
@@ -74,7 +74,7 @@ def run_sync(args: argparse.Namespace, dry_run: bool) -> int:
     try:
         with _locked(args, "sync"):
             return _sync_once(args, dry_run, started, loaded)
-    except LockHeld as err:
+    except LockError as err:
         log.error("%s", err)
         return EXIT_ERROR
 
@@ -157,7 +157,9 @@ def _sync_once(
 
 
 def run_daemon(args: argparse.Namespace) -> int:
-    from kproxy.daemon.daemon import Daemon, DaemonOptions  # imports the kubernetes client (slow)
+    # These import the kubernetes client (slow): only the daemon needs them.
+    from kproxy.daemon.daemon import Daemon, DaemonOptions
+    from kproxy.sources.kube import SourceUnavailable
 
     opts = DaemonOptions(
         node_name=args.node_name,
@@ -182,8 +184,11 @@ def run_daemon(args: argparse.Namespace) -> int:
         mode=args.mode,
     )
     try:
+        if opts.lock_file:
+            # Opened at each apply: a path that cannot be is said now, not at every sync.
+            os.close(open_lock_file(opts.lock_file))
         daemon = Daemon(opts)
-    except NoFamilyError as err:
+    except (NoFamilyError, LockError, SourceUnavailable) as err:
         log.error("%s", err)
         return EXIT_ERROR
     return daemon.run()
@@ -227,7 +232,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
                 nft_mode=args.mode != "iptables",
             )
         write_atomically(args.out, text)
-    except (LockHeld, IptablesError) as err:
+    except (LockError, IptablesError) as err:
         log.error("%s", err)
         return EXIT_ERROR
     except OSError as err:
@@ -257,7 +262,7 @@ def run_restore(args: argparse.Namespace) -> int:
     try:
         with _locked(args, "restore"):
             results = recovery.restore(snap, backends, dry_run=args.dry_run)
-    except LockHeld as err:
+    except LockError as err:
         log.error("%s", err)
         return EXIT_ERROR
     except ApplyError as err:
@@ -291,7 +296,7 @@ def run_cleanup(args: argparse.Namespace) -> int:
     try:
         with _locked(args, "cleanup"):
             results = cleanup(families)
-    except LockHeld as err:
+    except LockError as err:
         log.error("%s", err)
         return EXIT_ERROR
     except ApplyError as err:

@@ -36,6 +36,21 @@ def _cidrs(text: str) -> list[str]:
     return [_cidr(p) for p in text.split(",") if p]
 
 
+def _bind(default_port: int):
+    """host:port for a listening address, checked as the daemon will read it."""
+
+    def check(text: str) -> str:
+        from kproxy.daemon.metrics import split_host_port  # pure, but its module is not light
+
+        try:
+            split_host_port(text, default_port)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+
+    return check
+
+
 def _boolean(text: str) -> bool:
     if text.lower() in ("true", "1", "yes"):
         return True
@@ -237,11 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument(
         "--metrics-bind-address",
         default="127.0.0.1:10249",
+        type=_bind(10249),
         help="host:port for /metrics (default 127.0.0.1:10249)",
     )
     p_run.add_argument(
         "--healthz-bind-address",
         default="0.0.0.0:10256",
+        type=_bind(10256),
         help="host:port for /healthz, /livez and /readyz (default 0.0.0.0:10256)",
     )
     p_run.add_argument(

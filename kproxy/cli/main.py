@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 
 from kproxy.cli import commands
 from kproxy.cli.flags import build_parser
@@ -73,6 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         gc.disable()
     try:
         return _dispatch(parser, args)
+    except Exception as err:
+        # An error no command foresaw (each reports its own inputs' errors): one line rather
+        # than a traceback at a new user; -v logs the traceback for a bug report.
+        verbose = getattr(args, "verbose", False)
+        logging.getLogger("kproxy").error(
+            "%s: %s%s",
+            type(err).__name__,
+            " ".join(str(err).split()),
+            "" if verbose else " (-v shows the traceback)",
+        )
+        logging.getLogger("kproxy").debug("%s", traceback.format_exc())
+        return commands.EXIT_ERROR
     finally:
         if collecting:
             gc.enable()

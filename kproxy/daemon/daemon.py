@@ -324,9 +324,18 @@ class Daemon:
 
     def run(self) -> int:
         opts = self.opts
-        metrics_server = self.metrics.serve(opts.metrics_bind)
+        try:
+            metrics_server = self.metrics.serve(opts.metrics_bind)
+        except OSError as err:
+            log.error("cannot serve /metrics on %s: %s", opts.metrics_bind, err.strerror or err)
+            return 2
         health_server = HealthServer(self.health, opts.healthz_bind, metrics=self.metrics)
-        health_server.start()
+        try:
+            health_server.start()
+        except OSError as err:
+            metrics_server.stop()
+            log.error("cannot serve /healthz on %s: %s", opts.healthz_bind, err.strerror or err)
+            return 2
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
         log.info(

@@ -28,7 +28,7 @@ from typing import Protocol
 from kproxy.errors import ApplyError
 from kproxy.mode import Mode, sync_families
 from kproxy.model import ClusterState, NodeConfig
-from kproxy.recovery.lockfile import LockHeld
+from kproxy.recovery.lockfile import LockError
 from kproxy.sources.store import Changes, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class Reconciler:
         try:
             with self.lock():
                 return self._sync(verify_reason)
-        except LockHeld as err:
+        except LockError as err:
             log.warning("sync postponed: %s", err)
             state, changes = self.store.snapshot()
             report = SyncReport(

@@ -21,8 +21,23 @@ DEFAULT_LOCK_FILE = "/run/kproxy.lock"
 DEFAULT_LOCK_WAIT = 120.0
 
 
-class LockHeld(Exception):
+class LockError(Exception):
+    """The lock cannot be had; str() says why and what to do."""
+
+
+class LockHeld(LockError):
     """Another process holds the lock; str() says which and what to do."""
+
+
+def open_lock_file(path: str) -> int:
+    """The lock file's descriptor (created if need be); LockError naming it when it cannot be
+    opened (a missing directory, no permission)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise LockError(
+            f"cannot open the lock file {path}: {err.strerror or err}; pass --lock-file"
+        ) from None
 
 
 def holder(fd: int) -> str:
@@ -47,7 +62,7 @@ def locked(
 
     `on_wait(holder)` is called once when the lock is taken and waiting begins; `command` is
     what this process writes beside its pid for others to see (default "kproxy <what>")."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_lock_file(path)
     try:
         deadline = time.monotonic() + timeout
         waiting = False

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import random
 import socket
 import threading
@@ -41,6 +42,7 @@ from typing import Any, Protocol
 
 import tenacity
 import urllib3
+import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
@@ -55,6 +57,10 @@ MIN_WATCH_DURATION = 1.0
 
 class SourceUnavailable(Exception):
     """The API server could not be read (no configuration, or no server answered in time)."""
+
+
+class NoConfiguration(SourceUnavailable):
+    """No usable client configuration: what was tried and what to pass, in one line."""
 
 
 class SourceMetrics(Protocol):
@@ -489,21 +495,37 @@ def _configurations(
     kubeconfig, else the in-cluster service account, else the default kubeconfig location.
     """
     base: client.Configuration | None = None
-    try:
-        if kubeconfig:
-            base = client.Configuration()
+    # The client's errors may span lines (a YAML parser's marks): one line for the operator.
+    broken = (ConfigException, OSError, ValueError, yaml.YAMLError, TypeError, AttributeError)
+    if kubeconfig:
+        base = client.Configuration()
+        try:
+            if not os.path.isfile(kubeconfig):
+                raise ConfigException("no such file")
             config.load_kube_config(config_file=kubeconfig, client_configuration=base)
-        elif servers:
-            base = _service_account()
-        else:
+        except broken as err:
+            raise NoConfiguration(
+                f"cannot use --kubeconfig {kubeconfig}: {_one_line(err)}; pass a valid "
+                "kubeconfig file, or --master URL"
+            ) from None
+    elif servers:
+        base = _service_account()
+    else:
+        base = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=base)
+        except ConfigException as in_cluster:
+            # $KUBECONFIG, else ~/.kube/config, as the client reads it.
+            default = os.path.expanduser(config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION)
             base = client.Configuration()
             try:
-                config.load_incluster_config(client_configuration=base)
-            except ConfigException:
-                base = client.Configuration()
                 config.load_kube_config(client_configuration=base)
-    except (ConfigException, OSError, ValueError) as err:
-        raise SourceUnavailable(f"no API server configuration: {err}") from None
+            except broken as err:
+                raise NoConfiguration(
+                    "no API server configuration: tried in-cluster (not in a pod: "
+                    f"{_one_line(in_cluster)}) and {default} ({_one_line(err)}); pass "
+                    "--kubeconfig FILE or --master URL"
+                ) from None
     configs = []
     addresses = servers or [base.host if base is not None else ""]
     for address in addresses:
@@ -515,6 +537,10 @@ def _configurations(
         cfg.retries = False
         configs.append(cfg)
     return configs
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()).rstrip(".") or type(err).__name__
 
 
 def _service_account(

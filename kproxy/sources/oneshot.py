@@ -30,7 +30,11 @@ def read_cluster(
     be used."""
     if state_file:
         return load_state(state_file, node_name)
-    from kproxy.sources.kube import KubeSource, SourceUnavailable  # loads the client: slow
+    from kproxy.sources.kube import (  # loads the client: slow
+        KubeSource,
+        NoConfiguration,
+        SourceUnavailable,
+    )
 
     try:
         source = KubeSource(
@@ -42,14 +46,15 @@ def read_cluster(
         )
         objects = source.list_once(timeout=api_timeout)
     except SourceUnavailable as err:
+        # No configuration says itself what was tried and what to pass.
+        why = str(err) if isinstance(err, NoConfiguration) else f"API server unreachable ({err})"
         if not cache_fallback:
-            raise StateFileError(f"API server unreachable ({err})") from None
+            raise StateFileError(why) from None
         try:
             cached = cache.fallback(state_cache, state_cache_max_age)
         except cache.CacheUnusable as cache_err:
             raise StateFileError(
-                f"API server unreachable ({err}) and no usable state cache at "
-                f"{state_cache} ({cache_err})"
+                f"{why}; and no usable state cache at {state_cache} ({cache_err})"
             ) from None
         log.warning(
             "API server unreachable (%s); using the last-known-good state from %s, "
