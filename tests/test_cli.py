@@ -1,6 +1,7 @@
 """The command line outside the kernel: version, help, usage and input errors (the kernel is
 never reached for these)."""
 
+import re
 import subprocess
 import sys
 import threading
@@ -162,3 +163,78 @@ def test_lock_wait_is_a_duration_flag_with_a_default():
     assert "--lock-wait DURATION" in res.stdout and "120s" in res.stdout
     res = kproxy("sync", "--state", "x.yaml", "--lock-wait", "soon")
     assert res.returncode == 2 and "is not a duration" in res.stderr
+
+
+RUN_GROUPS = {
+    "API server": {"--kubeconfig", "--master", "--api-timeout", "--api-wait", "--node-name"},
+    "modes and iptables": {
+        "--mode",
+        "--cluster-cidr",
+        "--masquerade-all",
+        "--iptables-masquerade-bit",
+        "--node-ip",
+        "--nodeport-addresses",
+        "--iptables-localhost-nodeports",
+        "--iptables-backend",
+        "--iptables-sync-period",
+        "--iptables-min-sync-period",
+        "--canary-interval",
+        "--conntrack-cleanup",
+    },
+    "nftables": set(),
+    "health and metrics": {"--metrics-bind-address", "--healthz-bind-address"},
+    "recovery": {
+        "--state-cache",
+        "--no-cache-fallback",
+        "--state-cache-max-age",
+        "--snapshot-dir",
+        "--snapshot-keep",
+        "--lock-file",
+    },
+    "logging": {"--verbose", "--log-format"},
+}
+
+
+def help_sections(text: str) -> dict[str, dict[str, str]]:
+    """`--help` output -> {section title: {each long flag of an entry: the entry's text}}. A
+    group's description is the paragraph between its title and a blank line."""
+    blocks: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            current = line[:-1]
+            blocks[current] = []
+        elif current is not None:
+            blocks[current].append(line)
+    sections: dict[str, dict[str, str]] = {}
+    for title, lines in blocks.items():
+        while lines and not lines[-1].strip():
+            lines.pop()
+        if lines and not lines[0].startswith("  -"):  # a description, then any options
+            lines = lines[lines.index("") + 1 :] if "" in lines else []
+        entries: list[list[str]] = []
+        for line in lines:
+            if line.startswith("  -"):
+                entries.append([line])
+            elif entries:
+                entries[-1].append(line)
+        sections[title] = {}
+        for entry in entries:
+            invocation = entry[0].strip().split("  ")[0]
+            for flag in re.findall(r"(?<![\w-])(--[a-z0-9-]+)", invocation):
+                sections[title][flag] = " ".join(" ".join(entry).split())
+    return sections
+
+
+def test_run_help_is_grouped_as_kube_proxy_documents_it_and_gives_every_default():
+    res = kproxy("run", "--help")
+    assert res.returncode == 0
+    sections = help_sections(res.stdout)
+    titles = [t for t in sections if t in RUN_GROUPS]
+    assert titles == list(RUN_GROUPS), list(sections)
+    for title, flags in RUN_GROUPS.items():
+        assert flags <= set(sections[title]), (title, sorted(flags - set(sections[title])))
+    for title, entries in sections.items():
+        for flag, entry in entries.items():
+            if flag != "--help":
+                assert "default" in entry, f"{title}: {flag} gives no default: {entry}"

@@ -12,6 +12,37 @@ from kproxy.recovery.lockfile import DEFAULT_LOCK_FILE, DEFAULT_LOCK_WAIT
 from kproxy.recovery.restore import DEFAULT_SNAPSHOT_DIR
 from kproxy.sources.cache import DEFAULT_STATE_CACHE
 
+# `run --help` groups its flags as kube-proxy's documentation does: key -> (title, description).
+RUN_GROUPS = {
+    "api": ("API server", "where the cluster's Services and EndpointSlices are read"),
+    "proxy": ("modes and iptables", "what the rules do, and how often they are synced"),
+    "nft": (
+        "nftables",
+        "In nftables mode (--mode nftables) kproxy programs one `kproxy` table (ip and ip6) "
+        "in one nft "
+        "transaction per sync; it has no flags of its own: its sync periods are "
+        "--iptables-sync-period and --iptables-min-sync-period, and the flags above apply "
+        "to it unless they say iptables mode only",
+    ),
+    "serve": ("health and metrics", None),
+    "recovery": ("recovery", "what kproxy keeps to rebuild the rules without the API server"),
+    "log": ("logging", None),
+}
+
+
+class _Groups:
+    """Where each flag goes: with `titles`, the argument group of its kind (for `run --help`);
+    else the parser itself, as a one-shot command's flags are few."""
+
+    def __init__(
+        self, p: argparse.ArgumentParser, titles: dict[str, tuple[str, str | None]] | None = None
+    ) -> None:
+        self.p = p
+        self.groups = {k: p.add_argument_group(t, d) for k, (t, d) in (titles or {}).items()}
+
+    def __call__(self, key: str) -> argparse._ActionsContainer:
+        return self.groups.get(key, self.p)
+
 
 def _cidr(text: str) -> str:
     try:
@@ -72,30 +103,31 @@ def _add_node_flags(p: argparse.ArgumentParser, state_required: bool = True) -> 
     _add_proxy_flags(p)
 
 
-def _add_proxy_flags(p: argparse.ArgumentParser) -> None:
+def _add_proxy_flags(p: argparse.ArgumentParser, g: _Groups | None = None) -> None:
     """Flags of how this node proxies, shared by every command (spelled as kube-proxy's)."""
-    p.add_argument(
+    g = g or _Groups(p)
+    g("api").add_argument(
         "--node-name",
         "--hostname-override",
         dest="node_name",
         default=socket.gethostname(),
         help="this node's name (default: hostname)",
     )
-    p.add_argument(
+    g("proxy").add_argument(
         "--cluster-cidr",
         action="extend",
         type=_cidrs,
         default=[],
         metavar="CIDR[,CIDR]",
         help="pod CIDRs, one per IP family (repeat or comma-separate); traffic to a ClusterIP "
-        "from outside them is masqueraded",
+        "from outside them is masqueraded (default: none)",
     )
-    p.add_argument(
+    g("proxy").add_argument(
         "--masquerade-all",
         action="store_true",
-        help="masquerade all traffic sent to Service cluster IPs",
+        help="masquerade all traffic sent to Service cluster IPs (default off)",
     )
-    p.add_argument(
+    g("proxy").add_argument(
         "--iptables-masquerade-bit",
         dest="masquerade_bit",
         type=int,
@@ -104,7 +136,7 @@ def _add_proxy_flags(p: argparse.ArgumentParser) -> None:
         metavar="0-31",
         help="fwmark bit marking packets to masquerade (default 14: 0x4000)",
     )
-    p.add_argument(
+    g("proxy").add_argument(
         "--node-ip",
         action="append",
         default=[],
@@ -113,7 +145,7 @@ def _add_proxy_flags(p: argparse.ArgumentParser) -> None:
         help="this node's IP (repeat per family; default: the Node's first InternalIP, else "
         "ExternalIP, of each family: from the state, or the watched Node for `run`)",
     )
-    p.add_argument(
+    g("proxy").add_argument(
         "--nodeport-addresses",
         action="extend",
         default=[],
@@ -122,7 +154,7 @@ def _add_proxy_flags(p: argparse.ArgumentParser) -> None:
         help="answer NodePorts only on local addresses in these CIDRs, or on the node's own "
         "IPs with 'primary' (default: every local address)",
     )
-    p.add_argument(
+    g("proxy").add_argument(
         "--iptables-localhost-nodeports",
         dest="localhost_nodeports",
         type=_boolean,
@@ -131,13 +163,13 @@ def _add_proxy_flags(p: argparse.ArgumentParser) -> None:
         help="iptables mode: IPv4 NodePorts also answer on 127.0.0.1 (sets route_localnet, as "
         "upstream does; default true); nftables mode never answers there and ignores it",
     )
-    p.add_argument(
+    g("proxy").add_argument(
         "--iptables-backend",
         choices=("auto", "nft", "legacy"),
         default="auto",
         help="iptables variant to drive (default: detect as iptables-wrappers does)",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    g("log").add_argument("-v", "--verbose", action="store_true", help="debug logs (default off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,17 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Watch Services, EndpointSlices and this Node through the API server and "
         "keep this network namespace's rules equal to them; serve metrics and health.",
     )
-    p_run.add_argument("--mode", choices=("iptables", "nftables"), default="iptables")
-    _add_proxy_flags(p_run)
-    _add_api_flags(p_run)
-    _add_lock_flag(p_run, wait=False)  # the daemon postpones a sync it cannot lock
-    p_run.add_argument(
+    run = _Groups(p_run, RUN_GROUPS)
+    run("proxy").add_argument(
+        "--mode",
+        choices=("iptables", "nftables"),
+        default="iptables",
+        help="iptables: kube-proxy's chains; nftables: one `kproxy` table (default iptables)",
+    )
+    _add_proxy_flags(p_run, run)
+    _add_api_flags(p_run, run)
+    _add_lock_flag(p_run, wait=False, g=run)  # the daemon postpones a sync it cannot lock
+    run("recovery").add_argument(
         "--snapshot-dir",
+        metavar="DIR",
         default=DEFAULT_SNAPSHOT_DIR,
         help=f"where a snapshot is written after each full sync (default {DEFAULT_SNAPSHOT_DIR})",
     )
-    p_run.add_argument("--snapshot-keep", type=int, default=5, help="snapshots kept (default 5)")
-    p_run.add_argument(
+    run("recovery").add_argument(
+        "--snapshot-keep", metavar="N", type=int, default=5, help="snapshots kept (default 5)"
+    )
+    run("api").add_argument(
         "--api-wait",
         type=_duration,
         default=10.0,
@@ -226,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait at start for the API server before programming the rules from "
         "the state cache (default 10s)",
     )
-    p_run.add_argument(
+    run("proxy").add_argument(
         "--iptables-sync-period",
         dest="sync_period",
         type=_duration,
@@ -234,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="verify and repair the kernel's rules at least this often (default 30s)",
     )
-    p_run.add_argument(
+    run("proxy").add_argument(
         "--iptables-min-sync-period",
         dest="min_sync_period",
         type=_duration,
@@ -242,33 +283,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="apply changes at most this often (default 1s)",
     )
-    p_run.add_argument(
+    run("proxy").add_argument(
         "--canary-interval",
         type=_duration,
         default=5.0,
         metavar="DURATION",
         help="check the canary chains in mangle, nat and filter this often (default 5s)",
     )
-    p_run.add_argument(
+    run("serve").add_argument(
         "--metrics-bind-address",
+        metavar="HOST:PORT",
         default="127.0.0.1:10249",
         type=_bind(10249),
         help="host:port for /metrics (default 127.0.0.1:10249)",
     )
-    p_run.add_argument(
+    run("serve").add_argument(
         "--healthz-bind-address",
+        metavar="HOST:PORT",
         default="0.0.0.0:10256",
         type=_bind(10256),
         help="host:port for /healthz, /livez and /readyz (default 0.0.0.0:10256)",
     )
-    p_run.add_argument(
+    run("proxy").add_argument(
         "--conntrack-cleanup",
         type=_boolean,
         default=True,
         metavar="true|false",
         help="delete stale UDP conntrack entries after endpoint changes (default true)",
     )
-    p_run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run("log").add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="one line of text, or one JSON object, per log record (default text)",
+    )
 
     p_snap = sub.add_parser(
         "snapshot",
@@ -323,17 +371,19 @@ def _add_backend_flags(p: argparse.ArgumentParser) -> None:
         "--node-name", "--hostname-override", dest="node_name", default=socket.gethostname()
     )
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs (default off)")
 
 
-def _add_lock_flag(p: argparse.ArgumentParser, wait: bool = True) -> None:
-    p.add_argument(
+def _add_lock_flag(p: argparse.ArgumentParser, wait: bool = True, g: _Groups | None = None) -> None:
+    g = g or _Groups(p)
+    g("recovery").add_argument(
         "--lock-file",
+        metavar="FILE",
         default=DEFAULT_LOCK_FILE,
         help=f"kproxy commands that change rules hold this lock (default {DEFAULT_LOCK_FILE})",
     )
     if wait:
-        p.add_argument(
+        g("recovery").add_argument(
             "--lock-wait",
             type=_duration,
             default=DEFAULT_LOCK_WAIT,
@@ -344,34 +394,42 @@ def _add_lock_flag(p: argparse.ArgumentParser, wait: bool = True) -> None:
         )
 
 
-def _add_api_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
-    p.add_argument(
+def _add_api_flags(p: argparse.ArgumentParser, g: _Groups | None = None) -> None:
+    g = g or _Groups(p)
+    g("api").add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="kubeconfig file (default: in-cluster, then $KUBECONFIG or ~/.kube/config)",
+    )
+    g("api").add_argument(
         "--master",
         action="extend",
         type=_urls,
         default=[],
         metavar="URL[,URL]",
-        help="API server address(es); several give failover, tried in order",
+        help="API server address(es); several give failover, tried in order (default: the "
+        "kubeconfig's, or in-cluster)",
     )
-    p.add_argument(
+    g("api").add_argument(
         "--api-timeout",
         type=_duration,
         default=10.0,
         metavar="DURATION",
         help="give up on the API server after this long (one-shot commands; default 10s)",
     )
-    p.add_argument(
+    g("recovery").add_argument(
         "--state-cache",
+        metavar="FILE",
         default=DEFAULT_STATE_CACHE,
         help=f"last-known-good cluster state (default {DEFAULT_STATE_CACHE})",
     )
-    p.add_argument(
+    g("recovery").add_argument(
         "--no-cache-fallback",
         action="store_true",
-        help="fail (exit 2) when the API server cannot be read, instead of using the cache",
+        help="fail (exit 2) when the API server cannot be read, instead of using the cache "
+        "(default off)",
     )
-    p.add_argument(
+    g("recovery").add_argument(
         "--state-cache-max-age",
         type=_duration,
         default=3600.0,
