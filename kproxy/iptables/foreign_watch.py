@@ -201,7 +201,14 @@ class ForeignWatch:
                     and int(m.group(1)) == self.family
                     and _owned(*m.group(2, 4), m.group(5) or "")
                 ):
+                    # kproxy's own restore: everything committed before it has been printed.
+                    # The monitor goes at once: translating the restore's flood of events
+                    # would take a core for seconds at 10k Services, and while it listens the
+                    # kernel builds an event for every object the restore commits.
                     self.own_seen.set()
+                    with contextlib.suppress(ProcessLookupError):
+                        self.proc.kill()
+                    return
 
     def stop(self, wait: float = 2.0) -> list[Transaction]:
         """Stop the monitor once it has printed everything committed before kproxy's own
