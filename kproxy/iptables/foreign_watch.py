@@ -5,8 +5,9 @@ own chains; a rule Docker or a CNI agent added in between would vanish. On the n
 backend every transaction is multicast to the NFNLGRP_NFTABLES group, and iptables' own
 `xtables-monitor -e` prints those events in iptables-save syntax, each transaction closed by
 a `NEWGEN: GENID=.. PID=.. NAME=..` line. A watch runs it from before the kernel is read until
-the restore has returned; the transactions that touched no chain kproxy owns are other
-tools'. Their net effect on the restored tables (rules added or deleted, chains created,
+it prints kproxy's own restore (events come in commit order, so every transaction the restore
+could have undone is printed by then); the transactions that touched no chain kproxy owns are
+other tools'. Their net effect on the restored tables (rules added or deleted, chains created,
 built-in chain policies) is checked against the kernel afterwards and whatever the restore
 undid is applied again, in one `--noflush` restore.
 
