@@ -101,8 +101,23 @@ class Jump:
     rule: str
 
 
+class _Tables:
+    """Tables of owned chains, filled chain by chain (what RuleSet and Fragments share; the
+    two stay apart as types so that a fragment set is never planned as a whole table)."""
+
+    tables: dict[str, Table]
+
+    def table(self, name: str) -> Table:
+        if name not in self.tables:
+            self.tables[name] = Table(name)
+        return self.tables[name]
+
+    def chain(self, table: str, chain: str) -> list[str]:
+        return self.table(table).chains.setdefault(chain, [])
+
+
 @dataclass
-class RuleSet:
+class RuleSet(_Tables):
     """What kproxy wants in the kernel for one IP family.
 
     `tables` holds only owned chains. `unordered` names the shared chains whose rules may sit
@@ -115,20 +130,12 @@ class RuleSet:
     jumps: list[Jump] = field(default_factory=list)
     unordered: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def table(self, name: str) -> Table:
-        if name not in self.tables:
-            self.tables[name] = Table(name)
-        return self.tables[name]
-
-    def chain(self, table: str, chain: str) -> list[str]:
-        return self.table(table).chains.setdefault(chain, [])
-
     def rule_count(self) -> int:
         return sum(t.rule_count() for t in self.tables.values()) + len(self.jumps)
 
 
 @dataclass
-class Fragments:
+class Fragments(_Tables):
     """The rules of *some* Services: their own chains, and their rules in the shared chains
     (KUBE-SERVICES, KUBE-NODEPORTS, ...), which hold nothing else here. What a partial sync
     plans: the changed Services' old fragments against their new ones.
@@ -141,14 +148,6 @@ class Fragments:
     tables: dict[str, Table] = field(default_factory=dict)
     # Shared chains held here, all with order free (their other rules are not in the set).
     unordered: dict[tuple[str, str], int] = field(default_factory=dict)
-
-    def table(self, name: str) -> Table:
-        if name not in self.tables:
-            self.tables[name] = Table(name)
-        return self.tables[name]
-
-    def chain(self, table: str, chain: str) -> list[str]:
-        return self.table(table).chains.setdefault(chain, [])
 
     def rule_count(self) -> int:
         return sum(t.rule_count() for t in self.tables.values())
