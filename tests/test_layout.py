@@ -40,6 +40,8 @@ PURE = SHARED + (
     "kproxy.nftables.render",
     "kproxy.nftables.table",
     "kproxy.nftables.plan",
+    "kproxy.nftables.nlmsg",
+    "kproxy.nftables.nlencode",
     "kproxy.nftables.trace",
     "kproxy.recovery.snapshot",  # the snapshot format: parse, check, dump
 )

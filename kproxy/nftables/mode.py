@@ -62,7 +62,7 @@ class NftablesMode(Mode):
             False,
             describe_nft(result),
             text,
-            {TABLE: len(result.plan.lines)},
+            {TABLE: result.plan.size()},
             [(False, text)] if text else [],
         )
         rendered = Rendered(
@@ -92,7 +92,7 @@ class NftablesMode(Mode):
             result.read_kernel,
             describe_nft(result),
             result.plan.text,  # formatted only when asked for (diff)
-            {TABLE: len(result.plan.lines)},
+            {TABLE: result.plan.size()},
             sent,
         )
 

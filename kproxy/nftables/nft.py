@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from kproxy.errors import ApplyError
+from kproxy.nftables.plan import NftPlan
 from kproxy.nftables.table import TABLE, NftTable, parse_table
 from kproxy.tools import failing_context, first_line, stream_to
 
@@ -50,8 +51,13 @@ class NftBackend:
             return f"`nft -c` refused an {self.family} table: {message}"
         return None
 
-    def read(self) -> NftTable | None:
-        """The kernel's kproxy table, or None when there is none."""
+    @property
+    def datapath(self) -> str:
+        return "nft"
+
+    def read(self, hint: NftTable | None = None) -> NftTable | None:
+        """The kernel's kproxy table, or None when there is none (`hint`, the desired table,
+        is for the netlink datapath; nft prints every rule's text)."""
         text = self.read_text()
         return None if text is None else parse_table(text, self.family)
 
@@ -104,6 +110,11 @@ class NftBackend:
                     proc.returncode,
                     detail=failing_context(lines, stderr, r"/dev/stdin:(\d+)"),
                 )
+
+    def apply_plan(self, plan: NftPlan, desired: NftTable | None = None) -> None:
+        """Apply a plan (kproxy.nftables.plan) as one `nft -f` transaction."""
+        if not plan.empty():
+            self.apply(plan.pieces)
 
     def delete_table(self) -> bool:
         """Remove the whole kproxy table; False when there was none."""

@@ -67,25 +67,78 @@ def _element_lines(verb: str, family: str, name: str, items: list[str]) -> list[
     ]
 
 
+# One step of a plan, as data (`nft -f` text and netlink messages are both made from these):
+#   ("table", comment)                      add the table
+#   ("chain", name, NftChain)               declare a chain
+#   ("flush", name)                         flush a chain
+#   ("rule", chain, text)                   append one rule
+#   ("delchain", name)                      delete a chain
+#   ("set", name, NftSet)                   declare a set or map
+#   ("delset", name, kind)                  delete a set or map
+#   ("elements", verb, name, kind, items)   add/delete elements: [(key, value or None)]
+Op = tuple
+
+
+def op_lines(family: str, op: Op) -> list[str]:
+    """One step as `nft -f` lines."""
+    kind = op[0]
+    if kind == "rule":
+        return [f"add rule {family} {TABLE} {op[1]} {op[2]}"]
+    if kind == "elements":
+        _, verb, name, set_kind, items = op
+        if verb == "add" and set_kind == "map":
+            texts = [f"{k} : {v}" for k, v in items]
+        else:
+            texts = [k for k, _ in items]
+        return _element_lines(verb, family, name, texts)
+    if kind == "chain":
+        return [_chain_decl(family, op[1], op[2])]
+    if kind == "flush":
+        return [f"flush chain {family} {TABLE} {op[1]}"]
+    if kind == "delchain":
+        return [f"delete chain {family} {TABLE} {op[1]}"]
+    if kind == "set":
+        return [_set_decl(family, op[1], op[2])]
+    if kind == "delset":
+        return [f"delete {op[2]} {family} {TABLE} {op[1]}"]
+    if kind == "table":
+        return [f'add table {family} {TABLE} {{ comment "{op[1]}" ; }}']
+    raise ValueError(f"unknown plan step {kind!r}")
+
+
 @dataclass
 class NftPlan:
     family: str
-    lines: list[str] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)
     created: int = 0
     rewritten: int = 0
     deleted: int = 0
     elements_changed: int = 0
+    _lines: list[str] | None = field(default=None, repr=False)
 
     def empty(self) -> bool:
-        return not self.lines
+        return not self.ops
+
+    @property
+    def lines(self) -> list[str]:
+        """The plan as `nft -f` lines (formatted once, when first asked for)."""
+        if self._lines is None:
+            self._lines = [ln for op in self.ops for ln in op_lines(self.family, op)]
+        return self._lines
+
+    def size(self) -> int:
+        """How many `nft -f` lines the plan is, without formatting them."""
+        return sum(-(-len(op[4]) // ELEMENT_BATCH) if op[0] == "elements" else 1 for op in self.ops)
 
     def text(self) -> str:
         return "".join(self.pieces())
 
     def pieces(self, size: int = 4096) -> Iterator[str]:
-        """text() in pieces of `size` lines (a 10k-Service table is 400k lines)."""
-        for i in range(0, len(self.lines), size):
-            yield "".join(f"{ln}\n" for ln in self.lines[i : i + size])
+        """text() in pieces of about `size` steps (a 10k-Service table is 400k lines)."""
+        for i in range(0, len(self.ops), size):
+            yield "".join(
+                f"{ln}\n" for op in self.ops[i : i + size] for ln in op_lines(self.family, op)
+            )
 
     def summary(self) -> str:
         return (
@@ -95,23 +148,24 @@ class NftPlan:
 
 
 def plan_table(want: NftTable, have: NftTable | None) -> NftPlan:
-    """The transaction turning `have` (None: no table) into `want`, in the order nft needs:
+    """The transaction turning `have` (None: no table) into `want`, in the order the kernel
+    needs:
     declarations, flushes, element deletions, set re-creations, rules, element additions,
     deletions of what is gone."""
     fam = want.family
     p = NftPlan(fam)
     have = have or NftTable(fam, comment=None)
-    declare: list[str] = []
-    flush: list[str] = []
-    del_elements: list[str] = []
-    del_sets: list[str] = []
-    add_sets: list[str] = []
-    rules: list[str] = []
-    add_elements: list[str] = []
-    del_chains: list[str] = []
+    declare: list[Op] = []
+    flush: list[Op] = []
+    del_elements: list[Op] = []
+    del_sets: list[Op] = []
+    add_sets: list[Op] = []
+    rules: list[Op] = []
+    add_elements: list[Op] = []
+    del_chains: list[Op] = []
 
     if have.comment != want.comment or not have.chains and not have.sets:
-        declare.append(f'add table {fam} {TABLE} {{ comment "{want.comment}" ; }}')
+        declare.append(("table", want.comment))
 
     recreated = {
         name
@@ -126,53 +180,52 @@ def plan_table(want: NftTable, have: NftTable | None) -> NftPlan:
 
     for name, s in want.sets.items():
         if name not in have.sets:
-            declare.append(_set_decl(fam, name, s))
+            declare.append(("set", name, s))
     for name, chain in want.chains.items():
         old = have.chains.get(name)
         if old is None:
-            declare.append(_chain_decl(fam, name, chain))
-            rules.extend(f"add rule {fam} {TABLE} {name} {r}" for r in chain.rules)
+            declare.append(("chain", name, chain))
+            rules.extend(("rule", name, r) for r in chain.rules)
             p.created += 1
         elif old.rules != chain.rules or references(old.rules) or not old.header_equal(chain):
-            flush.append(f"flush chain {fam} {TABLE} {name}")
+            flush.append(("flush", name))
             if not old.header_equal(chain):
                 # A chain's hook or comment cannot be changed in place: replace the chain
                 # (only base chains and commented helpers have one; nothing jumps to them).
-                rules.append(f"delete chain {fam} {TABLE} {name}")
-                rules.append(_chain_decl(fam, name, chain))
-            rules.extend(f"add rule {fam} {TABLE} {name} {r}" for r in chain.rules)
+                rules.append(("delchain", name))
+                rules.append(("chain", name, chain))
+            rules.extend(("rule", name, r) for r in chain.rules)
             p.rewritten += 1
     stale_chains = [name for name in have.chains if name not in want.chains]
     for name in stale_chains:
-        flush.append(f"flush chain {fam} {TABLE} {name}")
-        del_chains.append(f"delete chain {fam} {TABLE} {name}")
+        flush.append(("flush", name))
+        del_chains.append(("delchain", name))
         p.deleted += 1
 
     for name, s in want.sets.items():
         old = have.sets.get(name)
         if s.dynamic:
             if name in recreated:
-                del_sets.append(f"delete {s.kind} {fam} {TABLE} {name}")
-                add_sets.append(_set_decl(fam, name, s))
+                del_sets.append(("delset", name, s.kind))
+                add_sets.append(("set", name, s))
             continue
         old_elements = {} if old is None or name in recreated else old.elements
         if name in recreated:
-            del_sets.append(f"delete {s.kind} {fam} {TABLE} {name}")
-            add_sets.append(_set_decl(fam, name, s))
-        removed = [k for k, v in old_elements.items() if k not in s.elements or s.elements[k] != v]
-        added = [k for k, v in s.elements.items() if old_elements.get(k, object()) != v]
+            del_sets.append(("delset", name, s.kind))
+            add_sets.append(("set", name, s))
+        removed = [
+            (k, v) for k, v in old_elements.items() if k not in s.elements or s.elements[k] != v
+        ]
+        added = [(k, v) for k, v in s.elements.items() if old_elements.get(k, object()) != v]
         if removed:
-            del_elements.extend(_element_lines("delete", fam, name, removed))
+            del_elements.append(("elements", "delete", name, s.kind, removed))
         if added:
-            items = [k if s.kind == "set" else f"{k} : {s.elements[k]}" for k in added]
-            add_elements.extend(_element_lines("add", fam, name, items))
+            add_elements.append(("elements", "add", name, s.kind, added))
         p.elements_changed += len(removed) + len(added)
     for name in stale_sets:
-        del_sets.append(f"delete {have.sets[name].kind} {fam} {TABLE} {name}")
+        del_sets.append(("delset", name, have.sets[name].kind))
 
     # Element deletions come first among the changes so no element points at a chain being
     # deleted; re-created sets after the flushes of the chains using them.
-    p.lines = (
-        declare + flush + del_elements + del_sets + add_sets + rules + add_elements + del_chains
-    )
+    p.ops = declare + flush + del_elements + del_sets + add_sets + rules + add_elements + del_chains
     return p

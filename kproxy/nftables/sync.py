@@ -1,5 +1,6 @@
 """nftables mode's sync of one IP family: read the kproxy table (or take the record of the
-last apply), plan against the desired table, apply it as one `nft -f` transaction."""
+last apply), plan against the desired table, apply it as one transaction (one netlink batch,
+or one `nft -f`, by the backend's datapath)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def sync_nft(
     read; otherwise the kernel's table is listed first.
     """
     t0 = time.perf_counter()
-    live = assumed if known else backend.read()
+    live = assumed if known else backend.read(desired)
     t1 = time.perf_counter()
     the_plan = plan_table(desired, live)
     t2 = time.perf_counter()
@@ -41,8 +42,8 @@ def sync_nft(
     )
     if dry_run or the_plan.empty():
         return result
-    backend.apply(the_plan.pieces)
-    result.lines_sent = len(the_plan.lines)
+    backend.apply_plan(the_plan, desired)
+    result.lines_sent = the_plan.size()
     result.timings["apply"] = time.perf_counter() - t2
     return result
 

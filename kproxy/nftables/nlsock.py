@@ -1,0 +1,161 @@
+"""A NETLINK_NETFILTER socket of the current network namespace: one batch per transaction,
+and dumps.
+
+The kernel runs a whole batch (BATCH_BEGIN, messages, BATCH_END) inside the one sendmsg()
+that carries it, and commits it only when it reaches BATCH_END with every message accepted:
+a kproxy killed before that call changes nothing, and a batch the kernel refuses anywhere is
+aborted whole. Its errors (and the ack asked of the last message) are queued on the socket
+before sendmsg returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+from kproxy.nftables import nlmsg
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+NLMSGERR_ATTR_MSG = 1
+NLM_F_ACK_TLVS = 0x200
+RECV_SIZE = 1 << 20
+
+
+@dataclass
+class BatchError:
+    seq: int
+    errno: int
+    message: str  # the kernel's extended ack text, when it gave one
+
+
+class NetlinkSocket:
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            self.sock.bind((0, 0))
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+            self._force(SO_RCVBUFFORCE, 8 << 20)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.seq = int.from_bytes(os.urandom(2), "big") << 8
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> NetlinkSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _force(self, option: int, size: int) -> None:
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except PermissionError:  # without CAP_NET_ADMIN: as much as net.core.*mem_max allows
+            plain = socket.SO_SNDBUF if option == SO_SNDBUFFORCE else socket.SO_RCVBUF
+            self.sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+    def next_seq(self, count: int = 1) -> int:
+        first = self.seq
+        self.seq += count
+        return first
+
+    def send_batch(self, batch: bytes | bytearray, last_seq: int) -> list[BatchError]:
+        """Send one whole batch in one sendmsg; the errors the kernel answered ([]: committed).
+        The message with `last_seq` carries NLM_F_ACK: its answer ends the reading."""
+        self._force(SO_SNDBUFFORCE, len(batch) + (1 << 16))
+        self._drain()
+        sent = self.sock.send(batch)
+        if sent != len(batch):
+            raise OSError(errno.EMSGSIZE, f"netlink batch cut short: {sent} of {len(batch)} bytes")
+        errors: list[BatchError] = []
+        acked = False
+        while True:
+            try:
+                data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError as err:
+                if err.errno != errno.ENOBUFS:
+                    raise
+                # More answers than the receive buffer holds: some errors were lost.
+                errors.append(BatchError(0, errno.ENOBUFS, "answers lost (ENOBUFS)"))
+                continue
+            for kind, flags, seq, payload in nlmsg.iter_messages(data):
+                if kind != nlmsg.NLMSG_ERROR:
+                    continue
+                code = -struct.unpack_from("=i", payload)[0]
+                if code:
+                    errors.append(BatchError(seq, code, _ext_ack_text(payload, flags)))
+                elif seq == last_seq:
+                    acked = True
+        if not errors and not acked:
+            errors.append(BatchError(0, errno.EPROTO, "the kernel did not answer the batch"))
+        return errors
+
+    def _drain(self) -> None:
+        """Drop anything left from an earlier exchange."""
+        while True:
+            try:
+                self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+
+    def dump(self, msg: int, family: int, body: bytes = b"") -> list[bytes]:
+        """The payloads (nfgenmsg onward) of a dump's answers."""
+        seq = self.next_seq()
+        self.sock.send(nlmsg.message(msg, nlmsg.NLM_F_DUMP, seq, family, body))
+        out: list[bytes] = []
+        while True:
+            data = self.sock.recv(RECV_SIZE)
+            for kind, _flags, mseq, payload in nlmsg.iter_messages(data):
+                if mseq != seq:
+                    continue
+                if kind == nlmsg.NLMSG_DONE:
+                    return out
+                if kind == nlmsg.NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0]
+                    if code == 0:
+                        continue
+                    if code == errno.ENOENT:
+                        return out
+                    raise OSError(code, f"netlink dump {msg}: {os.strerror(code)}")
+                out.append(payload)
+
+    def request(self, msg: int, family: int, body: bytes = b"") -> list[bytes]:
+        """One GET (not a dump): its answer's payloads; [] when the object does not exist."""
+        seq = self.next_seq()
+        self.sock.send(nlmsg.message(msg, nlmsg.NLM_F_ACK, seq, family, body))
+        out: list[bytes] = []
+        while True:
+            data = self.sock.recv(RECV_SIZE)
+            for kind, _flags, mseq, payload in nlmsg.iter_messages(data):
+                if mseq != seq:
+                    continue
+                if kind == nlmsg.NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0]
+                    if code in (0, errno.ENOENT):
+                        return out
+                    raise OSError(code, f"netlink request {msg}: {os.strerror(code)}")
+                out.append(payload)
+
+
+def _ext_ack_text(payload: bytes, flags: int) -> str:
+    """NLMSGERR_ATTR_MSG of an error (with NETLINK_CAP_ACK the original message is only its
+    16-byte header, after the 4-byte error code)."""
+    if not flags & NLM_F_ACK_TLVS:
+        return ""
+    for kind, value in nlmsg.iter_attrs(payload, 4 + 16):
+        if kind == NLMSGERR_ATTR_MSG:
+            return nlmsg.cstr(value)
+    return ""
