@@ -15,7 +15,6 @@ its values. 400k rules encode in seconds of Python. No I/O.
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -177,7 +176,17 @@ class _Family:
     anon_set_udata: bytes  # an anonymous set of `<ip> saddr`, as nft describes it
 
     def addr(self, text: str) -> bytes:
-        return socket.inet_pton(socket.AF_INET6 if self.addr_len == 16 else socket.AF_INET, text)
+        if self.addr_len == 4:
+            raw = bytes(map(int, text.split(".")))  # several times faster than ipaddress
+            if len(raw) != 4:
+                raise ValueError(f"not an IPv4 address: {text!r}")
+            return raw
+        return ipaddress.IPv6Address(text).packed
+
+    def text(self, raw: bytes) -> str:
+        if self.addr_len == 4:
+            return ".".join(map(str, raw[:4]))
+        return str(ipaddress.IPv6Address(raw[:16]))
 
     @property
     def key_type(self) -> int:
@@ -650,15 +659,14 @@ class KeyEncoder:
         if typeof:
             return str(_HOST32.unpack(raw[:4])[0])
         n = self.fam.addr_len
-        family = socket.AF_INET6 if n == 16 else socket.AF_INET
         if key_len == n + 8:
             proto = PROTOCOL_NAMES.get(raw[n], str(raw[n]))
             port = int.from_bytes(raw[n + 4 : n + 6], "big")
-            return f"{socket.inet_ntop(family, raw[:n])} . {proto} . {port}"
+            return f"{self.fam.text(raw)} . {proto} . {port}"
         if key_len == 8:
             proto = PROTOCOL_NAMES.get(raw[0], str(raw[0]))
             return f"{proto} . {int.from_bytes(raw[4:6], 'big')}"
-        return socket.inet_ntop(family, raw[:n])
+        return self.fam.text(raw)
 
 
 def decode_verdict(raw: bytes) -> str:
