@@ -326,6 +326,20 @@ def _base_text(a: dict, want: NftChain | None) -> str | None:
     return f"type {kind} hook {HOOK_NAMES.get(num, num)} priority {prio}; policy {verdict};"
 
 
+def step_label(op: tuple) -> str:
+    """A plan step in words, for errors."""
+    kind = op[0]
+    if kind == "rule":
+        return f"chain {op[1]} rule {op[2]!r}"
+    if kind == "elements":
+        return f"{op[1]} elements of {op[2]} ({', '.join(k for k, _ in op[4][:3])}...)"
+    if kind in ("chain", "flush", "delchain"):
+        return f"{ {'chain': 'add', 'flush': 'flush', 'delchain': 'delete'}[kind] } chain {op[1]}"
+    if kind in ("set", "delset"):
+        return f"{'add' if kind == 'set' else 'delete'} set {op[1]}"
+    return kind
+
+
 def _udata_comment(udata: bytes | None) -> str | None:
     """The comment TLV (type 0 for tables and chains) of nft's user data."""
     off = 0
@@ -337,10 +351,10 @@ def _udata_comment(udata: bytes | None) -> str | None:
     return None
 
 
-def _describe(errors: list[BatchError], what: dict[int, str]) -> str:
+def _describe(errors: list[BatchError], what: dict[int, tuple]) -> str:
     """The kernel's refusal, naming the Service and rule of the first refused message."""
     first = errors[0]
-    label = what.get(first.seq, "the batch")
+    label = step_label(what[first.seq]) if first.seq in what else "the batch"
     service = re.search(r"-[A-Z2-7]{8}-([^/\s]+/[^/\s]+)/", label)
     who = f"Service {service.group(1)}: " if service else ""
     reason = os.strerror(first.errno) + (f" ({first.message})" if first.message else "")

@@ -147,6 +147,59 @@ def immediate_value(reg: int, raw: bytes) -> bytes:
     return _expr("immediate", _u32(1, reg), _value(2, raw))
 
 
+class _Hole:
+    """An encoding with one name left open (a chain or set name, a string attribute): built
+    once around a sentinel name, then filled in with the lengths of the attributes around it
+    corrected. Filling costs a copy and a few packs instead of building every attribute."""
+
+    SENTINEL = "\x01" * 8
+
+    def __init__(self, build: Callable[[str], bytes]) -> None:
+        t = build(self.SENTINEL)
+        start = t.index(self.SENTINEL.encode()) - 4
+        self.size = (4 + len(self.SENTINEL) + 1 + 3) & ~3  # the sentinel attribute, padded
+        self.kind = _ATTR.unpack_from(t, start)[1]
+        self.pre, self.post = t[:start], t[start + self.size :]
+        self.fixups: list[tuple[int, int]] = []  # (offset, length) of the enclosing attributes
+        off, end = 0, start
+        while off < end:
+            n = _ATTR.unpack_from(t, off)[0]
+            if off + n > start:  # encloses the name: correct it, and look inside
+                self.fixups.append((off, n))
+                off += 4
+            else:
+                off += (n + 3) & ~3
+
+    def fill(self, name: str) -> bytes:
+        nb = name.encode() + b"\0"
+        n = 4 + len(nb)
+        pad = -n & 3
+        delta = n + pad - self.size
+        pre = bytearray(self.pre)
+        for off, length in self.fixups:
+            _LEN.pack_into(pre, off, length + delta)
+        return b"".join((pre, _ATTR.pack(n, self.kind), nb, _PAD[pad], self.post))
+
+
+class _Slot:
+    """An encoding with one fixed-size value left open (an address, a port)."""
+
+    def __init__(self, build: Callable[[bytes], bytes], size: int) -> None:
+        sentinel = bytes([0xA5]) * size
+        t = build(sentinel)
+        at = t.index(sentinel)
+        self.pre, self.post = t[:at], t[at + size :]
+
+    def fill(self, raw: bytes) -> bytes:
+        return self.pre + raw + self.post
+
+
+_LEN = struct.Struct("=H")
+_MSG_HEADER = struct.Struct("=IHHIIBBH")  # nlmsghdr and nfgenmsg
+_RES_ID = m.NFNL_SUBSYS_NFTABLES << 8  # res_id in network order, as a host-order u16
+_PAD = (b"", b"\0", b"\0\0", b"\0\0\0")
+
+
 # ---- rule shapes ----
 
 # Words of the rule grammar the renderer writes; every other token is a value (an address,
@@ -439,24 +492,45 @@ def _run(pieces, vals: list[str]) -> bytes:
     return b"".join(out)
 
 
+_VMAP = _Hole(lambda n: lookup(n, REG_1, REG_VERDICT))
+_LOOKUP = _Hole(lambda n: lookup(n, REG_1))
+_PORT = _Slot(lambda raw: cmp(NFT_CMP_EQ, raw), 2)
+_JUMP = _Hole(lambda n: immediate_verdict("jump " + n))
+_GOTO = _Hole(lambda n: immediate_verdict("goto " + n))
+_DYNSET = _Hole(
+    lambda n: _expr(
+        "dynset",
+        _u32(4, REG_1),
+        _u32(3, NFT_DYNSET_OP_UPDATE),
+        _str(1, n),
+        _a(6, bytes(8)),
+        _u32(9, 0),
+    )
+)
+_NUMGEN = _Slot(
+    lambda raw: _expr("numgen", _u32(1, REG_1), _a(2, raw), _u32(3, NFT_NG_RANDOM), _u32(4, 0)),
+    4,
+)
+
+
 def _vmap_lookup(v: str) -> bytes:
-    return lookup(v[1:], REG_1, REG_VERDICT)
+    return _VMAP.fill(v[1:])
 
 
 def _set_lookup(v: str) -> bytes:
-    return lookup(v[1:], REG_1)
+    return _LOOKUP.fill(v[1:])
 
 
 def _port_cmp(v: str) -> bytes:
-    return cmp(NFT_CMP_EQ, int(v).to_bytes(2, "big"))
+    return _PORT.fill(int(v).to_bytes(2, "big"))
 
 
 def _jump(v: str) -> bytes:
-    return immediate_verdict("jump " + v)
+    return _JUMP.fill(v)
 
 
 def _goto(v: str) -> bytes:
-    return immediate_verdict("goto " + v)
+    return _GOTO.fill(v)
 
 
 def _mark_test(mask: str, value: str) -> bytes:
@@ -485,29 +559,32 @@ def _mark_xor(bits: str) -> bytes:
 
 
 def _numgen_vmap(modulus: str, name: str) -> bytes:
-    return _expr(
-        "numgen", _u32(1, REG_1), _u32(2, int(modulus)), _u32(3, NFT_NG_RANDOM), _u32(4, 0)
-    ) + lookup(name[1:], REG_1, REG_VERDICT)
+    return _NUMGEN.fill(_U32.pack(int(modulus))) + _VMAP.fill(name[1:])
 
 
 def _dynset_update(name: str) -> bytes:
-    return _expr(
-        "dynset",
-        _u32(4, REG_1),
-        _u32(3, NFT_DYNSET_OP_UPDATE),
-        _str(1, name[1:]),
-        _a(6, bytes(8)),
-        _u32(9, 0),
-    )
+    return _DYNSET.fill(name[1:])
 
 
 def _addr_match(fam: _Family, offset: int, op: int) -> Callable[[str], bytes]:
     """`ip saddr [!=] A` or `A/len`, as nft optimises it: a prefix on a byte boundary loads
     only its bytes; another prefix loads the address and masks it."""
 
+    plain = _Slot(
+        lambda raw: payload(NFT_PAYLOAD_NETWORK, offset, fam.addr_len) + cmp(op, raw),
+        fam.addr_len,
+    )
+    prefixes: dict[str, bytes] = {}  # the same few CIDRs recur in every Service's rules
+
     def encode(v: str) -> bytes:
         if "/" not in v:
-            return payload(NFT_PAYLOAD_NETWORK, offset, fam.addr_len) + cmp(op, fam.addr(v))
+            return plain.fill(fam.addr(v))
+        known = prefixes.get(v)
+        if known is None:
+            known = prefixes[v] = prefix(v)
+        return known
+
+    def prefix(v: str) -> bytes:
         addr, _, plen_text = v.partition("/")
         plen = int(plen_text)
         raw = fam.addr(addr)
@@ -529,22 +606,25 @@ def _addr_match(fam: _Family, offset: int, op: int) -> Callable[[str], bytes]:
 
 
 def _dnat(fam: _Family) -> Callable[[str], bytes]:
+    addr_slot = _Slot(lambda raw: immediate_value(REG_1, raw), fam.addr_len)
+    port_slot = _Slot(lambda raw: immediate_value(REG_2, raw), 2)
+    nat = _expr(
+        "nat",
+        _u32(1, NFT_NAT_DNAT),
+        _u32(2, fam.nfproto),
+        _u32(3, REG_1),
+        _u32(4, REG_1),
+        _u32(5, REG_2),
+        _u32(6, REG_2),
+        _u32(7, NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED),
+    )
+
     def encode(v: str) -> bytes:
         addr, _, port = v.rpartition(":")
-        addr = addr.strip("[]")
         return (
-            immediate_value(REG_1, fam.addr(addr))
-            + immediate_value(REG_2, int(port).to_bytes(2, "big"))
-            + _expr(
-                "nat",
-                _u32(1, NFT_NAT_DNAT),
-                _u32(2, fam.nfproto),
-                _u32(3, REG_1),
-                _u32(4, REG_1),
-                _u32(5, REG_2),
-                _u32(6, REG_2),
-                _u32(7, NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED),
-            )
+            addr_slot.fill(fam.addr(addr.strip("[]")))
+            + port_slot.fill(int(port).to_bytes(2, "big"))
+            + nat
         )
 
     return encode
@@ -638,6 +718,10 @@ class KeyEncoder:
     def __init__(self, family: str) -> None:
         self.fam = FAMILIES[family]
 
+    def encoder(self, set_type: str, typeof: bool) -> Callable[[str], bytes]:
+        """A key encoder for one set's keys."""
+        return lambda key: self.encode(set_type, typeof, key)
+
     def encode(self, set_type: str, typeof: bool, key: str) -> bytes:
         if typeof:
             return _HOST32.pack(int(key))
@@ -685,6 +769,20 @@ def decode_verdict(raw: bytes) -> str:
     return f"{word} {chain}" if chain else word
 
 
+_ELEMENT_JUMP = _Hole(lambda n: _a(m.NFTA_SET_ELEM_DATA, _verdict_data("jump " + n)))
+_ELEMENT_GOTO = _Hole(lambda n: _a(m.NFTA_SET_ELEM_DATA, _verdict_data("goto " + n)))
+
+
+def _element_verdict(value: str) -> bytes:
+    """NFTA_SET_ELEM_DATA of a verdict map's element."""
+    word, _, chain = value.partition(" ")
+    if chain and word == "goto":
+        return _ELEMENT_GOTO.fill(chain)
+    if chain and word == "jump":
+        return _ELEMENT_JUMP.fill(chain)
+    return _a(m.NFTA_SET_ELEM_DATA, _verdict_data(value))
+
+
 # ---- the batch ----
 
 ELEMENTS_PER_MESSAGE_BYTES = 60000  # an attribute's length is 16 bits
@@ -714,7 +812,7 @@ class Batch:
     data: bytearray
     first_seq: int
     last_seq: int
-    what: dict[int, str]  # seq -> "chain X rule 'text'" for the messages errors can name
+    what: dict[int, Op]  # seq -> the plan step the message is part of (errors name it)
     messages: int = 0
 
 
@@ -733,26 +831,60 @@ class BatchEncoder:
         and the kernel's), for their key types."""
         out = bytearray(m.batch_begin(first_seq))
         seq = first_seq + 1
-        what: dict[int, str] = {}
+        what: dict[int, Op] = {}
         self._set_id = 0  # every new set has a batch id (the kernel requires one)
         anon_ids: list[int] = []
         last_at = 0
+        header = _MSG_HEADER.pack
+        family = self.nfproto
+        rule_type = (m.NFNL_SUBSYS_NFTABLES << 8) | m.NFT_MSG_NEWRULE
+        rule_flags = m.NLM_F_REQUEST | m.NLM_F_CREATE | m.NLM_F_APPEND
+        table = self._table
+        chain_name, chain_attr = None, b""
+        encode = self.rules.encode
         for op in plan.ops:
-            for flags, msg, body, label in self._messages(op, sets):
-                if msg == "anon":  # an anonymous set: NEWSET then its elements, by batch id
-                    anon_ids.append(self._new_set_id())
-                    for aflags, amsg, abody in _anon_messages(self._table, body, anon_ids[-1]):
-                        last_at = len(out)
-                        out += m.message(amsg, aflags, seq, self.nfproto, abody)
-                        what[seq] = label
-                        seq += 1
-                    continue
-                if _ANON_ID_ATTR in body:  # the rule using the sets just sent, in order
-                    for n in anon_ids[-body.count(_ANON_ID_ATTR) :]:
-                        body = body.replace(_ANON_ID_ATTR, _u32(4, n), 1)
+            if op[0] == "rule":  # the bulk of a big transaction: inline
+                if op[1] != chain_name:
+                    chain_name, chain_attr = op[1], table + _str(m.NFTA_RULE_CHAIN, op[1])
+                try:
+                    enc = encode(op[2])
+                except Unsupported:
+                    raise
+                except (ValueError, KeyError, IndexError) as err:
+                    raise Unsupported(f"chain {op[1]} rule {op[2]!r}: {err}") from err
+                exprs = enc.expressions
+                if enc.anon:  # anonymous sets first: NEWSET and its elements, by batch id
+                    for anon in enc.anon:
+                        anon_ids.append(self._new_set_id())
+                        for aflags, amsg, abody in _anon_messages(table, anon, anon_ids[-1]):
+                            last_at = len(out)
+                            out += m.message(amsg, aflags, seq, family, abody)
+                            what[seq] = op
+                            seq += 1
+                    for n in anon_ids[-exprs.count(_ANON_ID_ATTR) :]:
+                        exprs = exprs.replace(_ANON_ID_ATTR, _u32(4, n), 1)
+                n_exprs = 4 + len(exprs)
                 last_at = len(out)
-                out += m.message(msg, flags, seq, self.nfproto, body)
-                what[seq] = label
+                out += header(
+                    20 + len(chain_attr) + n_exprs,
+                    rule_type,
+                    rule_flags,
+                    seq,
+                    0,
+                    family,
+                    0,
+                    _RES_ID,
+                )
+                out += chain_attr
+                out += _ATTR.pack(n_exprs, m.NFTA_RULE_EXPRESSIONS)
+                out += exprs
+                what[seq] = op
+                seq += 1
+                continue
+            for flags, msg, body in self._messages(op, sets):
+                last_at = len(out)
+                out += m.message(msg, flags, seq, family, body)
+                what[seq] = op
                 seq += 1
         if seq > first_seq + 1:
             # An ack of the last message: its answer tells the batch was read to the end.
@@ -765,67 +897,54 @@ class BatchEncoder:
         self._set_id += 1
         return self._set_id
 
-    def _messages(self, op: Op, sets: dict[str, NftSet]) -> Iterator[tuple]:
+    def _messages(self, op: Op, sets: dict[str, NftSet]) -> Iterator[tuple[int, int, bytes]]:
+        """(flags, message type, body) of one plan step other than a rule."""
         kind = op[0]
         t = self._table
         create = m.NLM_F_CREATE
-        if kind == "rule":
-            chain, text = op[1], op[2]
-            label = f"chain {chain} rule {text!r}"
-            try:
-                enc = self.rules.encode(text)
-            except Unsupported:
-                raise
-            except (ValueError, KeyError, IndexError, OSError) as err:
-                raise Unsupported(f"{label}: {err}") from err
-            for anon in enc.anon:
-                yield 0, "anon", anon, label
-            body = t + _str(m.NFTA_RULE_CHAIN, chain) + _a(m.NFTA_RULE_EXPRESSIONS, enc.expressions)
-            yield create | m.NLM_F_APPEND, m.NFT_MSG_NEWRULE, body, label
-        elif kind == "elements":
+        if kind == "elements":
             _, verb, name, set_kind, items = op
             decl = sets.get(name)
             if decl is None:
                 raise Unsupported(f"elements of an unknown set {name}")
             msg = m.NFT_MSG_NEWSETELEM if verb == "add" else m.NFT_MSG_DELSETELEM
+            flags = create if verb == "add" else 0
             head = t + _str(m.NFTA_SET_ELEM_LIST_SET, name)
+            key_of = self.keys.encoder(decl.type, decl.typeof)
+            with_data = verb == "add" and set_kind == "map"
             chunk: list[bytes] = []
             size = 0
             for key, value in items:
-                raw = self.keys.encode(decl.type, decl.typeof, key)
+                raw = key_of(key)
                 element = _a(m.NFTA_SET_ELEM_KEY, _a(m.NFTA_DATA_VALUE, raw))
-                if verb == "add" and set_kind == "map":
-                    element += _a(m.NFTA_SET_ELEM_DATA, _verdict_data(value or ""))
-                element = _a(1, element)
+                if with_data:
+                    element += _element_verdict(value or "")
+                element = _ATTR.pack(4 + len(element), 1) + element
                 if size + len(element) > ELEMENTS_PER_MESSAGE_BYTES:
-                    body = head + _a(m.NFTA_SET_ELEM_LIST_ELEMENTS, b"".join(chunk))
-                    yield (create if verb == "add" else 0), msg, body, f"{verb} elements of {name}"
+                    yield flags, msg, head + _a(m.NFTA_SET_ELEM_LIST_ELEMENTS, b"".join(chunk))
                     chunk, size = [], 0
                 chunk.append(element)
                 size += len(element)
             if chunk:
-                body = head + _a(m.NFTA_SET_ELEM_LIST_ELEMENTS, b"".join(chunk))
-                yield (create if verb == "add" else 0), msg, body, f"{verb} elements of {name}"
+                yield flags, msg, head + _a(m.NFTA_SET_ELEM_LIST_ELEMENTS, b"".join(chunk))
         elif kind == "chain":
-            name, chain = op[1], op[2]
-            yield create, m.NFT_MSG_NEWCHAIN, t + _chain_attrs(name, chain), f"chain {name}"
+            yield create, m.NFT_MSG_NEWCHAIN, t + _chain_attrs(op[1], op[2])
         elif kind == "flush":
-            yield 0, m.NFT_MSG_DELRULE, t + _str(m.NFTA_RULE_CHAIN, op[1]), f"flush chain {op[1]}"
+            yield 0, m.NFT_MSG_DELRULE, t + _str(m.NFTA_RULE_CHAIN, op[1])
         elif kind == "delchain":
-            yield 0, m.NFT_MSG_DELCHAIN, t + _str(m.NFTA_CHAIN_NAME, op[1]), f"delete chain {op[1]}"
+            yield 0, m.NFT_MSG_DELCHAIN, t + _str(m.NFTA_CHAIN_NAME, op[1])
         elif kind == "set":
-            name, s = op[1], op[2]
-            body = t + _set_attrs(self.family, name, s, self._new_set_id())
-            yield create, m.NFT_MSG_NEWSET, body, f"set {name}"
+            body = t + _set_attrs(self.family, op[1], op[2], self._new_set_id())
+            yield create, m.NFT_MSG_NEWSET, body
         elif kind == "delset":
-            yield 0, m.NFT_MSG_DELSET, t + _str(m.NFTA_SET_NAME, op[1]), f"delete {op[2]} {op[1]}"
+            yield 0, m.NFT_MSG_DELSET, t + _str(m.NFTA_SET_NAME, op[1])
         elif kind == "table":
             comment = (op[1] or "").encode() + b"\0"
             udata = bytes([0, len(comment)]) + comment if op[1] else b""
             body = _str(m.NFTA_TABLE_NAME, TABLE) + _u32(m.NFTA_TABLE_FLAGS, 0)
             if udata:
                 body += _a(m.NFTA_TABLE_USERDATA, udata)
-            yield create, m.NFT_MSG_NEWTABLE, body, "table"
+            yield create, m.NFT_MSG_NEWTABLE, body
         else:
             raise Unsupported(f"plan step {kind!r}")
 
@@ -834,7 +953,7 @@ class BatchEncoder:
         body = _str(m.NFTA_TABLE_NAME, TABLE)
         out += m.message(m.NFT_MSG_DELTABLE, m.NLM_F_ACK, first_seq + 1, self.nfproto, body)
         out += m.batch_end(first_seq + 2)
-        return Batch(out, first_seq, first_seq + 1, {first_seq + 1: "delete table"}, 1)
+        return Batch(out, first_seq, first_seq + 1, {first_seq + 1: ("deltable",)}, 1)
 
 
 def _chain_attrs(name: str, chain: NftChain) -> bytes:
