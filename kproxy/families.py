@@ -16,6 +16,7 @@ from kproxy.iptables.mode import IptablesMode
 from kproxy.iptables.restore import IptablesBackend, detect_variant
 from kproxy.mode import Mode
 from kproxy.nftables.mode import NftablesMode
+from kproxy.nftables.netlink import NetlinkBackend
 from kproxy.nftables.nft import NftBackend
 from kproxy.nodeinfo import ipv6_off
 
@@ -42,11 +43,12 @@ def family_backends(variant: str = "auto", *, report: bool = True) -> list[Iptab
     return out
 
 
-def nft_backends(*, report: bool = True) -> list[NftBackend]:
-    """The nft families ("ip", "ip6") that can be programmed on this node; as family_backends."""
+def nft_backends(datapath: str = "netlink", *, report: bool = True) -> list[NftBackend]:
+    """The nft families ("ip", "ip6") that can be programmed on this node; as family_backends.
+    `datapath`: "netlink" (kproxy.nftables.netlink) or "nft" (the nft binary)."""
     out = []
     for name in ("ip", "ip6"):
-        backend = NftBackend(name)
+        backend = NetlinkBackend(name) if datapath == "netlink" else NftBackend(name)
         problem = (ipv6_off() if backend.version == 6 else None) or backend.problem()
         if problem is not None:
             family_skipped("nftables", backend.version, problem, report)
@@ -73,13 +75,15 @@ def modes_for(
     report: bool = True,
     require: bool = True,
     dry_run: bool = False,
+    nft_datapath: str = "netlink",
 ) -> list[Mode]:
     """One Mode per IP family that can be programmed on this node in `mode` ("iptables" or
-    "nftables"); `report` logs the families skipped. Raises NoFamilyError when none is left
-    and `require`. With `dry_run` they plan and report, and never change the kernel."""
+    "nftables", through `nft_datapath`); `report` logs the families skipped. Raises
+    NoFamilyError when none is left and `require`. With `dry_run` they plan and report, and never change the kernel."""
     families: list[Mode]
     if mode == "nftables":
-        families = [NftablesMode(b, dry_run) for b in nft_backends(report=report)]
+        backends = nft_backends(nft_datapath, report=report)
+        families = [NftablesMode(b, dry_run) for b in backends]
     else:
         families = [
             IptablesMode(b, dry_run) for b in family_backends(iptables_backend, report=report)

@@ -118,7 +118,9 @@ def _sync_once(
     config = node_config(args, state, apply=not dry_run)
 
     try:
-        families = modes_for(args.mode, args.iptables_backend, dry_run=dry_run)
+        families = modes_for(
+            args.mode, args.iptables_backend, dry_run=dry_run, nft_datapath=args.nftables_datapath
+        )
     except NoFamilyError as err:
         log.error("%s", err)
         return EXIT_ERROR
@@ -169,6 +171,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         servers=args.master,
         kubeconfig=args.kubeconfig,
         backend=args.iptables_backend,
+        nft_datapath=args.nftables_datapath,
         min_sync_period=args.min_sync_period,
         sync_period=args.sync_period,
         canary_interval=args.canary_interval,

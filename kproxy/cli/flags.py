@@ -169,6 +169,13 @@ def _add_proxy_flags(p: argparse.ArgumentParser, g: _Groups | None = None) -> No
         default="auto",
         help="iptables variant to drive (default: detect as iptables-wrappers does)",
     )
+    g("proxy").add_argument(
+        "--nftables-datapath",
+        choices=("netlink", "nft"),
+        default="netlink",
+        help="nftables mode: write and read the kproxy table over netlink (default; one change "
+        "in milliseconds) or through the nft binary (the reference, and the fallback)",
+    )
     g("log").add_argument("-v", "--verbose", action="store_true", help="debug logs (default off)")
 
 
@@ -371,6 +378,7 @@ def _add_backend_flags(p: argparse.ArgumentParser) -> None:
         "--node-name", "--hostname-override", dest="node_name", default=socket.gethostname()
     )
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto")
+    p.add_argument("--nftables-datapath", choices=("netlink", "nft"), default="netlink")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs (default off)")
 
 

@@ -34,7 +34,8 @@ class NftablesMode(Mode):
         self.cache = RenderCache()
         self.applied: NftTable | None = None
         self.known = False  # `applied` is what the kernel holds (None: no table)
-        self.label = "nftables"
+        # What programs it (kproxy_info{backend}): nftables over netlink, or the nft binary.
+        self.label = "nftables" if backend.datapath == "nft" else "nftables-netlink"
         self.last: Any = None
         self.rules = 0
 

@@ -14,6 +14,7 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kproxy.nftables import nlmsg
@@ -27,6 +28,8 @@ SO_RCVBUFFORCE = 33
 NLMSGERR_ATTR_MSG = 1
 NLM_F_ACK_TLVS = 0x200
 RECV_SIZE = 1 << 20
+_REQUEST = struct.Struct("=IHHIIBBH")  # nlmsghdr and nfgenmsg
+_NLMSG = struct.Struct("=IHHI")
 
 
 @dataclass
@@ -131,6 +134,43 @@ class NetlinkSocket:
                         return out
                     raise OSError(code, f"netlink dump {msg}: {os.strerror(code)}")
                 out.append(payload)
+
+    def dump_each(self, msg: int, family: int, bodies: list[bytes]) -> Iterator[list[bytes]]:
+        """One dump per body, in order (a netlink socket runs one dump at a time): for each,
+        the payloads of its answers. The loop is kept tight: a verify at 10k Services dumps
+        112k chains one by one (a table-wide rule dump costs the kernel more than linear
+        time: each round of it skips again every rule already sent)."""
+        sock = self.sock
+        buf = bytearray(RECV_SIZE)
+        header = _REQUEST.pack
+        unpack = _NLMSG.unpack_from
+        kind_out = (nlmsg.NFNL_SUBSYS_NFTABLES << 8) | msg
+        flags = nlmsg.NLM_F_REQUEST | nlmsg.NLM_F_DUMP
+        seq = self.next_seq(len(bodies))
+        for body in bodies:
+            seq += 1
+            sock.send(header(20 + len(body), kind_out, flags, seq, 0, family, 0, 0) + body)
+            answers: list[bytes] = []
+            done = False
+            while not done:
+                n = sock.recv_into(buf)
+                off = 0
+                while off + 16 <= n:
+                    length, kind, _, mseq = unpack(buf, off)
+                    if mseq == seq:
+                        if kind == nlmsg.NLMSG_DONE:
+                            done = True
+                            break
+                        if kind == nlmsg.NLMSG_ERROR:
+                            code = -struct.unpack_from("=i", buf, off + 16)[0]
+                            if code and code != errno.ENOENT:
+                                raise OSError(code, f"netlink dump {msg}: {os.strerror(code)}")
+                            done = True
+                            break
+                        answers.append(bytes(buf[off + 16 : off + length]))
+                    off += (length + 3) & ~3
+            yield answers
+        self.seq = max(self.seq, seq + 1)
 
     def request(self, msg: int, family: int, body: bytes = b"") -> list[bytes]:
         """One GET (not a dump): its answer's payloads; [] when the object does not exist."""
