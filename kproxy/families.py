@@ -79,7 +79,8 @@ def modes_for(
 ) -> list[Mode]:
     """One Mode per IP family that can be programmed on this node in `mode` ("iptables" or
     "nftables", through `nft_datapath`); `report` logs the families skipped. Raises
-    NoFamilyError when none is left and `require`. With `dry_run` they plan and report, and never change the kernel."""
+    NoFamilyError when none is left and `require`. With `dry_run` they plan and report, and
+    never change the kernel."""
     families: list[Mode]
     if mode == "nftables":
         backends = nft_backends(nft_datapath, report=report)

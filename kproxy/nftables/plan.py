@@ -178,7 +178,10 @@ def plan_table(want: NftTable, have: NftTable | None) -> NftPlan:
     def references(rules_: list[str]) -> bool:
         return any(f"@{name}" in r for r in rules_ for name in gone) if gone else False
 
-    for name, s in want.sets.items():
+    # Dynamic sets (session affinity) are declared last. The kernel finds a set by name by
+    # walking the table's sets in the order they were made, for every rule, element message
+    # and element dump that names one: the endpoint maps, named far more often, come first.
+    for name, s in sorted(want.sets.items(), key=lambda item: item[1].dynamic):
         if name not in have.sets:
             declare.append(("set", name, s))
     for name, chain in want.chains.items():
