@@ -7,6 +7,8 @@ nftables half of the ``proxy_mode`` tests also when ``nft`` is missing.
 
 from __future__ import annotations
 
+import secrets
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +35,25 @@ def kernel_support() -> None:
 PROXY_MODES = ("iptables", "nftables")
 
 
+@pytest.fixture
+def nft_oracle(kernel_support: None, monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[str]:
+    """Every netlink transaction kproxy makes while the test runs (also in the daemons it
+    starts) is checked against nft: the same starting table and transaction applied with
+    `nft -f` in a namespace of its own must list identically (kproxy.nftables.oracle). A
+    mismatch fails the test here, at teardown, even when the daemon went on."""
+    name = f"kpt-{secrets.token_hex(3)}-oracle"
+    log = tmp_path / "nft-oracle.log"
+    subprocess.run([netns.which("ip") or "ip", "netns", "add", name], check=True)
+    monkeypatch.setenv("KPROXY_NFT_ORACLE_NETNS", name)
+    monkeypatch.setenv("KPROXY_NFT_ORACLE_LOG", str(log))
+    try:
+        yield name
+    finally:
+        subprocess.run([netns.which("ip") or "ip", "netns", "delete", name], check=False)
+    mismatches = log.read_text() if log.exists() else ""
+    assert not mismatches, mismatches[:5000]
+
+
 @pytest.fixture(params=PROXY_MODES)
 def proxy_mode(request: pytest.FixtureRequest, kernel_support: None) -> str:
     """The ``kproxy --mode`` a conformance test runs with: every such test runs once per mode.
@@ -43,6 +64,8 @@ def proxy_mode(request: pytest.FixtureRequest, kernel_support: None) -> str:
     mode = request.param
     if mode == "nftables" and netns.which("nft") is None:
         pytest.skip("kernel test skipped: `nft` is not installed (needed for --mode nftables)")
+    if mode == "nftables":
+        request.getfixturevalue("nft_oracle")
     return mode
 
 

@@ -23,6 +23,7 @@ from kproxy.iptables.mode import IptablesMode  # noqa: E402
 from kproxy.iptables.plan import plan  # noqa: E402
 from kproxy.iptables.sync import read_live  # noqa: E402
 from kproxy.model import NodeConfig  # noqa: E402
+from kproxy.nftables.nft import NftBackend  # noqa: E402
 from kproxy.nftables.plan import plan_table  # noqa: E402
 from kproxy.sources.store import ObjectStore  # noqa: E402
 from tests.synthetic import generate  # noqa: E402
@@ -34,7 +35,9 @@ def drift(fam, state, config) -> str:
     if isinstance(fam, IptablesMode):
         tables = sorted(set(desired.tables) | {j.table for j in desired.jumps})
         return plan(desired, read_live(fam.backend, tables)).restore_text()
-    return plan_table(desired, fam.backend.read()).text()
+    # Read through the nft binary whatever the datapath: nft's view of the table is the
+    # reference the netlink datapath is held to.
+    return plan_table(desired, NftBackend(fam.backend.family).read()).text()
 
 
 def mutate(rng: random.Random, objects: dict, step: int) -> tuple[str, str, dict]:
@@ -121,6 +124,7 @@ def mutate(rng: random.Random, objects: dict, step: int) -> tuple[str, str, dict
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mode", default="iptables")
+    p.add_argument("--nft-datapath", default="netlink", choices=("netlink", "nft"))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
@@ -130,10 +134,17 @@ def main() -> None:
     for kind in ("Service", "EndpointSlice"):
         store.resync(kind, [o for o in objects.values() if o["kind"] == kind])
     config = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",))
-    families = modes_for(args.mode)
+    families = modes_for(args.mode, nft_datapath=args.nft_datapath)
     rec = Reconciler(store, config, families)
     assert rec.sync("start").ok
-    report = {"mode": args.mode, "steps": 0, "partial": 0, "lines": 0, "failure": None}
+    report = {
+        "mode": args.mode,
+        "datapath": args.nft_datapath,
+        "steps": 0,
+        "partial": 0,
+        "lines": 0,
+        "failure": None,
+    }
     pending_slice = None
     for step in range(args.steps):
         if pending_slice is not None:

@@ -64,7 +64,7 @@ def write(path: Path, objects) -> Path:
 
 
 @pytest.fixture
-def node(kernel_support):
+def node(kernel_support, nft_oracle):
     topo = netns.Topology()
     try:
         netns.run(topo.node, ["nft", "-f", "-"], input=FOREIGN_NFT)

@@ -17,13 +17,25 @@ pytestmark = pytest.mark.kernel
 SCRIPT = Path(__file__).resolve().parent / "random_changes.py"
 
 
-@pytest.mark.parametrize("mode", ["iptables", "nftables"])
-def test_random_changes_keep_the_kernel_equal_to_a_full_render(kernel_support, mode):
+@pytest.mark.parametrize(
+    "mode,datapath", [("iptables", "-"), ("nftables", "netlink"), ("nftables", "nft")]
+)
+def test_random_changes_keep_the_kernel_equal_to_a_full_render(
+    request, kernel_support, mode, datapath
+):
+    """In nftables mode over netlink, every one of the transactions is also checked against
+    nft (the nft_oracle fixture): the same table and transaction applied with `nft -f` must
+    list identically."""
+    if datapath == "netlink":
+        request.getfixturevalue("nft_oracle")
     topo = netns.Topology()
     try:
+        argv = [sys.executable, str(SCRIPT), "--mode", mode, "--steps", "200", "--seed", "7"]
+        if datapath != "-":
+            argv += ["--nft-datapath", datapath]
         res = netns.run(
             topo.node,
-            [sys.executable, str(SCRIPT), "--mode", mode, "--steps", "200", "--seed", "7"],
+            argv,
             timeout=600,
             check=False,
         )

@@ -11,7 +11,6 @@ table behind kproxy's back does not throw the two out of step).
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 
 from kproxy.errors import ApplyError
@@ -19,6 +18,7 @@ from kproxy.nftables.plan import NftPlan
 from kproxy.nftables.table import TABLE
 
 ENV = "KPROXY_NFT_ORACLE_NETNS"
+LOG_ENV = "KPROXY_NFT_ORACLE_LOG"  # where mismatches are also written (a daemon goes on)
 
 
 class OracleMismatch(ApplyError):
@@ -41,7 +41,22 @@ def listing(family: str, netns: str | None = None) -> str:
 def comparable(text: str) -> str:
     """A listing without what the kernel alone decides: the elements of dynamic sets (session
     affinity entries and their expiry times)."""
-    return re.sub(r"(flags dynamic[^\n]*\n(?:[^\n]*\n)*?)\s*elements = \{[^}]*\}\n", r"\1", text)
+    out: list[str] = []
+    dynamic = skipping = False
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith(("set ", "map ", "chain ")) and stripped.endswith("{"):
+            dynamic = skipping = False
+        elif stripped.startswith("flags ") and "dynamic" in stripped:
+            dynamic = True
+        elif dynamic and stripped.startswith("elements = {"):
+            skipping = True
+        if skipping:
+            if stripped.endswith("}"):
+                skipping = False
+            continue
+        out.append(line)
+    return "".join(out)
 
 
 def check(family: str, before: str, plan: NftPlan) -> None:
@@ -56,7 +71,7 @@ def check(family: str, before: str, plan: NftPlan) -> None:
         ["ip", "netns", "exec", netns, "nft", "-f", "-"], input=load, capture_output=True, text=True
     )
     if proc.returncode != 0:
-        raise OracleMismatch(f"oracle: nft refused the transaction: {proc.stderr.strip()[:2000]}")
+        _fail(f"oracle: nft refused the transaction: {proc.stderr.strip()[:2000]}")
     mine, theirs = comparable(listing(family)), comparable(listing(family, netns))
     if mine != theirs:
         import difflib
@@ -66,4 +81,15 @@ def check(family: str, before: str, plan: NftPlan) -> None:
                 theirs.splitlines(True), mine.splitlines(True), "nft -f", "netlink", n=1
             )
         )
-        raise OracleMismatch(f"oracle: the netlink datapath's table differs from nft's:\n{diff}")
+        _fail(
+            f"oracle: the netlink datapath's table differs from nft's:\n{diff}\n"
+            f"the transaction:\n{plan.text()[:3000]}"
+        )
+
+
+def _fail(message: str) -> None:
+    log_path = os.environ.get(LOG_ENV)
+    if log_path:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(message + "\n")
+    raise OracleMismatch(message)
