@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,7 @@ def worker(args: argparse.Namespace) -> None:
     from kproxy.sources.store import ObjectStore
     from tests.synthetic import as_list, generate
 
-    out: dict = {"mode": args.mode, "services": args.services, "endpoints": args.endpoints}
+    out: dict = {"mode": args.label, "services": args.services, "endpoints": args.endpoints}
     objects = generate(args.services, args.endpoints, mix=True)
     state_file = Path(args.tmp) / "state.json"
     state_file.write_text(json.dumps(as_list(objects)))
@@ -58,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     state, _ = load_state(state_file, "node-1")
     out["load"] = time.perf_counter() - t0
     config = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",))
-    modes = modes_for(args.mode)
+    modes = modes_for(args.mode, nft_datapath=args.datapath)
     tools.RECORD_PAYLOADS = True  # the bare replay below needs the exact text sent
 
     # Full sync from empty, as `kproxy sync` does it (both families).
@@ -98,7 +99,9 @@ def worker(args: argparse.Namespace) -> None:
         def __getattr__(self, name):
             return lambda *a, **k: None
 
-    rec = Reconciler(store, config, modes_for(args.mode), observer=Lines())
+    rec = Reconciler(
+        store, config, modes_for(args.mode, nft_datapath=args.datapath), observer=Lines()
+    )
 
     def daemon_sync(verify: bool = False) -> tuple[float, int]:
         lines_seen.clear()
@@ -216,9 +219,18 @@ def bare_replay(ns: str, mode: str, payload_dir: Path) -> tuple[float, float]:
     return total, peak
 
 
-def run_size(nss: Namespaces, mode: str, services: int, endpoints: int) -> dict:
+def split_mode(label: str) -> tuple[str, str]:
+    """A bench mode -> (kproxy --mode, --nftables-datapath): "nftables" is the netlink
+    datapath (the default), "nftables-nft" the nft binary."""
+    if label == "nftables-nft":
+        return "nftables", "nft"
+    return label, "netlink"
+
+
+def run_size(nss: Namespaces, label: str, services: int, endpoints: int) -> dict:
+    mode, datapath = split_mode(label)
     with tempfile.TemporaryDirectory(prefix="kproxy-bench-") as tmp:
-        ns = nss.new(f"{mode[:3]}{services}x{endpoints}")
+        ns = nss.new(f"{label[:3]}{label[-3:]}{services}x{endpoints}")
         proc = subprocess.run(
             [
                 "ip",
@@ -230,6 +242,10 @@ def run_size(nss: Namespaces, mode: str, services: int, endpoints: int) -> dict:
                 "--worker",
                 "--mode",
                 mode,
+                "--datapath",
+                datapath,
+                "--label",
+                label,
                 "--services",
                 str(services),
                 "--endpoints",
@@ -261,6 +277,8 @@ def run_size(nss: Namespaces, mode: str, services: int, endpoints: int) -> dict:
                 "sync",
                 "--mode",
                 mode,
+                "--nftables-datapath",
+                datapath,
                 "--state",
                 str(Path(tmp) / "state.json"),
                 "--cluster-cidr",
@@ -342,6 +360,73 @@ def latency(mode: str, services: int, samples: int = 2000) -> tuple[float, float
         topo.close()
 
 
+def programming_latency(label: str, services: int, trials: int) -> dict:
+    """From an EndpointSlice change written to the API server to the first new connection
+    that reaches the new endpoint, through `kproxy run` on a node with `services` Services
+    × 10 endpoints (ms: median, p90, max). Each trial moves Service web from pod a to pod b
+    (or back) and connects from pod c in a tight loop until pod b (a) answers: before the
+    change every connection reaches the other pod, so the first answer from the new one is
+    the changed rules at work."""
+    import statistics
+
+    from tests.chaos.harness import POD_A, POD_B, WEB_IP, Bench, slice_
+    from tests.synthetic import generate
+
+    mode, datapath = split_mode(label)
+    with Bench(mode) as b:
+        assert b.api is not None and b.kproxy is not None and b.topo is not None
+        for o in generate(services, 10, mix=True):
+            b.api.apply(o)
+        b.kproxy.extra = ["--nftables-datapath", datapath] if mode == "nftables" else []
+        b.api.apply(slice_("web-1", "web", [POD_A]))
+        b.start_kproxy(wait_ready=False)
+        b.wait("kproxy ready", lambda: b.status("/readyz") == 200, timeout=1800, step=1)
+        client = b.topo.pods["c"].ns
+
+        def answer() -> str:
+            with socket.create_connection((WEB_IP, 80), timeout=1) as conn:
+                return conn.recv(64).decode(errors="replace")
+
+        def until(name: str, limit: float) -> float | None:
+            """Seconds until `name` answers (None: not within `limit`)."""
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < limit:
+                try:
+                    if answer().startswith(name + " "):
+                        return time.monotonic() - t0
+                except OSError:
+                    pass
+            return None
+
+        assert netns_call(client, until, "a", 120) is not None, "web never answered from pod a"
+        took: list[float] = []
+        for i in range(trials):
+            to_b = i % 2 == 0
+            time.sleep(1.5)  # past --iptables-min-sync-period: each change syncs at once
+
+            def trial(to_b: bool = to_b) -> float | None:
+                b.api.apply(slice_("web-1", "web", [POD_B if to_b else POD_A]))
+                return until("b" if to_b else "a", 30)
+
+            seconds = netns_call(client, trial)
+            if seconds is None:
+                raise RuntimeError(f"trial {i}: the change never reached the packets")
+            took.append(seconds * 1000)
+    took.sort()
+    return {
+        "median": statistics.median(took),
+        "p90": took[int(len(took) * 0.9) - 1],
+        "max": took[-1],
+        "trials": len(took),
+    }
+
+
+def netns_call(ns: str, fn, *args):
+    import netns
+
+    return netns.call_in(ns, fn, *args)
+
+
 def versions() -> dict[str, str]:
     def first(argv: list[str]) -> str:
         try:
@@ -362,7 +447,7 @@ def fmt_ms(s: float) -> str:
     return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
 
 
-def report(results: list[dict], lat: dict, info: dict) -> str:
+def report(results: list[dict], lat: dict, prog: dict, info: dict) -> str:
     lines = [
         "| mode | cluster | kproxy full sync | load / render / apply | bare restore of the same payload | ratio | lines | `kproxy sync` process: wall (÷ bare), own peak RSS | tool RSS |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -406,6 +491,21 @@ def report(results: list[dict], lat: dict, info: dict) -> str:
         ]
         for (mode, n), (med, p99) in sorted(lat.items()):
             lines.append(f"| {mode} | {n} | {med:.0f} µs | {p99:.0f} µs |")
+    if prog:
+        lines += [
+            "",
+            "From an EndpointSlice change written to the API server to the first new "
+            "connection reaching the new endpoint, through `kproxy run` (Services × 10 "
+            "endpoints; a tight connect loop from a pod):",
+            "",
+            "| mode | Services | median | p90 | max | trials |",
+            "|---|---|---|---|---|---|",
+        ]
+        for (label, n), r in sorted(prog.items()):
+            lines.append(
+                f"| {label} | {n} | {r['median']:.0f} ms | {r['p90']:.0f} ms | "
+                f"{r['max']:.0f} ms | {r['trials']} |"
+            )
     lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items())]
     return "\n".join(lines)
 
@@ -416,13 +516,28 @@ def main() -> int:
     )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="iptables")
+    p.add_argument("--datapath", default="netlink")
+    p.add_argument("--label", default="iptables")
     p.add_argument("--services", type=int, default=100)
     p.add_argument("--endpoints", type=int, default=3)
     p.add_argument("--tmp")
     p.add_argument("--sizes", default="1000x10,5000x10,10000x10,5000x50")
-    p.add_argument("--modes", default="iptables,nftables")
+    p.add_argument(
+        "--modes",
+        default="iptables,nftables,nftables-nft",
+        help="nftables: the netlink datapath; nftables-nft: the nft binary's",
+    )
     p.add_argument("--latency", action="store_true", help="also measure first-packet latency")
     p.add_argument("--latency-sizes", default="100,10000")
+    p.add_argument(
+        "--programming",
+        metavar="SERVICES",
+        type=int,
+        default=0,
+        help="also measure EndpointSlice change -> packets through `kproxy run` at this size",
+    )
+    p.add_argument("--programming-modes", default="nftables,nftables-nft")
+    p.add_argument("--programming-trials", type=int, default=20)
     p.add_argument("--write", metavar="FILE", help="write the results table into FILE")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, quick (used by make test)")
     args = p.parse_args()
@@ -438,6 +553,7 @@ def main() -> int:
     nss = Namespaces()
     results = []
     lat: dict = {}
+    prog: dict = {}
     try:
         for services, endpoints in sizes:
             for mode in args.modes.split(","):
@@ -450,13 +566,21 @@ def main() -> int:
                     flush=True,
                 )
         if args.latency or args.smoke:
+            # Packet latency depends on the mode, not on how the rules were written.
+            lat_modes = dict.fromkeys(split_mode(m)[0] for m in args.modes.split(","))
             for n in map(int, args.latency_sizes.split(",")):
-                for mode in args.modes.split(","):
+                for mode in lat_modes:
                     print(f"bench: latency {mode} {n} Services ...", file=sys.stderr, flush=True)
                     lat[(mode, n)] = latency(mode, n, samples=200 if args.smoke else 2000)
+        if args.programming or args.smoke:
+            n = args.programming or 30
+            trials = 4 if args.smoke else args.programming_trials
+            for label in args.programming_modes.split(","):
+                print(f"bench: programming latency {label} {n} Services ...", file=sys.stderr)
+                prog[(label, n)] = programming_latency(label, n, trials)
     finally:
         nss.close()
-    text = report(results, lat, versions())
+    text = report(results, lat, prog, versions())
     print(text)
     if args.write:
         path = Path(args.write)

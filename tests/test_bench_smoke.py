@@ -21,7 +21,9 @@ def test_bench_smoke_runs_and_reports(kernel_support, tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     text = out.read_text()
-    for mode in ("iptables", "nftables"):
+    for mode in ("iptables", "nftables", "nftables-nft"):
         assert f"| {mode} | 50 × 3 |" in text
     assert "endpoint added" in text and "First-packet latency" in text
+    # EndpointSlice change -> packets, through `kproxy run`, over both nftables datapaths.
+    assert "| nftables | 30 |" in text and "| nftables-nft | 30 |" in text
     assert "<!-- bench:start -->" in text and "<!-- bench:end -->" in text
