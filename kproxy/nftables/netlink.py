@@ -26,7 +26,6 @@ from kproxy.nftables import nlmsg as m
 from kproxy.nftables import oracle
 from kproxy.nftables.nft import NftBackend, NftError
 from kproxy.nftables.nlencode import (
-    ANON_ID,
     BatchEncoder,
     KeyEncoder,
     RuleEncoder,
@@ -106,12 +105,6 @@ class NetlinkBackend(NftBackend):
     def exists(self) -> bool:
         with NetlinkSocket() as sock:
             return bool(_get_table(sock, self._state.nfproto))
-
-    def generation(self) -> int:
-        with NetlinkSocket() as sock:
-            answer = sock.request(m.NFT_MSG_GETGEN, 0)
-        attrs = m.parse_attrs(answer[0], 4) if answer else {}
-        return m.be32(attrs[m.NFTA_GEN_ID]) if m.NFTA_GEN_ID in attrs else -1
 
     def read(self, hint: NftTable | None = None) -> NftTable | None:
         """The kernel's kproxy table (None: there is none). Rules equal to one of `hint`'s
@@ -454,6 +447,3 @@ def _describe(errors: list[BatchError], what: dict[int, tuple]) -> str:
     reason = os.strerror(first.errno) + (f" ({first.message})" if first.message else "")
     more = f"; {len(errors) - 1} more refused" if len(errors) > 1 else ""
     return f"netlink batch refused, nothing applied: {who}{label}: {reason}{more}"
-
-
-__all__ = ["ANON_ID", "NetlinkBackend"]
