@@ -30,7 +30,10 @@ from tests.chaos import badinput, scenarios  # noqa: E402
 SCENARIOS = {
     "kill9": lambda a: scenarios.kill9(a.mode, kills=a.kills, short=a.short),
     "kill9_nft_apply": lambda a: scenarios.kill9_nft_apply(
-        kills=a.nft_kills, services=a.nft_services, short=a.short
+        kills=a.nft_kills, services=a.nft_services, short=a.short, datapath="nft"
+    ),
+    "kill9_netlink_apply": lambda a: scenarios.kill9_nft_apply(
+        kills=a.nft_kills, services=a.nft_services, short=a.short, datapath="netlink"
     ),
     "drift": lambda a: scenarios.drift(a.mode, rounds=3, short=a.short),
     "api_outage": lambda a: scenarios.api_outage(a.mode, outage=a.outage, short=a.short),

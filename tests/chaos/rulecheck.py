@@ -44,7 +44,9 @@ def match(candidates: list[list[dict]], mode: str, backend: str = "auto") -> dic
     whole: set[int] | None = None
     per_table_ok = True
     mixed = 0
-    for fam in modes_for(mode, backend):
+    # nftables tables are read through nft, the reference (a netlink read without the desired
+    # table to compare with names no rule).
+    for fam in modes_for(mode, backend, nft_datapath="nft"):
         if isinstance(fam, IptablesMode):
             tables = ["filter", "mangle", "nat"]
             live = read_live(fam.backend, tables)

@@ -208,9 +208,11 @@ def kill9_nft_apply(
     seed: int = 1,
     short: bool = False,
     delay: float = 0.1,
+    datapath: str = "nft",
 ) -> dict[str, Any]:
     """nftables mode, `kill -9` of `kproxy run` in the middle of large transactions
-    (issue 13, item 2: `nft -f -` commits whatever it has read when its input ends).
+    (issue 13, item 2: `nft -f -` commits whatever it has read when its input ends; issue
+    15: over netlink, one batch in one sendmsg).
 
     `services` x `endpoints`, every endpoint moved between two states A and B, so the
     transaction from one to the other rewrites every Service (100k lines at 2,000 x 10). The
@@ -218,9 +220,10 @@ def kill9_nft_apply(
     as it applies it: one kill in three the moment its `nft -f` child runs (plus up to
     `delay` s) and the daemon alone, as the OOM killer does (its `nft` survives as an
     orphan); one at a random moment of its start-up and apply, the daemon alone; one at a
-    random moment with its whole process group. After each kill the `kproxy` table must be a
-    full render of the old state or of the new one, never anything in between; after the
-    last one the daemon must converge again."""
+    random moment with its whole process group. With `datapath` "netlink" there is no child:
+    every kill falls at a random moment of the start-up and apply. After each kill the
+    `kproxy` table must be a full render of the old state or of the new one, never anything
+    in between; after the last one the daemon must converge again."""
     if short:
         kills, services = min(kills, 3), min(services, 1000)
     rng = random.Random(seed)
@@ -232,7 +235,7 @@ def kill9_nft_apply(
     with Bench("nftables") as bench:
         # Listing thousands of objects can take longer than the bench's --api-wait 3s on a
         # loaded machine: stay on the API server, the state cache is scenario 3's subject.
-        bench.kproxy.extra = ["--api-wait", "300s"]
+        bench.kproxy.extra = ["--api-wait", "300s", "--nftables-datapath", datapath]
         objs_a = synthetic.generate(services, endpoints)
         bench.apply(*objs_a)
         state_a = bench.history[-1]
@@ -258,7 +261,7 @@ def kill9_nft_apply(
             started = time.monotonic()
             bench.kproxy.start()
             group = False
-            if n % 3 == 0:
+            if n % 3 == 0 and datapath == "nft":
                 deadline = time.monotonic() + max(60.0, 5 * first_sync)
                 while not _nft_apply_children(bench.kproxy.pid):
                     if time.monotonic() > deadline or not bench.kproxy.alive():
@@ -305,6 +308,7 @@ def kill9_nft_apply(
         return {
             "scenario": "kill9_nft_apply",
             "mode": "nftables",
+            "datapath": datapath,
             "services": services,
             "endpoints_per_service": endpoints,
             "kills": kills,

@@ -21,8 +21,9 @@ def test_kill9_never_leaves_half_applied_tables(kernel_support):
     check(scenarios.kill9(kills=3, short=True))
 
 
-def test_kill9_mid_nft_transaction_leaves_the_old_or_the_new_table(kernel_support):
-    check(scenarios.kill9_nft_apply(short=True))
+@pytest.mark.parametrize("datapath", ["nft", "netlink"])
+def test_kill9_mid_nft_transaction_leaves_the_old_or_the_new_table(kernel_support, datapath):
+    check(scenarios.kill9_nft_apply(short=True, datapath=datapath))
 
 
 def test_drift_is_repaired_and_counted(kernel_support):
