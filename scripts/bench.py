@@ -79,6 +79,18 @@ def worker(args: argparse.Namespace) -> None:
     out.update(
         render=render_s, sync=apply_s, full_total=out["load"] + render_s + apply_s, full_lines=lines
     )
+    if args.mode == "nftables" and args.datapath == "netlink":
+        # The encoder alone: the whole IPv4 table as one netlink batch (no kernel).
+        from kproxy.nftables.nlencode import BatchEncoder
+        from kproxy.nftables.plan import plan_table
+
+        desired = modes[0].render(state, config).desired
+        whole = plan_table(desired, None)
+        t = time.perf_counter()
+        batch = BatchEncoder("ip").batch(whole, 1, desired.sets)
+        out["encode"] = time.perf_counter() - t
+        out["encode_messages"] = batch.messages
+        out["encode_mb"] = len(batch.data) / 1e6
     payload_dir = Path(args.tmp) / "payload"
     payload_dir.mkdir()
     for i, (noflush, text) in enumerate(sent):
@@ -480,6 +492,20 @@ def report(results: list[dict], lat: dict, prog: dict, info: dict) -> str:
             + " | ".join(cells)
             + f" | {fmt_ms(r['noop'])} | {fmt_ms(r['verify'])} |"
         )
+    encoded = [r for r in results if "encode" in r]
+    if encoded:
+        lines += [
+            "",
+            "The netlink encoder alone (the IPv4 table from empty as one batch, no kernel):",
+            "",
+            "| cluster | messages | batch | encode |",
+            "|---|---|---|---|",
+        ]
+        for r in encoded:
+            lines.append(
+                f"| {r['services']} × {r['endpoints']} | {r['encode_messages']} | "
+                f"{r['encode_mb']:.1f} MB | {fmt_ms(r['encode'])} |"
+            )
     if lat:
         lines += [
             "",
