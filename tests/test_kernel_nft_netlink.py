@@ -266,3 +266,24 @@ def test_kill_9_in_the_middle_of_a_big_batch_leaves_the_old_or_the_new_table(nod
         current = after
     assert current in (old, new)
     print(json.dumps(seen))
+
+
+def test_a_verify_reads_nothing_while_no_transaction_was_committed(node):
+    """The ruleset's generation moves with every nf_tables commit, of any process on any
+    table: while it stays where kproxy last wrote or read the table, a verify reads nothing.
+    Any commit at all (here: another tool's own table) makes the next verify read again."""
+    table = render()
+    mode = NftablesMode(NetlinkBackend("ip"))
+    first = sync(node, mode, table)
+    assert first.changed and first.read_kernel
+    quiet = sync(node, mode, table)
+    assert not quiet.changed and not quiet.read_kernel  # one GETGEN, no dump
+    netns.run(node, ["nft", "add table inet other-tool"])
+    after = sync(node, mode, table)
+    assert after.read_kernel and not after.changed
+    assert not sync(node, mode, table).read_kernel
+    # Drift is a commit too: seen and repaired by the next verify.
+    netns.run(node, ["nft", "flush chain ip kproxy services"])
+    repaired = sync(node, mode, table)
+    assert repaired.read_kernel and repaired.changed
+    assert not sync(node, mode, table).changed

@@ -75,7 +75,10 @@ class NftablesMode(Mode):
         return outcome, rendered
 
     def sync(self, desired: NftTable, verify: bool = True) -> Outcome:
-        known = self.known and not verify
+        # A verify reads the table, unless the kernel says no nf_tables transaction at all
+        # was committed since the table was last known equal to the record (netlink: the
+        # ruleset's generation; a quiet node's periodic verify then costs one request).
+        known = self.known and (not verify or self.backend.unchanged())
         try:
             result = sync_nft(
                 self.backend, desired, dry_run=self.dry_run, assumed=self.applied, known=known

@@ -75,12 +75,17 @@ class NetlinkBackend(NftBackend):
         st = self._state
         sets = dict(desired.sets) if desired is not None else {}
         before = oracle.listing(self.family) if oracle.namespace() else None
+        st.verified_gen = None
         try:
             with NetlinkSocket() as sock, _no_gc():
                 first = sock.next_seq(len(plan.ops) * 4 + 16)
                 batch = st.encoder.batch(plan, first, sets)
                 sock.next_seq(batch.messages + 2)
+                gen = _generation(sock)
                 errors = sock.send_batch(batch.data, batch.last_seq)
+                if not errors and _generation(sock) == _next_generation(gen):
+                    # Ours was the only commit between the two: the table is what we sent.
+                    st.verified_gen = _next_generation(gen)
         except Unsupported as err:
             st.fallback_once(f"{err}")
             super().apply_plan(plan, desired)
@@ -90,7 +95,18 @@ class NetlinkBackend(NftBackend):
         if before is not None:  # the test suite's check of the encoder against nft
             oracle.check(self.family, before, plan)
 
+    def unchanged(self) -> bool:
+        """True when no nf_tables transaction (of any process, on any table) was committed in
+        this namespace since the kproxy table was last written or read whole: the ruleset's
+        generation, which every commit moves by one, is still the one seen then."""
+        known = self._state.verified_gen
+        if known is None:
+            return False
+        with NetlinkSocket() as sock:
+            return _generation(sock) == known
+
     def delete_table(self) -> bool:
+        self._state.verified_gen = None
         if not self.exists():
             return False
         with NetlinkSocket() as sock:
@@ -111,11 +127,13 @@ class NetlinkBackend(NftBackend):
         (the desired table) carry its text; any other rule gets a text of its own that
         matches nothing, so a plan rewrites its chain. Without a hint every rule is such."""
         try:
+            self._state.verified_gen = None
             for _ in range(READ_ATTEMPTS):
                 with NetlinkSocket() as sock, _no_gc():
                     before = _generation(sock)
                     table = self._state.read(sock, hint)
                     if _generation(sock) == before:
+                        self._state.verified_gen = before
                         return table
             return table
         except Unsupported as err:
@@ -142,6 +160,11 @@ def _generation(sock: NetlinkSocket) -> int:
     return m.be32(attrs[m.NFTA_GEN_ID]) if m.NFTA_GEN_ID in attrs else -1
 
 
+def _next_generation(gen: int) -> int:
+    """The generation after a commit (the kernel's counter is 32 bits and skips 0)."""
+    return (gen + 1) & 0xFFFFFFFF or 1
+
+
 def _get_table(sock: NetlinkSocket, nfproto: int) -> list[bytes]:
     return sock.request(m.NFT_MSG_GETTABLE, nfproto, m.strz(m.NFTA_TABLE_NAME, TABLE))
 
@@ -157,6 +180,9 @@ class _State:
         self.keys = KeyEncoder(family)
         self.wire: dict[int, _Wire] = {}
         self.warned = False
+        # The ruleset generation at which the table was last written or read whole (None:
+        # not known); see NetlinkBackend.unchanged.
+        self.verified_gen: int | None = None
 
     def fallback_once(self, why: str) -> None:
         if not self.warned:

@@ -111,6 +111,11 @@ class NftBackend:
                     detail=failing_context(lines, stderr, r"/dev/stdin:(\d+)"),
                 )
 
+    def unchanged(self) -> bool:
+        """Whether the kernel's table is known to be as last applied or read, without reading
+        it (the nft datapath never knows)."""
+        return False
+
     def apply_plan(self, plan: NftPlan, desired: NftTable | None = None) -> None:
         """Apply a plan (kproxy.nftables.plan) as one `nft -f` transaction."""
         if not plan.empty():
