@@ -42,6 +42,7 @@ PURE = SHARED + (
     "kproxy.nftables.plan",
     "kproxy.nftables.nlmsg",
     "kproxy.nftables.nlencode",
+    "kproxy.nftables.nlrules",
     "kproxy.nftables.trace",
     "kproxy.recovery.snapshot",  # the snapshot format: parse, check, dump
 )

@@ -9,16 +9,14 @@ import pytest
 
 from kproxy.model import build_state
 from kproxy.nftables import nlmsg as m
-from kproxy.nftables.nlencode import (
+from kproxy.nftables.nlencode import BatchEncoder, KeyEncoder
+from kproxy.nftables.nlrules import (
     ANON_ID,
     FAMILIES,
-    BatchEncoder,
-    KeyEncoder,
+    Hole,
     RuleEncoder,
     Unsupported,
-    _Hole,
     _intervals,
-    _str,
     immediate_verdict,
     lookup,
 )
@@ -87,9 +85,9 @@ def test_prefixes_on_a_byte_boundary_load_only_their_bytes():
 
 @pytest.mark.parametrize("name", ["s", "service-ABCDEFGH-ns/x/tcp/p", "e" * 239])
 def test_a_filled_name_keeps_every_length_around_it_right(name):
-    hole = _Hole(lambda n: immediate_verdict("goto " + n))
+    hole = Hole(lambda n: immediate_verdict("goto " + n))
     assert hole.fill(name) == immediate_verdict("goto " + name)
-    vmap = _Hole(lambda n: lookup(n, 1, 0))
+    vmap = Hole(lambda n: lookup(n, 1, 0))
     assert vmap.fill(name) == lookup(name, 1, 0)
 
 
@@ -188,4 +186,4 @@ def test_elements_go_in_messages_under_64k():
         assert len(a[m.NFTA_SET_ELEM_LIST_ELEMENTS]) < 65536
         count += sum(1 for _ in m.iter_attrs(a[m.NFTA_SET_ELEM_LIST_ELEMENTS]))
     assert count == 5000
-    assert _str(1, "kproxy") in msgs[0][3]
+    assert m.strz(1, "kproxy") in msgs[0][3]

@@ -28,12 +28,11 @@ from kproxy.nftables.nft import NftBackend, NftError
 from kproxy.nftables.nlencode import (
     BatchEncoder,
     KeyEncoder,
-    RuleEncoder,
-    Unsupported,
     decode_verdict,
     priority_number,
     set_shape,
 )
+from kproxy.nftables.nlrules import RuleEncoder, Unsupported
 from kproxy.nftables.nlsock import BatchError, NetlinkSocket
 from kproxy.nftables.plan import NftPlan
 from kproxy.nftables.table import TABLE, NftChain, NftSet, NftTable
