@@ -75,7 +75,9 @@ class NetlinkSocket:
 
     def send_batch(self, batch: bytes | bytearray, last_seq: int) -> list[BatchError]:
         """Send one whole batch in one sendmsg; the errors the kernel answered ([]: committed).
-        The message with `last_seq` carries NLM_F_ACK: its answer ends the reading."""
+        The kernel has run the batch and queued every answer by the time sendmsg returns, so
+        they are read without waiting; the message with `last_seq` carries NLM_F_ACK, and
+        without its ack (and without an error) the outcome is unknown and reported as one."""
         self._force(SO_SNDBUFFORCE, len(batch) + (1 << 16))
         self._drain()
         sent = self.sock.send(batch)
