@@ -7,8 +7,9 @@ kernel's own work (~10 ms; ~0.2 s at 10k Services when rules are added, for the 
 validates the whole table: BENCHMARKS.md). Writes: the plan's steps as one batch
 (kproxy.nftables.nlencode), one transaction, all or nothing. Reads: the table's chains, rules,
 sets and elements dumped, and each kernel rule compared as bytes with the encoding of the
-desired rule it should be, so a verify needs no text at all. Where the encoder does not know a rule, the nft datapath
-(kproxy.nftables.nft) does that transaction instead, and says so once.
+desired rule it should be, so a verify needs no text at all. Where the encoder does not know
+a rule, the nft datapath (kproxy.nftables.nft) does that transaction instead, and says so
+once.
 """
 
 from __future__ import annotations
