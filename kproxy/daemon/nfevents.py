@@ -1,0 +1,157 @@
+"""nf_tables change events of this network namespace, as whole transactions with their author
+(groundwork for issue 16: drift seen as it happens, and who caused it).
+
+Every change to the nf_tables ruleset — nftables mode's `kproxy` table and iptables-nft's
+tables alike — is multicast on the NFNLGRP_NFTABLES netlink group as it is committed: one
+message per table, chain, rule, set or element added or deleted, then NFT_MSG_NEWGEN, which
+carries the ruleset's new generation and the pid and name of the process that committed the
+transaction. A watcher subscribes in the namespace the calling thread is in and turns the
+stream into `Transaction`s. It sleeps in recv while nothing changes. When the socket's buffer
+overflows (ENOBUFS), events were lost: `Overflow` says so, and the reader must fall back to
+one full verify.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from kproxy.nftables import nlmsg as m
+
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+RECV_SIZE = 1 << 20
+
+_KINDS = {
+    m.NFT_MSG_NEWTABLE: ("add", "table"),
+    m.NFT_MSG_DELTABLE: ("delete", "table"),
+    m.NFT_MSG_NEWCHAIN: ("add", "chain"),
+    m.NFT_MSG_DELCHAIN: ("delete", "chain"),
+    m.NFT_MSG_NEWRULE: ("add", "rule"),
+    m.NFT_MSG_DELRULE: ("delete", "rule"),
+    m.NFT_MSG_NEWSET: ("add", "set"),
+    m.NFT_MSG_DELSET: ("delete", "set"),
+    m.NFT_MSG_NEWSETELEM: ("add", "element"),
+    m.NFT_MSG_DELSETELEM: ("delete", "element"),
+}
+_FAMILIES = {v: k for k, v in m.NFPROTO.items()}
+
+
+@dataclass(frozen=True)
+class Change:
+    """One object of a transaction: `verb` "add"/"delete", `kind` table/chain/rule/set/element,
+    and where it is: the family ("ip", "ip6", "inet", or the number), the table, and the chain
+    (rules, chains) or set (sets, elements)."""
+
+    verb: str
+    kind: str
+    family: str
+    table: str
+    name: str = ""
+
+
+@dataclass
+class Transaction:
+    """The changes one commit made, and who made it: `pid` is the id of the task (thread) that
+    committed, `process` its name (the thread's comm: a process's threads share it unless
+    renamed)."""
+
+    generation: int
+    pid: int
+    process: str
+    changes: list[Change] = field(default_factory=list)
+
+    def touches(self, family: str, table: str) -> list[Change]:
+        return [c for c in self.changes if c.family == family and c.table == table]
+
+
+@dataclass(frozen=True)
+class Overflow:
+    """Events were lost (the socket's buffer was full): what changed is unknown."""
+
+
+class NfEventWatcher:
+    """A subscription to NFNLGRP_NFTABLES in the calling thread's network namespace."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            self.sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+        except BaseException:
+            self.sock.close()
+            raise
+        self._pending: list[Change] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> NfEventWatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self, timeout: float | None = None) -> Iterator[Transaction | Overflow]:
+        """The transactions committed since the last read, waiting up to `timeout` seconds
+        (None: forever) for the first answer; ends when nothing more is queued."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except TimeoutError:
+            return
+        except OSError as err:
+            if err.errno != errno.ENOBUFS:
+                raise
+            self._pending.clear()
+            yield Overflow()
+            return
+        while True:
+            yield from self._parse(data)
+            try:
+                data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            except (BlockingIOError, TimeoutError):  # nothing more queued
+                return
+            except OSError as err:
+                if err.errno != errno.ENOBUFS:
+                    raise
+                self._pending.clear()
+                yield Overflow()
+                return
+
+    def _parse(self, data: bytes) -> Iterator[Transaction]:
+        for kind, _flags, _seq, payload in m.iter_messages(data):
+            if kind >> 8 != m.NFNL_SUBSYS_NFTABLES:
+                continue
+            msg = kind & 0xFF
+            if msg == m.NFT_MSG_NEWGEN:
+                a = m.parse_attrs(payload, 4)
+                yield Transaction(
+                    generation=m.be32(a[m.NFTA_GEN_ID]) if m.NFTA_GEN_ID in a else -1,
+                    pid=m.be32(a[m.NFTA_GEN_PROC_PID]) if m.NFTA_GEN_PROC_PID in a else 0,
+                    process=m.cstr(a.get(m.NFTA_GEN_PROC_NAME, b"")),
+                    changes=self._pending,
+                )
+                self._pending = []
+            elif msg in _KINDS:
+                self._pending.append(_change(msg, payload))
+
+
+def _change(msg: int, payload: bytes) -> Change:
+    verb, kind = _KINDS[msg]
+    family = _FAMILIES.get(payload[0], str(payload[0]))
+    a = m.parse_attrs(payload, 4)
+    # Attribute 1 is the table's name for every kind; the object's own name is 2 for rules
+    # (their chain) and sets and elements (their set), 3 for chains.
+    table = m.cstr(a.get(1, b""))
+    if kind == "table":
+        name = ""
+    elif kind == "chain":
+        name = m.cstr(a.get(m.NFTA_CHAIN_NAME, b""))
+    else:
+        name = m.cstr(a.get(2, b""))
+    return Change(verb, kind, family, table, name)

@@ -1,0 +1,123 @@
+"""nf_tables change events as transactions with their author (kproxy.daemon.nfevents), in a
+namespace: nft, iptables-nft and kproxy's own netlink batches, and an overflow."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import netns  # noqa: E402
+
+from kproxy.daemon.nfevents import Change, NfEventWatcher, Overflow, Transaction  # noqa: E402
+from kproxy.nftables.netlink import NetlinkBackend  # noqa: E402
+from kproxy.nftables.plan import NftPlan  # noqa: E402
+from kproxy.nftables.table import NftChain  # noqa: E402
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def node(kernel_support):
+    topo = netns.Topology()
+    try:
+        yield topo.node
+    finally:
+        topo.close()
+
+
+def run(ns: str, argv: list[str], text: str | None = None) -> int:
+    """Run argv in `ns` and return its pid (`ip netns exec` execs the command: same pid)."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, *argv],
+        stdin=subprocess.PIPE if text is not None else subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=netns.command_env(),
+    )
+    _, err = proc.communicate(text, timeout=60)
+    assert proc.returncode == 0, err
+    return proc.pid
+
+
+def transactions(watcher: NfEventWatcher) -> list[Transaction | Overflow]:
+    return list(watcher.read(timeout=2.0))
+
+
+def test_each_commit_is_one_transaction_with_its_process_and_changes(node):
+    watcher = netns.call_in(node, NfEventWatcher)
+    try:
+        assert transactions_idle(watcher) == []
+        pid = run(
+            node,
+            ["nft", "-f", "-"],
+            "add table inet t\nadd chain inet t c\nadd rule inet t c drop\n",
+        )
+        (tx,) = transactions(watcher)
+        assert (tx.pid, tx.process) == (pid, "nft")
+        assert tx.changes == [
+            Change("add", "table", "inet", "t"),
+            Change("add", "chain", "inet", "t", "c"),
+            Change("add", "rule", "inet", "t", "c"),
+        ]
+        pid = run(node, ["iptables", "-t", "nat", "-N", "KUBE-X"])
+        run(node, ["iptables", "-t", "nat", "-A", "KUBE-X", "-j", "RETURN"])
+        flush = run(node, ["iptables", "-t", "nat", "-F", "KUBE-X"])
+        got = [t for t in transactions(watcher) if isinstance(t, Transaction)]
+        assert got[0].pid == pid and got[0].process.startswith("iptables")
+        assert Change("add", "chain", "ip", "nat", "KUBE-X") in got[0].changes
+        assert got[-1].pid == flush
+        assert got[-1].touches("ip", "nat") == [Change("delete", "rule", "ip", "nat", "KUBE-X")]
+        generations = [t.generation for t in got]
+        assert generations == sorted(generations) and len(set(generations)) == len(got)
+    finally:
+        watcher.close()
+
+
+def transactions_idle(watcher: NfEventWatcher) -> list:
+    """Nothing committed: the watcher sleeps in recv and hands back nothing."""
+    return list(watcher.read(timeout=0.3))
+
+
+def test_kproxys_own_batches_carry_the_committing_threads_id(node):
+    watcher = netns.call_in(node, NfEventWatcher)
+    try:
+        backend = NetlinkBackend("ip")
+        plan = NftPlan(
+            "ip",
+            ops=[("table", "rules for kproxy"), ("chain", "c", NftChain()), ("rule", "c", "drop")],
+        )
+
+        def apply() -> int:
+            backend.apply_plan(plan)
+            return threading.get_native_id()
+
+        thread = netns.call_in(node, apply)
+        (tx,) = transactions(watcher)
+        # The kernel names the task that committed: the thread (its own id), of this process.
+        assert tx.pid == thread and tx.pid != os.getpid()
+        assert [c.kind for c in tx.touches("ip", "kproxy")] == ["table", "chain", "rule"]
+    finally:
+        watcher.close()
+
+
+def test_a_full_buffer_says_events_were_lost(node):
+    watcher = netns.call_in(node, NfEventWatcher)
+    try:
+        watcher.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        rules = "".join(
+            f"add rule inet t c ip saddr 10.0.{i // 250}.{i % 250} drop\n" for i in range(3000)
+        )
+        run(node, ["nft", "-f", "-"], "add table inet t\nadd chain inet t c\n" + rules)
+        got = transactions(watcher)
+        assert any(isinstance(t, Overflow) for t in got)
+    finally:
+        watcher.close()
