@@ -28,6 +28,7 @@ from kproxy.nftables import nlmsg as m
 from kproxy.nftables import oracle
 from kproxy.nftables.nft import NftBackend, NftError
 from kproxy.nftables.nlencode import (
+    HOOKS,
     BatchEncoder,
     KeyEncoder,
     decode_verdict,
@@ -42,7 +43,7 @@ from kproxy.nftables.table import TABLE, NftChain, NftSet, NftTable
 log = logging.getLogger(__name__)
 
 READ_ATTEMPTS = 3  # a read the generation moved under is taken again
-HOOK_NAMES = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting"}
+HOOK_NAMES = {number: name for name, number in HOOKS.items()}
 
 
 @dataclass

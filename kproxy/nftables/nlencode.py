@@ -213,7 +213,6 @@ class Batch:
     """A whole transaction as bytes, and what each message was (for errors)."""
 
     data: bytearray
-    first_seq: int
     last_seq: int
     what: dict[int, Op]  # seq -> the plan step the message is part of (errors name it)
     messages: int = 0
@@ -294,7 +293,7 @@ class BatchEncoder:
             flags = struct.unpack_from("=H", out, last_at + 6)[0]
             struct.pack_into("=H", out, last_at + 6, flags | m.NLM_F_ACK)
         out += m.batch_end(seq)
-        return Batch(out, first_seq, seq - 1, what, seq - first_seq - 1)
+        return Batch(out, seq - 1, what, seq - first_seq - 1)
 
     def _new_set_id(self) -> int:
         self._set_id += 1
@@ -356,7 +355,7 @@ class BatchEncoder:
         body = m.strz(m.NFTA_TABLE_NAME, TABLE)
         out += m.message(m.NFT_MSG_DELTABLE, m.NLM_F_ACK, first_seq + 1, self.nfproto, body)
         out += m.batch_end(first_seq + 2)
-        return Batch(out, first_seq, first_seq + 1, {first_seq + 1: ("deltable",)}, 1)
+        return Batch(out, first_seq + 1, {first_seq + 1: ("deltable",)}, 1)
 
 
 def _chain_attrs(name: str, chain: NftChain) -> bytes:

@@ -121,18 +121,13 @@ NFPROTO = {"ip": 2, "ip6": 10, "inet": 1}
 _HDR = struct.Struct("=IHHIIBBH")  # nlmsghdr + nfgenmsg
 _ATTR = struct.Struct("=HH")
 _U32 = struct.Struct(">I")
-_I32 = struct.Struct(">i")
 
 
 def attr(kind: int, payload: bytes) -> bytes:
-    """One netlink attribute, padded to 4 bytes."""
+    """One netlink attribute, padded to 4 bytes; a nest too (its payload the nested
+    attributes), without NLA_F_NESTED, as the kernel writes its dumps."""
     n = 4 + len(payload)
     return _ATTR.pack(n, kind) + payload + b"\0" * (-n & 3)
-
-
-def nest(kind: int, *parts: bytes) -> bytes:
-    body = b"".join(parts)
-    return _ATTR.pack(4 + len(body), kind | NLA_F_NESTED) + body
 
 
 def strz(kind: int, text: str) -> bytes:
@@ -141,10 +136,6 @@ def strz(kind: int, text: str) -> bytes:
 
 def u32(kind: int, value: int) -> bytes:
     return _ATTR.pack(8, kind) + _U32.pack(value & 0xFFFFFFFF)
-
-
-def i32(kind: int, value: int) -> bytes:
-    return _ATTR.pack(8, kind) + _I32.pack(value)
 
 
 def message(msg: int, flags: int, seq: int, family: int, body: bytes, res_id: int = 0) -> bytes:

@@ -52,18 +52,8 @@ NF_NAT_RANGE_PROTO_SPECIFIED = 2
 NF_NAT_RANGE_PROTO_RANDOM_FULLY = 0x10
 
 
-def _a(kind: int, payload: bytes) -> bytes:
-    """An attribute; nests too, written as the kernel dumps them (no NLA_F_NESTED)."""
-    n = 4 + len(payload)
-    return _ATTR.pack(n, kind) + payload + b"\0" * (-n & 3)
-
-
-def _u32(kind: int, value: int) -> bytes:
-    return _ATTR.pack(8, kind) + _U32.pack(value & 0xFFFFFFFF)
-
-
-def _str(kind: int, text: str) -> bytes:
-    return _a(kind, text.encode() + b"\0")
+# Nests are written with nlmsg.attr too: as the kernel dumps them, without NLA_F_NESTED.
+_a, _u32, _str = m.attr, m.u32, m.strz
 
 
 def _expr(name: str, *data: bytes) -> bytes:

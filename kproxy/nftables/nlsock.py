@@ -117,25 +117,8 @@ class NetlinkSocket:
                 return
 
     def dump(self, msg: int, family: int, body: bytes = b"") -> list[bytes]:
-        """The payloads (nfgenmsg onward) of a dump's answers."""
-        seq = self.next_seq()
-        self.sock.send(nlmsg.message(msg, nlmsg.NLM_F_DUMP, seq, family, body))
-        out: list[bytes] = []
-        while True:
-            data = self.sock.recv(RECV_SIZE)
-            for kind, _flags, mseq, payload in nlmsg.iter_messages(data):
-                if mseq != seq:
-                    continue
-                if kind == nlmsg.NLMSG_DONE:
-                    return out
-                if kind == nlmsg.NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", payload)[0]
-                    if code == 0:
-                        continue
-                    if code == errno.ENOENT:
-                        return out
-                    raise OSError(code, f"netlink dump {msg}: {os.strerror(code)}")
-                out.append(payload)
+        """The payloads (nfgenmsg onward) of a dump's answers ([] when there is nothing)."""
+        return next(self.dump_each(msg, family, [body]))
 
     def dump_each(self, msg: int, family: int, bodies: list[bytes]) -> Iterator[list[bytes]]:
         """One dump per body, in order (a netlink socket runs one dump at a time): for each,

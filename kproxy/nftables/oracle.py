@@ -10,6 +10,7 @@ table behind kproxy's back does not throw the two out of step).
 
 from __future__ import annotations
 
+import difflib
 import os
 import subprocess
 
@@ -74,8 +75,6 @@ def check(family: str, before: str, plan: NftPlan) -> None:
         _fail(f"oracle: nft refused the transaction: {proc.stderr.strip()[:2000]}")
     mine, theirs = comparable(listing(family)), comparable(listing(family, netns))
     if mine != theirs:
-        import difflib
-
         diff = "".join(
             difflib.unified_diff(
                 theirs.splitlines(True), mine.splitlines(True), "nft -f", "netlink", n=1
