@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kproxy.drift import Change, DriftScope, Repair
 from kproxy.errors import ApplyError
 from kproxy.model import ClusterState, NodeConfig
 from kproxy.ports import Delta
@@ -104,6 +105,18 @@ class Mode(ABC):
     @abstractmethod
     def owned_ruleset(self) -> Any:
         """The rules of the last full apply, for the daemon's snapshot (None: not kept)."""
+
+    # Whether other processes' changes to this mode's rules come as nf_tables events.
+    drift_events: bool = False
+
+    def drift_scope(self, changes: Iterable[Change]) -> DriftScope:
+        """What of this family's rules an nf_tables transaction's changes touched (no I/O)."""
+        return DriftScope()
+
+    def repair(self, scope: DriftScope) -> Repair | None:
+        """Read the objects of `scope` alone and put back what differs from the record of the
+        last apply; None when only a full verify can (no record, a table gone, too much)."""
+        return None
 
     @abstractmethod
     def remove_all(self) -> Outcome:

@@ -4,14 +4,32 @@ names; and the benchmarks' switch to keep every payload sent."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable
 
 # Keep the text of every payload sent in the sync's `sent` (benchmarks replay it with the bare
 # tool); off by default: a whole 10k-Service table is 37 MB of text.
 RECORD_PAYLOADS = False
+
+# The tools this process started last (iptables-restore, nft): nf_tables names the task that
+# committed each change, and the drift watch must tell kproxy's own commits from other
+# processes' (kproxy.daemon.driftwatch).
+_STARTED: deque[int] = deque(maxlen=256)
+
+
+def started(pid: int) -> None:
+    """Remember a tool started to change the kernel (before it is given its input)."""
+    _STARTED.append(pid)
+
+
+def own_task(pid: int) -> bool:
+    """Whether the task that committed a change is kproxy's: one of this process's threads
+    (netlink batches), or one of the tools it started lately."""
+    return pid in _STARTED or os.path.exists(f"/proc/self/task/{pid}")
 
 
 def stream_to(argv: list[str], payload: str | Callable[[], Iterable[str]]) -> tuple[int, str]:
@@ -23,6 +41,7 @@ def stream_to(argv: list[str], payload: str | Callable[[], Iterable[str]]) -> tu
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errfile
         )
+        started(proc.pid)  # before it reads anything, so before it can commit
         assert proc.stdin is not None
         try:
             with proc.stdin:

@@ -152,6 +152,23 @@ def run(
     return _run([_ip(), "netns", "exec", ns, *argv], check=check, timeout=timeout, input=input)
 
 
+def run_pid(ns: str, argv: Sequence[str], timeout: float = 60) -> int:
+    """Run ``argv`` inside ``ns`` and return its pid (``ip netns exec`` execs the command, so
+    the pid is the command's own: what nf_tables names as the author of its changes)."""
+    proc = subprocess.Popen(
+        [_ip(), "netns", "exec", ns, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=command_env(),
+    )
+    _, err = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, list(argv), stderr=err)
+    return proc.pid
+
+
 def ip(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """``ip -n NS ARGS...``: an iproute2 command acting on namespace ``ns``."""
     return _run([_ip(), "-n", ns, *args], check=check)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kproxy.daemon.reconciler import Reconciler  # noqa: E402
 from kproxy.families import modes_for  # noqa: E402
 from kproxy.iptables.mode import IptablesMode  # noqa: E402
-from kproxy.iptables.plan import plan  # noqa: E402
+from kproxy.iptables.plan import owned_ruleset, plan  # noqa: E402
 from kproxy.iptables.sync import read_live  # noqa: E402
 from kproxy.model import NodeConfig  # noqa: E402
 from kproxy.nftables.nft import NftBackend  # noqa: E402
@@ -38,6 +38,18 @@ def drift(fam, state, config) -> str:
     # Read through the nft binary whatever the datapath: nft's view of the table is the
     # reference the netlink datapath is held to.
     return plan_table(desired, NftBackend(fam.backend.family).read()).text()
+
+
+def record_drift(fam) -> str:
+    """How the kernel differs from the mode's record of it (what a drift repair compares
+    with), kept through partial syncs ("" when equal)."""
+    if fam.record is None:
+        return "no record"
+    if isinstance(fam, IptablesMode):
+        desired = owned_ruleset(fam.record)
+        tables = sorted(set(desired.tables) | {j.table for j in desired.jumps})
+        return plan(desired, read_live(fam.backend, tables)).restore_text()
+    return plan_table(fam.record, NftBackend(fam.backend.family).read()).text()
 
 
 def mutate(rng: random.Random, objects: dict, step: int) -> tuple[str, str, dict]:
@@ -170,6 +182,8 @@ def main() -> None:
             if fam.last is not None and fam.applied is None:
                 report["partial"] += 1
             left = drift(fam, state, config)
+            if not left and (off := record_drift(fam)):
+                left = f"(the record of the kernel, not the kernel, is wrong)\n{off}"
             if left:
                 report["failure"] = (
                     f"step {step} ({kind} {event} {obj['metadata']['name']}), "

@@ -121,3 +121,31 @@ def test_a_full_buffer_says_events_were_lost(node):
         assert any(isinstance(t, Overflow) for t in got)
     finally:
         watcher.close()
+
+
+def test_a_rules_jumps_are_named_when_added_and_deleted(node):
+    """kproxy's jumps from built-in chains are told apart from other tools' rules there by the
+    chain a rule jumps to, also for a deleted rule."""
+    run(node, ["iptables", "-t", "nat", "-N", "KUBE-X"])
+    watcher = netns.call_in(node, NfEventWatcher)
+    try:
+        run(node, ["iptables", "-t", "nat", "-A", "PREROUTING", "-j", "KUBE-X"])
+        run(node, ["iptables", "-t", "nat", "-A", "PREROUTING", "-j", "ACCEPT"])
+        run(node, ["iptables", "-t", "nat", "-D", "PREROUTING", "-j", "KUBE-X"])
+        got = [c for t in transactions(watcher) for c in t.touches("ip", "nat") if c.kind == "rule"]
+        assert got == [
+            Change("add", "rule", "ip", "nat", "PREROUTING", ("KUBE-X",)),
+            Change("add", "rule", "ip", "nat", "PREROUTING"),
+            Change("delete", "rule", "ip", "nat", "PREROUTING", ("KUBE-X",)),
+        ]
+    finally:
+        watcher.close()
+
+
+def test_wake_ends_a_read_that_waits_forever(node):
+    watcher = netns.call_in(node, NfEventWatcher)
+    try:
+        threading.Timer(0.2, watcher.wake).start()
+        assert list(watcher.read(timeout=None)) == []
+    finally:
+        watcher.close()

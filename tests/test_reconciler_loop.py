@@ -171,7 +171,7 @@ class Failures:
     def failed(self, family: str, partial: bool, reason: str = "?") -> None:
         self.failed_calls.append((family, reason))
 
-    def drift_repaired(self, reason: str) -> None:
+    def drift_repaired(self, reason: str, process: str = "") -> None:
         self.repairs.append(reason)
 
     def __getattr__(self, name: str):

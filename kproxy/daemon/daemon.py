@@ -13,6 +13,7 @@ from pathlib import Path
 from kproxy import __version__, nodeinfo
 from kproxy.daemon.cachewriter import CacheWriter
 from kproxy.daemon.conntrack import ConntrackCleanup
+from kproxy.daemon.driftwatch import DriftWatch
 from kproxy.daemon.health import (
     HealthServer,
     ProxyHealth,
@@ -20,6 +21,7 @@ from kproxy.daemon.health import (
     local_ready_endpoints,
 )
 from kproxy.daemon.metrics import Metrics
+from kproxy.daemon.nodeevents import NodeEventPoster
 from kproxy.daemon.reconciler import (
     APPLY,
     DRIFT_REASONS,
@@ -42,10 +44,17 @@ log = logging.getLogger(__name__)
 class DaemonObserver:
     """Turns the reconciler's reports into upstream's metrics and health state."""
 
-    def __init__(self, metrics: Metrics, health: ProxyHealth, store: ObjectStore) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        health: ProxyHealth,
+        store: ObjectStore,
+        events: NodeEventPoster | None = None,
+    ) -> None:
         self.metrics = metrics
         self.health = health
         self.store = store
+        self.events = events  # Events on the Node (drift repairs), posted in the background
 
     def queued(self) -> None:
         self.metrics.sync_proxy_rules_last_queued_timestamp_seconds.set(time.time())
@@ -92,8 +101,15 @@ class DaemonObserver:
                 self.metrics.sync_proxy_rules_iptables_partial_restore_failures_total.inc()
         self.metrics.sync_failures_total.labels(family=family, reason=reason).inc()
 
-    def drift_repaired(self, reason: str) -> None:
-        self.metrics.drift_repairs_total.labels(reason=reason).inc()
+    def drift_repaired(self, reason: str, process: str = "") -> None:
+        self.metrics.drift_repairs_total.labels(reason=reason, process=process).inc()
+
+    def drift_backoff(self, process: str) -> None:
+        self.metrics.drift_backoffs_total.labels(process=process).inc()
+
+    def node_event(self, reason: str, note: str) -> None:
+        if self.events is not None:
+            self.events.post(reason, note)
 
     def programming_latency(self, seconds: float) -> None:
         self.metrics.network_programming_duration_seconds.observe(seconds)
@@ -163,7 +179,7 @@ class Daemon:
             min_sync_period=opts.min_sync_period,
             sync_period=opts.sync_period,
             canary_interval=opts.canary_interval,
-            observer=DaemonObserver(self.metrics, self.health, self.store),
+            observer=(observer := DaemonObserver(self.metrics, self.health, self.store)),
             after_sync=self._after_sync,
             lock=(lambda: locked(opts.lock_file, timeout=10, what="sync", command="kproxy run"))
             if opts.lock_file
@@ -188,6 +204,10 @@ class Daemon:
             # source's own 30s cap plus the relist and the sync overshot a 30s sync period).
             backoff_max=max(1.0, min(30.0, 0.8 * opts.sync_period)),
         )
+        # Repairs of other processes' changes are posted as Events on this Node.
+        self.events = NodeEventPoster(opts.node_name, self.source.api_client)
+        observer.events = self.events
+        self.drift_watch = DriftWatch(self.reconciler, families)
         self.metrics.start_at_zero(
             tables=families[0].tables,
             failures=failure_labels([fam.name for fam in families]),
@@ -348,11 +368,14 @@ class Daemon:
             opts.healthz_bind,
         )
         self.source.start()
+        self.drift_watch.start()
         waiter = threading.Thread(target=self._wait_for_state, name="wait-for-state", daemon=True)
         waiter.start()
         try:
             self.reconciler.run(self.stop_event, self.ready)
         finally:
+            self.drift_watch.stop()
+            self.events.stop()
             self.source.stop()
             if self.cache_writer is not None:
                 self.cache_writer.stop()

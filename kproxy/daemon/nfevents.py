@@ -14,15 +14,26 @@ one full verify.
 from __future__ import annotations
 
 import errno
+import os
+import select
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from kproxy.drift import Change
 from kproxy.nftables import nlmsg as m
+
+__all__ = ["Change", "NfEventWatcher", "Overflow", "Transaction"]
 
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
 RECV_SIZE = 1 << 20
+# The socket's receive buffer: a burst of other tools' changes (a firewall reload) must fit
+# while the reader catches up. kproxy's own big transactions (a full sync at thousands of
+# Services) overflow it anyway; that costs one verify (see kproxy.daemon.driftwatch).
+RCVBUF = 8 << 20
+SO_RCVBUFFORCE = 33
+NFTA_IMMEDIATE_DATA = 2
 
 _KINDS = {
     m.NFT_MSG_NEWTABLE: ("add", "table"),
@@ -37,19 +48,6 @@ _KINDS = {
     m.NFT_MSG_DELSETELEM: ("delete", "element"),
 }
 _FAMILIES = {v: k for k, v in m.NFPROTO.items()}
-
-
-@dataclass(frozen=True)
-class Change:
-    """One object of a transaction: `verb` "add"/"delete", `kind` table/chain/rule/set/element,
-    and where it is: the family ("ip", "ip6", "inet", or the number), the table, and the chain
-    (rules, chains) or set (sets, elements)."""
-
-    verb: str
-    kind: str
-    family: str
-    table: str
-    name: str = ""
 
 
 @dataclass
@@ -78,14 +76,26 @@ class NfEventWatcher:
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
+            try:  # root may go past net.core.rmem_max
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
             self.sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
         except BaseException:
             self.sock.close()
             raise
         self._pending: list[Change] = []
+        # wake() writes here, so a reader waiting for events forever can be stopped.
+        self._wake_r, self._wake_w = os.pipe()
 
     def close(self) -> None:
         self.sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def wake(self) -> None:
+        """Make a read() waiting without a timeout return (from another thread)."""
+        os.write(self._wake_w, b"x")
 
     def __enter__(self) -> NfEventWatcher:
         return self
@@ -98,11 +108,16 @@ class NfEventWatcher:
 
     def read(self, timeout: float | None = None) -> Iterator[Transaction | Overflow]:
         """The transactions committed since the last read, waiting up to `timeout` seconds
-        (None: forever) for the first answer; ends when nothing more is queued."""
-        self.sock.settimeout(timeout)
+        (None: forever, or until wake()) for the first answer; ends when nothing more is
+        queued. While nothing changes it sleeps in the kernel and uses no CPU."""
+        ready, _, _ = select.select([self.sock, self._wake_r], [], [], timeout)
+        if self._wake_r in ready:
+            os.read(self._wake_r, 64)
+        if self.sock not in ready:
+            return
         try:
-            data = self.sock.recv(RECV_SIZE)
-        except TimeoutError:
+            data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, TimeoutError):
             return
         except OSError as err:
             if err.errno != errno.ENOBUFS:
@@ -154,4 +169,21 @@ def _change(msg: int, payload: bytes) -> Change:
         name = m.cstr(a.get(m.NFTA_CHAIN_NAME, b""))
     else:
         name = m.cstr(a.get(2, b""))
-    return Change(verb, kind, family, table, name)
+    targets: tuple[str, ...] = ()
+    if kind == "rule" and b"immediate" in payload:
+        targets = _verdict_chains(a.get(m.NFTA_RULE_EXPRESSIONS, b""))
+    return Change(verb, kind, family, table, name, targets)
+
+
+def _verdict_chains(expressions: bytes) -> tuple[str, ...]:
+    """The chains a rule's immediate verdicts jump or go to (iptables-nft's `-j CHAIN`)."""
+    out = []
+    for _, elem in m.iter_attrs(expressions):
+        e = m.parse_attrs(elem)
+        if m.cstr(e.get(m.NFTA_EXPR_NAME, b"")) != "immediate":
+            continue
+        data = m.parse_attrs(e.get(m.NFTA_EXPR_DATA, b"")).get(NFTA_IMMEDIATE_DATA, b"")
+        verdict = m.parse_attrs(m.parse_attrs(data).get(m.NFTA_DATA_VERDICT, b""))
+        if m.NFTA_VERDICT_CHAIN in verdict:
+            out.append(m.cstr(verdict[m.NFTA_VERDICT_CHAIN]))
+    return tuple(out)

@@ -9,6 +9,11 @@
   kproxy table in nftables mode) are checked every canary interval (upstream watches mangle
   only, k8s issue 129128): a missing one means rules were flushed behind kproxy's back, and
   triggers a verify at once.
+- Other processes' changes to kproxy's rules come as nf_tables events (kproxy.daemon.
+  driftwatch, where the backend has them): the objects a foreign transaction touched are read
+  alone and repaired at once (Mode.repair), attributed to the process, and rate-limited per
+  object (kproxy.drift.RepairLimiter) so a tool fighting kproxy cannot make it spin. A table
+  deleted, too many objects, or events lost trigger a full verify instead.
 - A failed apply leaves the kernel as it was (every restore is atomic) and is retried with
   exponential backoff, up to the sync period. So is any other error of a sync (a missing
   binary, a netlink error, a bug): the daemon logs it (its traceback once per distinct
@@ -25,6 +30,9 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kproxy import tools
+from kproxy.daemon.nfevents import Overflow, Transaction
+from kproxy.drift import DriftScope, Object, RepairLimiter, label
 from kproxy.errors import ApplyError
 from kproxy.mode import Mode, sync_families
 from kproxy.model import ClusterState, NodeConfig
@@ -49,7 +57,9 @@ class SyncObserver(Protocol):
     ) -> None: ...
     def failed(self, family: str, partial: bool, reason: str) -> None: ...
     def updated(self, family: str) -> None: ...
-    def drift_repaired(self, reason: str) -> None: ...
+    def drift_repaired(self, reason: str, process: str = "") -> None: ...
+    def drift_backoff(self, process: str) -> None: ...
+    def node_event(self, reason: str, note: str) -> None: ...
     def programming_latency(self, seconds: float) -> None: ...
 
 
@@ -82,10 +92,18 @@ VERIFY_SHARE = 10
 # ports, state cache, snapshot, conntrack cleanup).
 APPLY, UNEXPECTED, CANARY, AFTER_SYNC = "apply", "unexpected", "canary", "after-sync"
 ALL_FAMILIES = "all"  # the family label of an error that belongs to no family
-# Why a verify found and repaired drift (kproxy_drift_repairs_total's reason label): a canary
-# chain vanished; the periodic verify found a difference; the verify after a failed sync did.
+# Why drift was found and repaired (kproxy_drift_repairs_total's reason label): a canary
+# chain vanished; the periodic verify found a difference; the verify after a failed sync did;
+# another process's nf_tables transaction changed kproxy's rules (its `process` label names
+# it); nf_tables events were lost, and the verify that followed found a difference.
 FLUSH, PERIODIC, RETRY = "flush", "periodic", "retry"
-DRIFT_REASONS = (FLUSH, PERIODIC, RETRY)
+FOREIGN, EVENTS_LOST = "foreign-change", "events-lost"
+DRIFT_REASONS = (FLUSH, PERIODIC, RETRY, FOREIGN, EVENTS_LOST)
+# Events of other processes' changes are gathered this long after the first before the repair
+# (a tool often commits a few transactions in a row: one repair for all of them).
+DRIFT_SETTLE = 0.03
+WHOLE: Object = ("", "all of its rules")  # the limiter's key for a family verified whole
+LOST = ("", "events lost")  # and for the verifies after lost events
 
 
 def failure_labels(families: list[str]) -> list[tuple[str, str]]:
@@ -139,6 +157,13 @@ class Reconciler:
         self._warned: set[str] = set()
         self._tracebacks: set[tuple[str, str, str]] = set()
         self.syncs = 0  # completed sync attempts, for tests and logs
+        # Other processes' nf_tables transactions (and event losses) not handled yet, and the
+        # monotonic time the first of them came; who caused the verify requested next.
+        self._drift: list[Transaction | Overflow] = []
+        self._drift_since = 0.0
+        self._verify_cause = ""
+        self.limiter = RepairLimiter()
+        self.repairs = 0  # drift repairs done, for tests
 
     # --- called from other threads ---
 
@@ -149,9 +174,20 @@ class Reconciler:
             self._pending = True
             self._cv.notify()
 
-    def request_verify(self, reason: str) -> None:
+    def request_verify(self, reason: str, cause: str = "") -> None:
         with self._cv:
-            self._verify_reason = self._verify_reason or reason
+            if self._verify_reason is None:
+                self._verify_reason, self._verify_cause = reason, cause
+            self._cv.notify()
+
+    def foreign_change(self, item: Transaction | Overflow) -> None:
+        """An nf_tables transaction that may be another process's, or lost events (from the
+        drift watch's thread): repaired within DRIFT_SETTLE, not held up by the min sync
+        period (a repair is no change of Services)."""
+        with self._cv:
+            if not self._drift:
+                self._drift_since = time.monotonic()
+            self._drift.append(item)
             self._cv.notify()
 
     # --- the loop ---
@@ -170,23 +206,39 @@ class Reconciler:
         while not stop.is_set():
             now = time.monotonic()
             check_canaries = False
+            drift: list[Transaction | Overflow] = []
+            with self._cv:
+                if self._drift and now >= self._drift_since + DRIFT_SETTLE:
+                    drift, self._drift = self._drift, []
+            if drift:
+                self._handle_drift(drift)
+                continue
             with self._cv:
                 every = verify_interval(self.sync_period, verify_cost)
                 if now - last_verify >= every and self._verify_reason is None:
                     self._verify_reason = PERIODIC
                 due = self._pending or self._verify_reason is not None
                 start_at = max(last_start + self.min_sync_period, retry_at)
+                if self._verify_reason in (FOREIGN, EVENTS_LOST):
+                    # Rules another process removed are missed now: not held up by the min
+                    # sync period (which coalesces Service changes); the limiter holds back
+                    # a process that keeps doing it.
+                    start_at = retry_at
                 if due and now >= start_at:
-                    verify_reason = self._verify_reason
+                    verify_reason, cause = self._verify_reason, self._verify_cause
                     self._pending = False
-                    self._verify_reason = None
+                    self._verify_reason, self._verify_cause = None, ""
                 else:
                     deadlines = [last_verify + every, last_canary + self.canary_interval]
                     if due:
                         deadlines.append(start_at)
+                    if self._drift:
+                        deadlines.append(self._drift_since + DRIFT_SETTLE)
                     self._cv.wait(max(0.01, min(deadlines) - now))
                     check_canaries = (
-                        time.monotonic() - last_canary >= self.canary_interval and not due
+                        time.monotonic() - last_canary >= self.canary_interval
+                        and not due
+                        and not self._drift
                     )
                     if not check_canaries:
                         continue
@@ -204,7 +256,7 @@ class Reconciler:
                 continue
             last_start = time.monotonic()
             try:
-                ok = self.sync(verify_reason).ok
+                ok = self.sync(verify_reason, cause).ok
             except Exception as err:  # outside any family's sync (the store, the lock): a bug
                 self._log_error("sync failed (will retry)", ALL_FAMILIES, err)
                 self.observer.failed(ALL_FAMILIES, partial=verify_reason is None, reason=UNEXPECTED)
@@ -225,11 +277,12 @@ class Reconciler:
                 with self._cv:
                     self._verify_reason = self._verify_reason or RETRY
 
-    def sync(self, verify_reason: str | None) -> SyncReport:
-        """One sync of every family. `verify_reason` set: plan against the kernel's tables."""
+    def sync(self, verify_reason: str | None, cause: str = "") -> SyncReport:
+        """One sync of every family. `verify_reason` set: plan against the kernel's tables;
+        `cause`: the process whose change made it (a drift verify's)."""
         try:
             with self.lock():
-                return self._sync(verify_reason)
+                return self._sync(verify_reason, cause)
         except LockError as err:
             log.warning("sync postponed: %s", err)
             state, changes = self.store.snapshot()
@@ -249,7 +302,7 @@ class Reconciler:
                 self.after_sync(report)
             return report
 
-    def _sync(self, verify_reason: str | None) -> SyncReport:
+    def _sync(self, verify_reason: str | None, cause: str = "") -> SyncReport:
         started = time.monotonic()
         state, changes = self.store.snapshot()
         self.observer.changes(changes.service_events, changes.endpoint_events)
@@ -317,12 +370,19 @@ class Reconciler:
             drift = verify_reason not in (None, "start", "api-back") and not reconfigured
             if drift and outcome.changed:
                 log.warning(
-                    "%s: repaired rules changed behind kproxy's back (%s): %s",
+                    "%s: repaired rules changed behind kproxy's back (%s%s): %s",
                     fam.name,
                     verify_reason,
+                    f", by {cause}" if cause else "",
                     outcome.summary,
                 )
-                self.observer.drift_repaired(verify_reason or "verify")
+                self.observer.drift_repaired(verify_reason or "verify", _process_of(cause))
+                if cause:
+                    self.observer.node_event(
+                        "RulesRepaired",
+                        f"{fam.name} {fam.mode} rules changed by {cause}; repaired with a "
+                        f"full verify in {time.monotonic() - started:.1f} s",
+                    )
             elif outcome.changed or verify_reason == "start":
                 log.info(
                     "synced %s (%s, %s, %d services): %s",
@@ -355,6 +415,100 @@ class Reconciler:
                 self.observer.failed(ALL_FAMILIES, partial=partial, reason=AFTER_SYNC)
         return report
 
+    def _handle_drift(self, items: list[Transaction | Overflow]) -> None:
+        """Repair what other processes' transactions changed of kproxy's rules."""
+        if any(isinstance(item, Overflow) for item in items):
+            # Held back like a fight when it keeps happening (a tool committing huge
+            # transactions all the time): the periodic verify is there meanwhile.
+            if self.limiter.allowed(LOST):
+                log.warning("nf_tables events were lost (socket buffer full): verifying all")
+                self.request_verify(EVENTS_LOST)
+                self.limiter.repaired(LOST)
+        foreign = [tx for tx in items if isinstance(tx, Transaction) and not tools.own_task(tx.pid)]
+        for fam in self.families:
+            scope = DriftScope()
+            who: dict[Object, str] = {}
+            whole = ""
+            for tx in foreign:
+                part = fam.drift_scope(tx.changes)
+                if not part:
+                    continue
+                author = f"{tx.process or '?'} (pid {tx.pid})"
+                whole = author if part.whole else whole
+                who.update(dict.fromkeys(part.objects, author))
+                scope.merge(part)
+            if scope:
+                self._repair(fam, scope, who, whole)
+
+    def _repair(self, fam: Mode, scope: DriftScope, who: dict[Object, str], whole: str) -> None:
+        held = {o for o in scope.objects if not self.limiter.allowed((fam.name, o))}
+        if held and not scope.whole:
+            log.info(
+                "%s: not repairing %s at once (backing off): the periodic verify will",
+                fam.name,
+                ", ".join(sorted(label(o) for o in held)),
+            )
+            scope = scope.without(held)
+            if not scope:
+                return
+        started = time.monotonic()
+        try:
+            with self.lock():
+                done = fam.repair(scope)
+        except LockError as err:
+            log.warning("drift repair postponed: %s", err)
+            done = None
+        except Exception as err:
+            self._log_error("drift repair failed (verifying instead)", fam.name, err)
+            self.observer.failed(fam.name, partial=True, reason=UNEXPECTED)
+            done = None
+        if done is None:  # a table gone, too much, no record: the whole family is verified
+            author = whole or ", ".join(sorted(set(who.values())))
+            if self.limiter.allowed((fam.name, WHOLE)):
+                self.request_verify(FOREIGN, author)
+                self._count_repair(fam, WHOLE, author)
+            return
+        if not done.found:
+            return  # changed and changed back, or the same rules written again
+        self.repairs += 1
+        ms = (time.monotonic() - started) * 1000
+        by_author: dict[str, list[str]] = {}
+        for obj, found in done.found.items():
+            by_author.setdefault(who.get(obj, "another process"), []).append(
+                f"{label(obj)} {found}"
+            )
+        for author, what in by_author.items():
+            note = f"{'; '.join(what)} by {author}; repaired in {ms:.0f} ms"
+            log.warning("%s %s rules: %s", fam.name, fam.mode, note)
+            self.observer.drift_repaired(FOREIGN, _process_of(author))
+            self.observer.node_event("RulesRepaired", f"{fam.name} {fam.mode} rules: {note}")
+        for obj in done.found:
+            if obj in scope.objects:
+                self._count_repair(fam, obj, who.get(obj, "another process"))
+
+    def _count_repair(self, fam: Mode, obj: Object, author: str) -> None:
+        """One more repair of `obj`: past the limiter's limit, say who fights kproxy."""
+        backoff = self.limiter.repaired((fam.name, obj))
+        if backoff is None:
+            return
+        log.error(
+            "%s: %s was repaired %d times in %.0f s and changed again each time by %s: another "
+            "program is fighting kproxy over it; not repairing it at once for %.0f s (the "
+            "periodic verify still does)",
+            fam.name,
+            label(obj),
+            self.limiter.limit,
+            self.limiter.window,
+            author,
+            backoff,
+        )
+        self.observer.drift_backoff(_process_of(author))
+        self.observer.node_event(
+            "RulesFought",
+            f"{fam.name} {fam.mode} rules: {label(obj)} keeps being changed by {author}; "
+            f"kproxy backs off for {backoff:.0f} s",
+        )
+
     def missing_canaries(self) -> list[str]:
         """What the canary check of each family found missing. A check that fails says
         nothing is missing (it must not trigger repairs by itself): logged and counted."""
@@ -379,3 +533,8 @@ class Reconciler:
         log.error(
             "%s %s: %s: %s", family, what, type(err).__name__, err, exc_info=err if first else None
         )
+
+
+def _process_of(author: str) -> str:
+    """ "iptables (pid 5122)" -> "iptables": the metrics' label (pids would make a series each)."""
+    return author.split(" (pid ", 1)[0].split(", ", 1)[0] if author else ""

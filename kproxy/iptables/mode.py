@@ -4,9 +4,12 @@ notice a flush."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from kproxy.iptables.plan import owned_ruleset
+from kproxy.drift import Change, DriftScope, Repair
+from kproxy.iptables import repair
+from kproxy.iptables.plan import owned_ruleset, record_after
 from kproxy.iptables.render import IPV4, IPV6, fragments_of, render, render_delta
 from kproxy.iptables.restore import IptablesBackend
 from kproxy.iptables.rules import OWNED_TABLES, Jump, RuleSet, Table, is_owned_chain
@@ -42,6 +45,9 @@ class IptablesMode(Mode):
         self.rules: dict[str, int] = {}
         # One jump per table from the last full apply, checked with the canaries.
         self.sentinels: list[Jump] = []
+        # What the kernel holds of kproxy's rules, kept through partial syncs too (`applied`
+        # is not): a drift repair compares single chains with it (None: not known).
+        self.record: dict[str, Table] | None = None
 
     @property
     def label(self) -> str:
@@ -65,6 +71,8 @@ class IptablesMode(Mode):
         if result is None:
             return None  # nothing was applied
         self.applied = None  # the full record is stale; a full sync reads the kernel
+        if self.record is not None and not self.dry_run:
+            record_after(self.record, result.plan)
         for f, sign in [(o, -1) for o, _ in delta.pairs] + [(n, 1) for _, n in delta.pairs]:
             for (table, _chain), rules in f.chains.items() if f else ():
                 self.rules[table] = self.rules.get(table, 0) + sign * len(rules)
@@ -77,16 +85,35 @@ class IptablesMode(Mode):
         try:
             result = sync_family(self.backend, desired, dry_run=self.dry_run, assumed=assumed)
         except Exception:
-            self.applied = None
+            self.applied = self.record = None
             raise
         if not self.dry_run:
             self.applied = applied_tables(desired)
+            self.record = applied_tables(desired)
             self.sentinels = list({j.table: j for j in reversed(desired.jumps)}.values())
         return _outcome(result)
 
     def forget(self) -> None:
-        self.applied = None
+        self.applied = self.record = None
         self.last = None
+
+    @property
+    def drift_events(self) -> bool:
+        """Whether other processes' changes come as nf_tables events (the legacy backend has
+        none: there the canaries and the periodic verify find drift)."""
+        return self.backend.variant == "nft"
+
+    def drift_scope(self, changes: Iterable[Change]) -> DriftScope:
+        return repair.scope_of(changes, "ip6" if self.backend.family == 6 else "ip")
+
+    def repair(self, scope: DriftScope) -> Repair | None:
+        if self.record is None or self.dry_run:
+            return None
+        try:
+            return repair.repair(self.backend, self.record, scope)
+        except Exception:
+            self.forget()  # a restore of several tables may have landed in part
+            raise
 
     def missing_canaries(self) -> list[str]:
         missing = [
@@ -106,7 +133,7 @@ class IptablesMode(Mode):
         """Delete every owned chain and jump of this family."""
         empty = RuleSet(tables={name: Table(name) for name in OWNED_TABLES})
         result = sync_family(self.backend, empty, dry_run=self.dry_run)
-        self.applied = None
+        self.applied = self.record = None
         return Outcome(not result.plan.empty(), True, describe(result), result.plan.restore_text)
 
     def present(self) -> bool:

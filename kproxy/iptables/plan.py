@@ -279,11 +279,11 @@ def owned_ruleset(tables: dict[str, Table]) -> RuleSet:
                         out.jumps.append(Jump(name, chain, rule))
             elif is_managed_chain(name, chain):
                 out.chain(name, chain).extend(rules)
-    _layout(out)
+    layout(out)
     return out
 
 
-def _layout(rs: RuleSet) -> None:
+def layout(rs: RuleSet) -> None:
     """The shared chains' order rules (see RuleSet.unordered), as the renderer sets them."""
     for key in UNORDERED:
         rs.unordered[key] = 0
@@ -294,3 +294,37 @@ def _layout(rs: RuleSet) -> None:
             break
         tail += 1
     rs.unordered[("nat", "KUBE-SERVICES")] = tail
+
+
+def record_after(record: dict[str, Table], the_plan: Plan) -> None:
+    """Bring `record` (what the kernel holds of kproxy's rules, as applied_tables makes it) to
+    what it holds after `the_plan` was applied, edit for edit as iptables-restore does them."""
+    for name, change in the_plan.changes.items():
+        _table_after(record.setdefault(name, Table(name)).chains, change)
+
+
+def _table_after(chains: dict[str, list[str]], change: TableChange) -> None:
+    # A chain's list is copied before it is edited: the record shares its lists with renders.
+    mine: set[str] = set()
+
+    def own(chain: str) -> list[str]:
+        if chain not in mine:
+            chains[chain] = list(chains.get(chain, []))
+            mine.add(chain)
+        return chains[chain]
+
+    for chain in change.declare:
+        chains[chain] = []
+        mine.add(chain)
+    for line in change.delete_rules:  # "-D CHAIN rule"
+        _, chain, rule = line.split(" ", 2)
+        rules = own(chain)
+        if rule in rules:
+            rules.remove(rule)
+    for chain, rules in change.write_chains:
+        own(chain).extend(rules)
+    for line in change.add_rules:  # "-I CHAIN 1 rule"
+        _, chain, _, rule = line.split(" ", 3)
+        own(chain).insert(0, rule)
+    for chain in change.delete_chains:
+        chains.pop(chain, None)

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from kproxy import tools
+from kproxy.drift import Change, DriftScope, Repair
 from kproxy.mode import Mode, Outcome, Rendered
 from kproxy.model import ClusterState, NodeConfig
+from kproxy.nftables import repair
 from kproxy.nftables.nft import NftBackend
+from kproxy.nftables.plan import copy_for_record, record_after
 from kproxy.nftables.render import (
     NFT_IPV4,
     NFT_IPV6,
@@ -38,6 +42,11 @@ class NftablesMode(Mode):
         self.label = "nftables" if backend.datapath == "nft" else "nftables-netlink"
         self.last: Any = None
         self.rules = 0
+        # What the kernel's table holds, kept through partial syncs too (`applied` is not): a
+        # drift repair compares single objects with it (None: not known).
+        self.record: NftTable | None = None
+
+    drift_events = True  # nf_tables: every change is an event
 
     def render(self, state: ClusterState, config: NodeConfig) -> Rendered:
         r = render_nft(state, config, self.family, cache=self.cache)
@@ -54,8 +63,14 @@ class NftablesMode(Mode):
         full = self.last.table
         old = fragments_table(self.family, [o for o, _ in delta.pairs], full)
         new = fragments_table(self.family, [n for _, n in delta.pairs], full)
-        result = sync_nft(self.backend, new, dry_run=self.dry_run, assumed=old, known=True)
+        try:
+            result = sync_nft(self.backend, new, dry_run=self.dry_run, assumed=old, known=True)
+        except Exception:
+            self.record = None
+            raise
         self.applied, self.known = None, False  # the full record is stale
+        if self.record is not None and not self.dry_run:
+            record_after(self.record, result.plan)
         self.rules += new.rule_count() - old.rule_count()
         text = result.plan.text()  # a few lines
         outcome = Outcome(
@@ -88,6 +103,7 @@ class NftablesMode(Mode):
             raise
         if not self.dry_run:
             self.applied, self.known = desired, True
+            self.record = copy_for_record(desired)
         sent = []
         if tools.RECORD_PAYLOADS and not self.dry_run and not result.plan.empty():
             sent = [(False, result.plan.text())]
@@ -102,7 +118,23 @@ class NftablesMode(Mode):
 
     def forget(self) -> None:
         self.applied, self.known = None, False
-        self.last = None
+        self.last = self.record = None
+
+    def drift_scope(self, changes: Iterable[Change]) -> DriftScope:
+        return repair.scope_of(changes, self.family.name)
+
+    def repair(self, scope: DriftScope) -> Repair | None:
+        if self.record is None or self.dry_run:
+            return None
+        try:
+            done = repair.repair(self.backend, self.record, scope)
+        except Exception:
+            self.forget()
+            raise
+        if done is not None and done.found:
+            # The next verify reads the table again rather than trust the generation.
+            self.known = False
+        return done
 
     def missing_canaries(self) -> list[str]:
         return [] if self.backend.exists() else [f"{self.name} table {self.family.name} {TABLE}"]

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO
 
+from kproxy import tools
 from kproxy.errors import ApplyError
 from kproxy.nftables.plan import NftPlan
 from kproxy.nftables.table import TABLE, NftTable, parse_table
@@ -61,6 +62,19 @@ class NftBackend:
         text = self.read_text()
         return None if text is None else parse_table(text, self.family)
 
+    def read_objects(self, chains: set[str], sets: set[str], hint: NftTable) -> NftTable | None:
+        """Only these chains and sets of the kproxy table (None: no table). nft lists the
+        whole table to print a part of it: read whole, then cut."""
+        whole = self.read(hint)
+        if whole is None:
+            return None
+        return NftTable(
+            self.family,
+            {n: c for n, c in whole.chains.items() if n in chains},
+            {n: s for n, s in whole.sets.items() if n in sets},
+            whole.comment,
+        )
+
     def read_text(self) -> str | None:
         """`nft list table <family> kproxy`, or None when there is no such table."""
         if not self.exists():
@@ -98,16 +112,22 @@ class NftBackend:
         killed before, nothing is applied; killed after, the orphaned nft still reads the
         complete transaction; nft killed too, its one netlink batch lands whole or not."""
         with _spooled(transaction) as spool:
-            proc = subprocess.run(
-                ["nft", "-f", "-"], stdin=spool, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-            )
-            if proc.returncode != 0:
-                stderr = proc.stderr.decode(errors="replace")
+            with tempfile.TemporaryFile() as errfile:
+                proc = subprocess.Popen(
+                    ["nft", "-f", "-"], stdin=spool, stdout=subprocess.DEVNULL, stderr=errfile
+                )
+                # Remembered as kproxy's own (the drift watch), though it may have committed
+                # already: the watch decides in the thread that started it, after this.
+                tools.started(proc.pid)
+                returncode = proc.wait()
+                errfile.seek(0)
+                stderr = errfile.read().decode(errors="replace")
+            if returncode != 0:
                 spool.seek(0)
                 lines = (line.decode(errors="replace") for line in spool)
                 raise NftError(
                     f"nft -f failed: {first_line(stderr)}",
-                    proc.returncode,
+                    returncode,
                     detail=failing_context(lines, stderr, r"/dev/stdin:(\d+)"),
                 )
 

@@ -232,3 +232,53 @@ def plan_table(want: NftTable, have: NftTable | None) -> NftPlan:
     # deleted; re-created sets after the flushes of the chains using them.
     p.ops = declare + flush + del_elements + del_sets + add_sets + rules + add_elements + del_chains
     return p
+
+
+def record_after(record: NftTable, the_plan: NftPlan) -> None:
+    """Bring `record` (what the kernel holds of the kproxy table) to what it holds after
+    `the_plan` was applied, step for step. Chains are made anew and sets copied before they
+    are changed: the record shares its objects with renders."""
+    mine: set[str] = set()  # sets already copied
+    for op in the_plan.ops:
+        kind = op[0]
+        if kind == "table":
+            record.comment = op[1]
+        elif kind == "chain":
+            record.chains[op[1]] = NftChain(base=op[2].base, comment=op[2].comment)
+        elif kind == "flush":
+            old = record.chains.get(op[1]) or NftChain()
+            record.chains[op[1]] = NftChain(base=old.base, comment=old.comment)
+        elif kind == "rule":
+            record.chains[op[1]].rules.append(op[2])
+        elif kind == "delchain":
+            record.chains.pop(op[1], None)
+        elif kind == "set":
+            if op[1] not in record.sets:
+                s = op[2]
+                record.sets[op[1]] = NftSet(
+                    s.kind, s.type, s.flags, s.timeout, s.comment, typeof=s.typeof
+                )
+                mine.add(op[1])
+        elif kind == "delset":
+            record.sets.pop(op[1], None)
+            mine.discard(op[1])
+        elif kind == "elements":
+            _, verb, name, _, items = op
+            s = record.sets[name]
+            if name not in mine:
+                s = record.sets[name] = NftSet(
+                    s.kind, s.type, s.flags, s.timeout, s.comment, dict(s.elements), s.typeof
+                )
+                mine.add(name)
+            if verb == "add":
+                s.elements.update(items)
+            else:
+                for key, _ in items:
+                    s.elements.pop(key, None)
+        else:
+            raise ValueError(f"unknown plan step {kind!r}")
+
+
+def copy_for_record(table: NftTable) -> NftTable:
+    """A record of `table` just applied, which record_after may change without touching it."""
+    return NftTable(table.family, dict(table.chains), dict(table.sets), table.comment)
