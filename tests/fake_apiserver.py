@@ -7,6 +7,10 @@ history, BOOKMARK events, and 410 "Expired" for a resourceVersion older than the
 Failures are injected with `set_fail()`, `set_kind_fail()` (one kind only: 403, 500, or a list
 held until released) and `cut_watches()`; `requests` logs every request.
 
+Events can be created (POST, core v1 and events.k8s.io/v1 alike) and read back with `events()`;
+they are not listed or watched. MicroTime fields are checked as strictly as the real server
+parses them (exactly six fractional digits and a zone), since that is what clients get wrong.
+
     server = FakeApiServer()      # FakeApiServer(host="10.0.0.1") to bind inside a netns
     server.start()
     server.apply({"kind": "Service", "metadata": {"name": "a", "namespace": "x"}, ...})
@@ -23,6 +27,8 @@ import argparse
 import base64
 import copy
 import json
+import random
+import re
 import socket
 import threading
 import time
@@ -56,6 +62,13 @@ KINDS = {
         _Kind("Node", "v1", "nodes", False),
     )
 }
+
+
+# Where Events are created: path prefix -> the apiVersion of the objects posted there.
+EVENT_APIS = {"/api/v1": "v1", "/apis/events.k8s.io/v1": "events.k8s.io/v1"}
+# metav1.MicroTime is parsed with Go's layout "2006-01-02T15:04:05.000000Z07:00": exactly six
+# fractional digits and a zone; anything else is a 400 before validation even runs.
+_MICRO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})")
 
 
 @dataclass(frozen=True)
@@ -100,7 +113,7 @@ def _now() -> str:
 
 
 class FakeApiServer:
-    """An in-process API server for Services, EndpointSlices and Nodes."""
+    """An in-process API server for Services, EndpointSlices and Nodes (and created Events)."""
 
     def __init__(
         self,
@@ -120,6 +133,8 @@ class FakeApiServer:
         self._cond = threading.Condition()  # guards everything below; notified on any change
         self._rv = 1
         self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k: {} for k in KINDS}
+        # Created Events in order; both API versions share one store, as in the real server.
+        self._events: list[dict[str, Any]] = []
         self._history: deque[_Event] = deque()
         # A watch may start at any RV >= this one: all later events are still in _history.
         self._compacted_rv = 1
@@ -219,6 +234,11 @@ class FakeApiServer:
         with self._cond:
             return [copy.deepcopy(o) for _, o in sorted(self._objects[kind].items())]
 
+    def events(self) -> list[dict[str, Any]]:
+        """Copies of the Events created by POST so far, in order of creation."""
+        with self._cond:
+            return copy.deepcopy(self._events)
+
     def compact(self) -> None:
         """Forget the history: a watch or list from any older resourceVersion gets 410."""
         with self._cond:
@@ -228,8 +248,8 @@ class FakeApiServer:
             self._cond.notify_all()
 
     def set_fail(self, mode: str | None) -> None:
-        """None: healthy; "500": answer every request 500; "drop": close every new
-        connection's request unanswered. Open watches are not touched: see cut_watches()."""
+        """None: healthy; "500": answer every request (GET or POST) 500; "drop": close every
+        new request's connection unanswered. Open watches are not touched: see cut_watches()."""
         if mode not in (None, "500", "drop"):
             raise ValueError(f"unknown fail mode {mode!r}")
         with self._cond:
@@ -275,6 +295,55 @@ class FakeApiServer:
             self._compacted_rv = self._history.popleft().rv
         self._cond.notify_all()
 
+    def _create_event(self, api_version: str, namespace: str, body: Any) -> dict[str, Any]:
+        """Store a POSTed Event as the real server would and return a copy of what was
+        stored; raise _HTTPError for what the real server refuses."""
+        if not isinstance(body, dict):
+            raise _HTTPError(400, "BadRequest", "the body is not a JSON object")
+        kind, version = body.get("kind", "Event"), body.get("apiVersion", api_version)
+        if (kind, version) != ("Event", api_version):
+            raise _HTTPError(
+                400,
+                "BadRequest",
+                f"{version}/{kind} posted where {api_version}/Event is expected",
+            )
+        stored = copy.deepcopy(body)
+        stored["kind"], stored["apiVersion"] = "Event", api_version
+        meta = stored.get("metadata")
+        if not isinstance(meta, dict):
+            meta = stored["metadata"] = {}
+        if meta.setdefault("namespace", namespace) != namespace:
+            raise _HTTPError(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on "
+                "the request",
+            )
+        _check_event(api_version, stored)
+        with self._cond:
+            if not meta.get("name"):
+                if not meta.get("generateName"):
+                    raise _HTTPError(
+                        422,
+                        "Invalid",
+                        "Event is invalid: metadata.name: name or generateName is required",
+                    )
+                # The real server's alphabet for generated suffixes: no vowels, no look-alikes.
+                suffix = "".join(random.choices("bcdfghjklmnpqrstvwxz2456789", k=5))
+                meta["name"] = meta["generateName"] + suffix
+            if any(
+                e["metadata"]["namespace"] == namespace and e["metadata"]["name"] == meta["name"]
+                for e in self._events
+            ):
+                raise _HTTPError(409, "AlreadyExists", f'events "{meta["name"]}" already exists')
+            # One resourceVersion counter across all kinds, as etcd keeps it.
+            self._rv += 1
+            meta["resourceVersion"] = str(self._rv)
+            meta["uid"] = str(uuid.uuid4())
+            meta["creationTimestamp"] = _now()
+            self._events.append(stored)
+            return copy.deepcopy(stored)
+
     def _close_connections(self) -> None:
         with self._cond:
             conns = list(self._connections)
@@ -319,6 +388,46 @@ def _route(path: str) -> tuple[_Kind, str | None] | None:
             if rest == spec.plural and ns:
                 return spec, ns
     return None
+
+
+def _event_route(path: str) -> tuple[str, str] | None:
+    """(apiVersion, namespace) for a path where Events are created, else None."""
+    for prefix, api_version in EVENT_APIS.items():
+        head = f"{prefix}/namespaces/"
+        if path.startswith(head):
+            ns, _, rest = path[len(head) :].partition("/")
+            if rest == "events" and ns:
+                return api_version, ns
+    return None
+
+
+def _check_event(api_version: str, event: dict[str, Any]) -> None:
+    """The real server's checks that a client can fail: the MicroTime syntax of eventTime (a
+    decoding error, 400) and, for events.k8s.io/v1, what a new Event requires (422). Lengths
+    are in bytes, as Go's len() counts them."""
+    when = event.get("eventTime")
+    if when is not None and not (isinstance(when, str) and _MICRO_TIME.fullmatch(when)):
+        raise _HTTPError(
+            400,
+            "BadRequest",
+            f'Event in version "{api_version.rpartition("/")[2]}" cannot be handled as a '
+            f'Event: parsing time "{when}" as "2006-01-02T15:04:05.000000Z07:00"',
+        )
+    if api_version != "events.k8s.io/v1":
+        return
+    problems = [
+        f"{f}: Required value"
+        for f in ("eventTime", "reportingController", "reportingInstance", "action", "reason")
+        if not event.get(f)
+    ]
+    if event.get("type") not in ("Normal", "Warning"):
+        problems.append(f"type: Unsupported value: {event.get('type')!r}")
+    limits = {"reportingInstance": 128, "action": 128, "reason": 128, "note": 1024}
+    for f, limit in limits.items():
+        if len(str(event.get(f) or "").encode()) > limit:
+            problems.append(f"{f}: Too long: may not be more than {limit} bytes")
+    if problems:
+        raise _HTTPError(422, "Invalid", f"Event is invalid: {'; '.join(problems)}")
 
 
 def _discovery(path: str) -> dict[str, Any] | None:
@@ -384,22 +493,28 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def _parse(self) -> tuple[str, dict[str, str]]:
         split = urlsplit(self.path)
         path = split.path.rstrip("/") or "/"
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+        return path, query
+
+    def _injected_failure(self, path: str, query: dict[str, str]) -> bool:
+        """Answer as set_fail() asks; True when the request was thereby dealt with."""
         with self.api._cond:
             fail = self.api._fail
         if fail == "drop":
             self._log(path, query, 0)
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
+            self._cut()
+            return True
         if fail == "500":
             self._send_json(path, query, 500, status_object(500, "InternalError", "fake failure"))
+            return True
+        return False
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        path, query = self._parse()
+        if self._injected_failure(path, query):
             return
         try:
             if path in ("/healthz", "/readyz", "/livez"):
@@ -424,6 +539,32 @@ class _Handler(BaseHTTPRequestHandler):
         except _HTTPError as err:
             self._send_json(path, query, err.code, status_object(err.code, err.reason, err.message))
         except OSError:  # the client went away (or cut_watches/stop shut the socket)
+            self.close_connection = True
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        path, query = self._parse()
+        # The body is read first, whatever the answer: left unread on a kept-alive connection
+        # it would be taken for the next request.
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            data = self.rfile.read(length) if length > 0 else b""
+        except (OSError, ValueError):
+            self.close_connection = True
+            return
+        if self._injected_failure(path, query):
+            return
+        try:
+            routed = _event_route(path)
+            if routed is None:
+                raise _HTTPError(404, "NotFound", f"the server could not find {path}")
+            try:
+                body = json.loads(data)
+            except ValueError as err:
+                raise _HTTPError(400, "BadRequest", f"invalid JSON body: {err}") from None
+            self._send_json(path, query, 201, self.api._create_event(*routed, body))
+        except _HTTPError as err:
+            self._send_json(path, query, err.code, status_object(err.code, err.reason, err.message))
+        except OSError:
             self.close_connection = True
 
     def _kind_failure(self, spec: _Kind) -> None:
@@ -585,15 +726,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_raw(
         self, path: str, query: dict[str, str], code: int, data: bytes, ctype: str
     ) -> None:
+        # Logged before the answer goes out: a client that has its answer finds it logged.
+        self._log(path, query, code)
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        self._log(path, query, code)
 
     def _log(self, path: str, query: dict[str, str], code: int) -> None:
-        self.api.requests.append(RequestRecord("GET", path, query, code))
+        self.api.requests.append(RequestRecord(self.command, path, query, code))
 
 
 def _strip(obj: dict[str, Any]) -> dict[str, Any]:

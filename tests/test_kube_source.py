@@ -487,3 +487,13 @@ def test_master_outside_a_pod_has_no_credentials(tmp_path, monkeypatch):
     (cfg,) = kube._configurations(["http://127.0.0.1:8080"], None)
     assert cfg.host == "http://127.0.0.1:8080"
     assert not cfg.api_key
+
+
+def test_api_client_is_the_current_servers(
+    make_source: Callable[..., tuple[KubeSource, Recorder]],
+) -> None:
+    first, second = dead_url(), dead_url()
+    src, _ = make_source([first, second])
+    assert src.api_client().configuration.host == first
+    src._server_failed(0, "test")  # what a failed request does: fail over
+    assert src.api_client().configuration.host == second == src.current_server

@@ -218,6 +218,12 @@ class KubeSource:
         with self._lock:
             return self._clients[self._current][0]
 
+    def api_client(self) -> client.ApiClient:
+        """The client of the server in use now (failover changes it), for the daemon's other
+        requests, such as posting Events: they go where the watches go."""
+        with self._lock:
+            return self._clients[self._current][1]
+
     # --- daemon mode ---
 
     def start(self) -> None:
