@@ -70,7 +70,8 @@ def nft_cases(node: str, web: str, nope: str) -> list[tuple]:
 
     def first_rule(chain_name: str) -> list[str]:
         text = netns.run(node, ["nft", "-a", "list", "chain", "ip", "kproxy", chain_name])
-        handle = re.search(r"# handle (\d+)\n", text.stdout.split("{", 1)[1]).group(1)
+        rules = [ln for ln in text.stdout.splitlines() if "# handle" in ln and "chain " not in ln]
+        handle = re.search(r"# handle (\d+)", rules[0]).group(1)
         return ["nft", "delete", "rule", "ip", "kproxy", chain_name, "handle", handle]
 
     nft = ["nft"]

@@ -469,8 +469,11 @@ def parse_metrics(body: str) -> dict[str, float]:
 class Bench:
     """Topology + API server + echo servers + prober + kproxy; close() tears all down."""
 
-    def __init__(self, mode: str = "iptables", workdir: Path | None = None) -> None:
+    def __init__(self, mode: str = "iptables", workdir: Path | None = None, clients: int = 0):
         self.mode = mode
+        # An external client also gives the node a default route: traffic to a ClusterIP no
+        # rule takes is then forwarded (and rejected by kproxy when it has no endpoints).
+        self.clients = clients
         self.backend = "auto"  # the iptables variant the rule checks read
         self._own_tmp = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kproxy-chaos-"))
@@ -494,7 +497,7 @@ class Bench:
         self.close()
 
     def setup(self) -> None:
-        self.topo = netns.build(pods=(("a", 2), ("b", 3), ("c", 4)), clients=0)
+        self.topo = netns.build(pods=(("a", 2), ("b", 3), ("c", 4)), clients=self.clients)
         for name in ("a", "b"):
             pod = self.topo.pods[name]
             self.topo.start_server(pod, tcp=[8080], udp=[5353])
