@@ -205,8 +205,16 @@ class Metrics:
         # -- kproxy's own
         self.drift_repairs_total = counter(
             "kproxy_drift_repairs",
-            "Syncs that found and repaired rules changed behind kproxy's back",
-            ("reason",),
+            "Repairs of rules changed behind kproxy's back, by how the change was found and, "
+            "for a foreign-change, the process that made it",
+            ("reason", "process"),
+            subsystem="",
+        )
+        self.drift_backoffs_total = counter(
+            "kproxy_drift_backoffs",
+            "Times kproxy stopped repairing a chain or map at once because the same process "
+            "kept changing it (a fight; the periodic verify still repairs)",
+            ("process",),
             subsystem="",
         )
         self.apiserver_reachable = gauge(
@@ -298,7 +306,7 @@ class Metrics:
         for family, reason in failures:
             self.sync_failures_total.labels(family=family, reason=reason)
         for reason in drift_reasons:
-            self.drift_repairs_total.labels(reason=reason)
+            self.drift_repairs_total.labels(reason=reason, process="")
         for resource in resources:
             self.watch_restarts_total.labels(resource=resource)
         for address in addresses:
