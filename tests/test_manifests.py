@@ -727,17 +727,19 @@ def test_every_series_used_is_one_kproxy_declares():
 def test_a_series_kproxy_does_not_export_is_caught():
     exported = declared_labels()
     del exported["kproxy_last_snapshot_timestamp_seconds"]
-    exported["kproxy_drift_repairs_total"] = set()  # no `reason` label
+    del exported["kproxy_drift_backoffs_total"]
+    exported["kproxy_drift_repairs_total"] = set()  # no `reason` nor `process` label
     problems = check_exprs_against(exported)
     assert (
         "KproxySnapshotTooOld: kproxy_last_snapshot_timestamp_seconds is not exported by kproxy"
         in problems
     )
+    assert "KproxyRulesFought: kproxy_drift_backoffs_total is not exported by kproxy" in problems
     assert (
         "KproxyDriftRepairsRecurring: kproxy_drift_repairs_total has no label ['reason']"
         in problems
     )
-    assert any(p.startswith("Drift repairs: grouping by ['reason']") for p in problems)
+    assert any(p.startswith("Drift repairs: grouping by ['process', 'reason']") for p in problems)
 
 
 # --------------------------------------------------------------------------- alerts, dashboard
@@ -749,6 +751,7 @@ REQUIRED_ALERTS = {
     "KproxySyncStalled",
     "KproxyRestoreFailures",
     "KproxyDriftRepairsRecurring",
+    "KproxyRulesFought",
     "KproxyAPIServerUnreachable",
     "KproxyRunningFromStateCache",
     "KproxySnapshotTooOld",

@@ -41,7 +41,8 @@ EXPECTED = {
     "kubeproxy_conntrack_reconciler_sync_duration_seconds": ("histogram", set()),
     "kubeproxy_conntrack_reconciler_deleted_entries": ("counter", set()),
     "rest_client_requests": ("counter", {"code", "verb"}),
-    "kproxy_drift_repairs": ("counter", {"reason"}),
+    "kproxy_drift_repairs": ("counter", {"reason", "process"}),
+    "kproxy_drift_backoffs": ("counter", {"process"}),
     "kproxy_apiserver_reachable": ("gauge", {"address"}),
     "kproxy_watch_restarts": ("counter", {"resource"}),
     "kproxy_rules_last_payload_lines": ("gauge", set()),
@@ -71,7 +72,8 @@ def touch_every_labelled(m: Metrics) -> None:
     m.healthz(200)
     m.livez(503)
     m.request("get", 200)
-    m.drift_repairs_total.labels(reason="flushed").inc()
+    m.drift_repairs_total.labels(reason="foreign-change", process="iptables").inc()
+    m.drift_backoffs_total.labels(process="iptables").inc()
     m.reachable("https://10.0.0.1:6443", True)
     m.watch_restart("services")
     m.sync_failures_total.labels(family="IPv6", reason="apply").inc()
