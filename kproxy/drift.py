@@ -33,38 +33,21 @@ class Change:
 
 @dataclass
 class DriftScope:
-    """What other processes changed of one family's rules: the objects to read and repair,
-    and what was done to each (for the log: "12 rules deleted")."""
+    """What other processes changed of one family's rules: the objects to read and repair."""
 
-    objects: dict[Object, Counter[tuple[str, str]]] = field(default_factory=dict)
+    objects: set[Object] = field(default_factory=set)
     # A table of kproxy's was deleted or re-created: only a full verify can tell what is left.
     whole: bool = False
-
-    def add(self, obj: Object, change: Change) -> None:
-        self.objects.setdefault(obj, Counter())[(change.verb, change.kind)] += 1
 
     def __bool__(self) -> bool:
         return self.whole or bool(self.objects)
 
     def merge(self, other: DriftScope) -> None:
         self.whole = self.whole or other.whole
-        for obj, counts in other.objects.items():
-            self.objects.setdefault(obj, Counter()).update(counts)
+        self.objects |= other.objects
 
     def without(self, objects: set[Object]) -> DriftScope:
-        return DriftScope({o: c for o, c in self.objects.items() if o not in objects}, self.whole)
-
-
-def what_changed(counts: Counter[tuple[str, str]]) -> str:
-    """The events on one object in words: "chain deleted", "3 rules deleted, 1 rule added"."""
-    parts = []
-    for (verb, kind), n in sorted(counts.items(), key=lambda item: (item[0][1], item[0][0])):
-        noun = kind if n == 1 else f"{kind}s"
-        word = {"add": "added", "delete": "deleted"}.get(verb, verb)
-        parts.append(
-            f"{noun} {word}" if n == 1 and kind in ("chain", "set") else f"{n} {noun} {word}"
-        )
-    return ", ".join(parts)
+        return DriftScope(self.objects - objects, self.whole)
 
 
 def finding(want: list[str] | None, have: list[str] | None) -> str:
@@ -97,6 +80,20 @@ class Repair:
 def label(obj: Object) -> str:
     """An object as the log names it: "nat KUBE-SERVICES", "chain services", "set ..."."""
     return " ".join(part for part in obj if part)
+
+
+def summary(found: dict[Object, str], most: int = 3) -> str:
+    """A repair's findings in one phrase: objects with the same finding together, at most
+    `most` named each ("nat KUBE-SERVICES, nat KUBE-SVC-X and 9 more flushed")."""
+    groups: dict[str, list[str]] = {}
+    for obj, what in found.items():
+        groups.setdefault(what, []).append(label(obj))
+    parts = []
+    for what, names in groups.items():
+        named = ", ".join(sorted(names)[:most])
+        more = f" and {len(names) - most} more" if len(names) > most else ""
+        parts.append(f"{named}{more} {what}")
+    return "; ".join(parts)
 
 
 class RepairLimiter:

@@ -188,6 +188,7 @@ def iptables_save(
     raw: bool = False,
     family: int = 4,
     counters: bool = False,
+    variant: str | None = None,
 ) -> str:
     """``iptables-save [-t table]`` (``ip6tables-save`` for family 6) inside ``ns``.
 
@@ -195,7 +196,8 @@ def iptables_save(
     are zeroed, so two saves of the same rules compare equal. ``counters`` adds ``-c``
     (every rule line then starts with ``[packets:bytes]``) and implies ``raw``.
     """
-    argv = ["iptables-save" if family == 4 else "ip6tables-save"]
+    base = "iptables" if family == 4 else "ip6tables"
+    argv = [f"{base}-{variant}-save" if variant else f"{base}-save"]
     argv += (["-t", table] if table else []) + (["-c"] if counters else [])
     text = run(ns, argv).stdout
     if counters:

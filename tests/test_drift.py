@@ -11,7 +11,14 @@ import time
 
 from kproxy.daemon.nfevents import Overflow, Transaction
 from kproxy.daemon.reconciler import EVENTS_LOST, FOREIGN, Reconciler
-from kproxy.drift import Change, DriftScope, Repair, RepairLimiter, finding, what_changed
+from kproxy.drift import (
+    Change,
+    DriftScope,
+    Repair,
+    RepairLimiter,
+    finding,
+    summary,
+)
 from kproxy.iptables import repair as ipt_repair
 from kproxy.mode import Outcome, Rendered
 from kproxy.model import NodeConfig
@@ -43,7 +50,6 @@ def test_iptables_scope_is_kproxys_chains_and_its_jumps_only():
         ("filter", "KUBE-FIREWALL"),
     }
     assert not scope.whole
-    assert what_changed(scope.objects[("nat", "KUBE-SERVICES")]) == "2 rules deleted"
     assert not ipt_repair.scope_of(changes[5:10], "ip")
     assert ipt_repair.scope_of([Change("delete", "table", "ip", "nat")], "ip").whole
     assert not ipt_repair.scope_of([Change("delete", "table", "ip", "raw")], "ip")
@@ -63,6 +69,15 @@ def test_nftables_scope_is_everything_in_the_kproxy_table_of_the_family():
     assert set(scope.objects) == {("chain", "services"), ("set", "service-ips"), ("chain", "foo")}
     assert nft_repair.scope_of([Change("delete", "table", "ip", "kproxy")], "ip").whole
     assert not nft_repair.scope_of(changes[4:], "ip")
+
+
+def test_a_repair_is_summed_up_in_one_phrase():
+    found = {("nat", f"KUBE-SEP-{i}"): "flushed" for i in range(5)}
+    found[("nat", "PREROUTING")] = "jump to KUBE-SERVICES deleted"
+    assert summary(found) == (
+        "nat KUBE-SEP-0, nat KUBE-SEP-1, nat KUBE-SEP-2 and 2 more flushed; "
+        "nat PREROUTING jump to KUBE-SERVICES deleted"
+    )
 
 
 def test_findings_say_what_happened():
@@ -125,7 +140,7 @@ class DriftFamily:
         for c in changes:
             if c.name == "X" or c.kind == "table":
                 scope.whole = c.kind == "table"
-                scope.add(("nat", c.name), c)
+                scope.objects.add(("nat", c.name))
         return scope
 
     def repair(self, scope):

@@ -307,6 +307,9 @@ class Metrics:
             self.sync_failures_total.labels(family=family, reason=reason)
         for reason in drift_reasons:
             self.drift_repairs_total.labels(reason=reason, process="")
+        # The fighting process is known only when it fights: a series without one shows the
+        # alert and the panel that the counter is there.
+        self.drift_backoffs_total.labels(process="")
         for resource in resources:
             self.watch_restarts_total.labels(resource=resource)
         for address in addresses:

@@ -32,7 +32,7 @@ from typing import Protocol
 
 from kproxy import tools
 from kproxy.daemon.nfevents import Overflow, Transaction
-from kproxy.drift import DriftScope, Object, RepairLimiter, label
+from kproxy.drift import DriftScope, Object, RepairLimiter, label, summary
 from kproxy.errors import ApplyError
 from kproxy.mode import Mode, sync_families
 from kproxy.model import ClusterState, NodeConfig
@@ -472,13 +472,11 @@ class Reconciler:
             return  # changed and changed back, or the same rules written again
         self.repairs += 1
         ms = (time.monotonic() - started) * 1000
-        by_author: dict[str, list[str]] = {}
+        by_author: dict[str, dict[Object, str]] = {}
         for obj, found in done.found.items():
-            by_author.setdefault(who.get(obj, "another process"), []).append(
-                f"{label(obj)} {found}"
-            )
-        for author, what in by_author.items():
-            note = f"{'; '.join(what)} by {author}; repaired in {ms:.0f} ms"
+            by_author.setdefault(who.get(obj, "another process"), {})[obj] = found
+        for author, found in by_author.items():
+            note = f"{summary(found)} by {author}; repaired in {ms:.0f} ms"
             log.warning("%s %s rules: %s", fam.name, fam.mode, note)
             self.observer.drift_repaired(FOREIGN, _process_of(author))
             self.observer.node_event("RulesRepaired", f"{fam.name} {fam.mode} rules: {note}")

@@ -10,6 +10,7 @@ alone, so nothing else is read, named or rewritten.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 from kproxy.drift import Change, DriftScope, Repair, finding
@@ -40,17 +41,15 @@ def scope_of(changes: Iterable[Change], family: str) -> DriftScope:
             scope.whole = True  # the table deleted (or made again): everything in it
         elif c.kind in ("rule", "chain"):
             if is_managed_chain(c.table, c.name):
-                scope.add((c.table, c.name), c)
+                scope.objects.add((c.table, c.name))
             elif c.name in BUILTIN_CHAINS.get(c.table, ()) and any(
                 is_managed_chain(c.table, t) for t in c.targets
             ):
-                scope.add((c.table, c.name), c)  # one of kproxy's jumps, or a copy of one
+                scope.objects.add((c.table, c.name))  # one of kproxy's jumps, or a copy of one
     return scope
 
 
-def repair(
-    backend: IptablesBackend, record: dict[str, Table], scope: DriftScope
-) -> Repair | None:
+def repair(backend: IptablesBackend, record: dict[str, Table], scope: DriftScope) -> Repair | None:
     """Put back what `scope`'s chains lost of `record`; None when a full verify must do it
     (a table gone, too many chains)."""
     if scope.whole or len(scope.objects) > MAX_CHAINS:
@@ -71,7 +70,7 @@ def repair(
             want.jumps.extend(Jump(table, chain, rule) for rule in mine or ())
             ours = [r for r in have if is_managed_chain(table, rule_target(r) or "")]
             if ours != list(mine or ()):
-                found[(table, chain)] = "jumps: " + finding(list(mine or ()), ours)
+                found[(table, chain)] = _jumps_finding(list(mine or ()), ours)
         elif mine is not None:
             want.chain(table, chain).extend(mine)
             if have != mine:
@@ -85,3 +84,12 @@ def repair(
     payload = the_plan.restore_text()
     backend.restore(payload, noflush=True)
     return Repair(found or {("", "rules"): "changed"}, payload.count("\n"))
+
+
+def _jumps_finding(want: list[str], have: list[str]) -> str:
+    """What happened to kproxy's jumps in a built-in chain: "jump to KUBE-SERVICES deleted"."""
+    missing = Counter(want) - Counter(have)
+    extra = Counter(have) - Counter(want)
+    parts = [f"jump to {rule_target(r)} deleted" for r in missing.elements()]
+    parts += [f"jump to {rule_target(r)} added" for r in extra.elements()]
+    return ", ".join(parts) or "jumps out of order"

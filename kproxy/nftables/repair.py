@@ -29,9 +29,9 @@ def scope_of(changes: Iterable[Change], family: str) -> DriftScope:
         if c.kind == "table":
             scope.whole = True
         elif c.kind in ("rule", "chain"):
-            scope.add(("chain", c.name), c)
+            scope.objects.add(("chain", c.name))
         elif not c.name.startswith("__set"):  # an anonymous set belongs to its rule's chain
-            scope.add(("set", c.name), c)
+            scope.objects.add(("set", c.name))
     return scope
 
 
