@@ -11,6 +11,7 @@ metric and an Event on the Node. How fast (the ≤ 1 s target) is measured by `m
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,3 +114,59 @@ def test_each_kind_of_drift_is_repaired_from_events(env, proxy_mode):
     assert any(f"by {process} (pid {pid})" in note for note in notes), notes[-3:]
     regarding = [e.get("regarding", {}) for e in api.events()]
     assert all(r.get("kind") == "Node" and r.get("name") == "node-1" for r in regarding)
+
+
+def thread_cpu_ticks(pid: int, name: str) -> int:
+    """utime + stime (clock ticks) of the thread of process `pid` named `name`."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if (task / "comm").read_text().strip() == name:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+    raise AssertionError(f"no thread {name} in process {pid}")
+
+
+def test_other_tools_own_rules_cost_nothing_and_an_idle_watch_sleeps(env, proxy_mode):
+    """Docker's chains and an agent rewriting its own nftables table every 0.2 s, beside
+    kproxy: no repair, no verify, no sync. And with nothing changing, the event watch uses
+    no CPU at all (it sleeps in the kernel)."""
+    topo, api, daemon = env
+    daemon.start("--mode", proxy_mode, *QUIET)
+    wait_for("first sync", lambda: serving(topo), daemon=daemon)
+    syncs = daemon.metric("kubeproxy_sync_proxy_rules_duration_seconds_count")
+    node = topo.node
+    netns.run(node, ["iptables", "-t", "nat", "-N", "DOCKER"])
+    netns.run(
+        node,
+        ["iptables", "-t", "nat", "-A", "PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL"]
+        + ["-j", "DOCKER"],
+    )
+    netns.run(node, ["iptables", "-t", "filter", "-I", "FORWARD", "1", "-j", "ACCEPT"])
+    netns.run(node, ["nft", "add table inet calico; add chain inet calico cali-fw"])
+    for i in range(15):
+        rule = ["-p", "tcp", "--dport", str(5000 + i), "-j", "RETURN"]
+        netns.run(node, ["iptables", "-t", "nat", "-A", "DOCKER", *rule])
+        netns.run(
+            node,
+            [
+                "nft",
+                "flush chain inet calico cali-fw; "
+                f"add rule inet calico cali-fw tcp dport {i} accept",
+            ],
+        )
+        netns.run(node, ["iptables", "-t", "nat", "-D", "DOCKER", *rule])
+        time.sleep(0.2)
+    netns.run(node, ["iptables", "-t", "filter", "-D", "FORWARD", "-j", "ACCEPT"])
+    time.sleep(0.5)
+    assert serving(topo)
+    assert not daemon.metric(
+        "kproxy_drift_repairs_total", reason="foreign-change", process="iptables"
+    )
+    assert not daemon.metric("kproxy_drift_repairs_total", reason="foreign-change", process="nft")
+    assert daemon.metric("kubeproxy_sync_proxy_rules_duration_seconds_count") == syncs, (
+        "a sync or verify ran for other tools' rules"
+    )
+    assert "behind kproxy's back" not in daemon.log() and "repaired in" not in daemon.log()
+    # Idle: the watch thread's CPU time does not move.
+    before = thread_cpu_ticks(daemon.proc.pid, "nf-events")
+    time.sleep(3)
+    assert thread_cpu_ticks(daemon.proc.pid, "nf-events") == before
