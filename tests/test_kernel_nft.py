@@ -204,8 +204,7 @@ def test_daemon_in_nftables_mode_repairs_its_table(kernel_support, tmp_path):
             daemon=daemon,
         )
         assert (
-            daemon.metric("kproxy_drift_repairs_total", reason="foreign-change", process="nft")
-            >= 2
+            daemon.metric("kproxy_drift_repairs_total", reason="foreign-change", process="nft") >= 2
         )
     finally:
         if daemon is not None:

@@ -36,6 +36,7 @@ SCENARIOS = {
         kills=a.nft_kills, services=a.nft_services, short=a.short, datapath="netlink"
     ),
     "drift": lambda a: scenarios.drift(a.mode, rounds=3, short=a.short),
+    "foreign_change": lambda a: scenarios.foreign_change(a.mode, short=a.short),
     "api_outage": lambda a: scenarios.api_outage(a.mode, outage=a.outage, short=a.short),
     "xtables_lock": lambda a: scenarios.xtables_lock(hold=a.lock_hold, short=a.short),
     "gone_storm": lambda a: scenarios.gone_storm(a.mode, duration=a.storm, short=a.short),

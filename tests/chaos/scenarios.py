@@ -22,6 +22,7 @@ from tests import synthetic
 from tests.chaos.harness import (
     POD_A,
     POD_B,
+    WEB_IP,
     Bench,
     children,
     cpu_meter,
@@ -511,6 +512,136 @@ def drift(
                 k: v
                 for k, v in bench.metrics().items()
                 if k.startswith("kproxy_drift_repairs_total")
+            },
+            "problems": problems,
+        }
+
+
+# ------------------------------------------------------------ 2b: foreign change (events)
+
+NOPE_IP = "10.96.0.11"  # a Service without endpoints: refused by kproxy's rules
+
+
+def _until(ip: str, want: str, since: float, limit: float, attempt: float) -> float | None:
+    """Seconds from `since` to the start of the first new connection to ip:80 that gets
+    `want` ("ok": an answer from a pod; "refused"), trying again every time one does not;
+    None when none did within `limit`. Runs inside the client pod's namespace.
+
+    A try that is not answered within `attempt` seconds counts as not answered: on a loaded
+    machine that makes the figure longer, never shorter."""
+    import socket
+
+    while time.monotonic() - since < limit:
+        start = time.monotonic()
+        try:
+            with socket.create_connection((ip, 80), timeout=attempt) as s:
+                s.settimeout(attempt)
+                got = "ok" if s.recv(100).startswith((b"a ", b"b ")) else "wrong"
+        except ConnectionRefusedError:
+            got = "refused"
+        except OSError:
+            got = "error"
+        if got == want:
+            return start - since
+        time.sleep(max(0.0, 0.02 - (time.monotonic() - start)))
+    return None
+
+
+def foreign_change(
+    mode: str = "iptables", rounds: int = 5, short: bool = False, bound: float = 1.0
+) -> dict[str, Any]:
+    """Another process changes kproxy's rules in each way issue 16 names (tests/driftcases.py):
+    new connections work again (or a Service without endpoints is refused again) within
+    `bound` seconds of the change, from the nf_tables events alone (canaries every 60 s, the
+    verify every 300 s: neither can). Each repair names the process and its pid in the log,
+    and it is counted under reason foreign-change. Then other tools' own rules change for a
+    while: no repair, no sync; and an idle daemon's CPU is measured."""
+    import driftcases
+    import netns
+
+    if short:
+        rounds = 1
+    problems: list[str] = []
+    recovery: dict[str, list[float]] = {}
+    with Bench(mode, clients=1) as bench:
+        bench.apply(service("nope", NOPE_IP))
+        bench.start_kproxy("--canary-interval", "60s", "--iptables-sync-period", "300s")
+        bench.start_prober()
+        client = bench.topo.pods["c"].ns
+        for _ in range(rounds):
+            for name, command, target in driftcases.cases(mode, bench.node, WEB_IP, NOPE_IP):
+                argv = command()
+                before = bench.metric("kproxy_drift_repairs_total", reason="foreign-change")
+                pid = netns.run_pid(bench.node, argv)
+                done = time.monotonic()
+                ip, want = (WEB_IP, "ok") if target == driftcases.WEB else (NOPE_IP, "refused")
+                took = netns.call_in(client, _until, ip, want, done, 10.0, 0.25)
+                if took is None:
+                    problems.append(f"{name}: no {want} connection within 10 s")
+                    continue
+                recovery.setdefault(name, []).append(took)
+                if took > bound and not short:
+                    problems.append(f"{name}: new connections {want} after {took:.2f}s > {bound}s")
+                try:
+                    bench.wait(f"{name}: converged", bench.converged, 10, step=0.05)
+                    bench.wait(
+                        f"{name}: counted",
+                        lambda b=before: (
+                            bench.metric("kproxy_drift_repairs_total", reason="foreign-change") > b
+                        ),
+                        5,
+                    )
+                except TimeoutError as err:
+                    problems.append(str(err).splitlines()[0])
+                if f"(pid {pid})" not in bench.kproxy.log():
+                    problems.append(f"{name}: the log does not name pid {pid}")
+                time.sleep(0.2)
+        # Other tools' own rules, changed every 0.2 s: nothing to repair, nothing to sync.
+        syncs = bench.metric("kubeproxy_sync_proxy_rules_duration_seconds_count")
+        repairs = bench.metric("kproxy_drift_repairs_total")
+        node = bench.node
+        netns.run(node, ["iptables", "-t", "nat", "-N", "DOCKER"])
+        netns.run(node, ["nft", "add table inet calico; add chain inet calico cali-fw"])
+        pid = bench.kproxy.pid
+        with cpu_meter(lambda: pid) as busy:
+            for i in range(10 if short else 50):
+                rule = ["-p", "tcp", "--dport", str(5000 + i), "-j", "RETURN"]
+                netns.run(node, ["iptables", "-t", "nat", "-A", "DOCKER", *rule])
+                netns.run(
+                    node,
+                    [
+                        "nft",
+                        f"flush chain inet calico cali-fw; add rule inet calico cali-fw "
+                        f"tcp dport {i} accept",
+                    ],
+                )
+                netns.run(node, ["iptables", "-t", "nat", "-D", "DOCKER", *rule])
+                time.sleep(0.2)
+        if bench.metric("kproxy_drift_repairs_total") != repairs:
+            problems.append("other tools' own rules were repaired")
+        if bench.metric("kubeproxy_sync_proxy_rules_duration_seconds_count") != syncs:
+            problems.append("other tools' own rules made kproxy sync")
+        with cpu_meter(lambda: pid) as idle:
+            time.sleep(5 if short else 30)
+        bench.prober.stop()
+        if bench.prober.est.failed:
+            problems.append(f"established connections failed: {bench.prober.summary()}")
+        events = [e.get("note", "") for e in bench.api.events()]
+        if not any("repaired in" in note for note in events):
+            problems.append("no Event on the Node for a repair")
+        return {
+            "scenario": "foreign_change",
+            "mode": mode,
+            "bound_s": bound,
+            "recovery_s": {k: _stats(v) for k, v in recovery.items()},
+            "node_events": len(events),
+            "other_tools_cpu_pct": round(busy["pct"], 2),
+            "idle_cpu_pct": round(idle["pct"], 2),
+            "traffic": bench.prober.summary(),
+            "repairs_metric": {
+                k: v
+                for k, v in bench.metrics().items()
+                if k.startswith("kproxy_drift_repairs_total") and v
             },
             "problems": problems,
         }

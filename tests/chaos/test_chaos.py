@@ -30,6 +30,11 @@ def test_drift_is_repaired_and_counted(kernel_support):
     check(scenarios.drift(short=True))
 
 
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+def test_foreign_changes_are_repaired_from_events_and_attributed(kernel_support, mode):
+    check(scenarios.foreign_change(mode, short=True))
+
+
 def test_api_outage_with_a_restart_keeps_traffic_and_converges(kernel_support):
     check(scenarios.api_outage(short=True))
 
