@@ -29,6 +29,7 @@ SHARED = (
     "kproxy.tracecore",
     "kproxy.errors",
     "kproxy.mode",
+    "kproxy.drift",
 )
 
 # The pure core: cluster model to rules, plans and traces, no I/O (tested without root).

@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 from kproxy import tools
 from kproxy.daemon.nfevents import NfEventWatcher, Overflow, Transaction

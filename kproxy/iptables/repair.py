@@ -25,6 +25,7 @@ from kproxy.iptables.rules import (
     is_managed_chain,
     rule_target,
 )
+from kproxy.iptables.sync import wants_full_restore
 
 # More chains than this touched at once (a table flushed whole) are left to a full verify,
 # which reads each table once and may restore it whole: cheaper than a chain at a time.
@@ -81,6 +82,11 @@ def repair(backend: IptablesBackend, record: dict[str, Table], scope: DriftScope
     the_plan = plan(want, live)
     if the_plan.empty():
         return Repair({})
+    if any(
+        wants_full_restore(change.line_count(), record.get(name, Table(name)).rule_count())
+        for name, change in the_plan.changes.items()
+    ):
+        return None  # a --noflush restore this large costs more than restoring the table whole
     payload = the_plan.restore_text()
     backend.restore(payload, noflush=True)
     return Repair(found or {("", "rules"): "changed"}, payload.count("\n"))
