@@ -170,3 +170,31 @@ def test_other_tools_own_rules_cost_nothing_and_an_idle_watch_sleeps(env, proxy_
     before = thread_cpu_ticks(daemon.proc.pid, "nf-events")
     time.sleep(3)
     assert thread_cpu_ticks(daemon.proc.pid, "nf-events") == before
+
+
+def test_a_tool_fighting_kproxy_is_named_and_backed_off(env):
+    """The same chain flushed again after each repair: after 5 repairs in a minute kproxy says
+    who is fighting it (log, metric, Event) and stops repairing that chain at once; other
+    chains are still repaired at once."""
+    topo, api, daemon = env
+    daemon.start(*QUIET)
+    wait_for("first sync", lambda: serving(topo), daemon=daemon)
+    flush = ["iptables", "-t", "nat", "-F", "KUBE-SERVICES"]
+    for n in range(1, 6):
+        netns.run_pid(topo.node, flush)
+        wait_for(f"repair {n}", lambda: serving(topo), timeout=8, daemon=daemon)
+    wait_for(
+        "the fight named",
+        lambda: daemon.metric("kproxy_drift_backoffs_total", process="iptables") == 1,
+        timeout=5,
+        daemon=daemon,
+    )
+    assert "is fighting kproxy over it" in daemon.log()
+    pid = netns.run_pid(topo.node, flush)
+    time.sleep(2)
+    assert probe(topo, WEB_IP) != "ok", "repaired at once although backing off"
+    assert f"pid {pid}" not in daemon.log()
+    # Another chain is not part of the fight.
+    netns.run_pid(topo.node, ["iptables", "-t", "filter", "-F", "KUBE-SERVICES"])
+    wait_for("filter repaired", lambda: probe(topo, NOPE_IP) == "refused", timeout=8)
+    assert any(e.get("reason") == "RulesFought" for e in api.events())
