@@ -433,6 +433,83 @@ def programming_latency(label: str, services: int, trials: int) -> dict:
     }
 
 
+def drift_repair(label: str, services: int, rounds: int) -> dict:
+    """Another process changes kproxy's rules on a node with `services` Services × 10
+    endpoints, through `kproxy run` (canaries every 60 s, verify every 300 s: only the
+    nf_tables events repair in time): per kind of change, the time from the start of the
+    command to the first new connection that works again (tests/chaos/scenarios._until: 50 ms
+    tries), and kproxy's own repair time from its log ("repaired in N ms")."""
+    import statistics
+
+    import driftcases
+
+    from tests.chaos.harness import POD_A, WEB_IP, Bench, service, slice_
+    from tests.chaos.scenarios import NOPE_IP, _until
+    from tests.synthetic import generate
+
+    mode, datapath = split_mode(label)
+    # The kinds that touch one Service's objects and the shared ones; a whole table flushed
+    # at this size is a full verify (more than 64 chains), as the canaries already were.
+    kinds = {
+        "nat KUBE-SERVICES flushed",
+        "a KUBE-SVC- chain flushed",
+        "one owned rule deleted",
+        "a jump from a built-in chain deleted",
+        "chain services flushed",
+        "a service- chain flushed",
+        "one map element deleted",
+        "one rule deleted",
+    }
+    out: dict[str, dict] = {}
+    with Bench(mode, clients=1) as b:
+        assert b.api is not None and b.kproxy is not None and b.topo is not None
+        for o in generate(services, 10, mix=True):
+            b.api.apply(o)
+        b.api.apply(slice_("web-1", "web", [POD_A]))
+        b.api.apply(service("nope", NOPE_IP))
+        b.kproxy.extra = ["--canary-interval", "60s", "--iptables-sync-period", "300s"]
+        if mode == "nftables":
+            b.kproxy.extra += ["--nftables-datapath", datapath]
+        b.start_kproxy(wait_ready=False)
+        b.wait("kproxy ready", lambda: b.status("/readyz") == 200, timeout=1800, step=1)
+        client = b.topo.pods["c"].ns
+        assert netns_call(client, _until, WEB_IP, "ok", time.monotonic(), 600, 0.05) is not None
+        time.sleep(30)  # the verify after the start's own flood of events, if any, is done
+        for _ in range(rounds):
+            for name, command, _target in driftcases.cases(mode, b.node, WEB_IP, NOPE_IP):
+                if name not in kinds:
+                    continue
+                argv = command()
+                seen = len(re.findall(r"repaired in (\d+) ms", b.kproxy.log()))
+                t0 = time.monotonic()
+                netns_pid(b.node, argv)
+                took = netns_call(client, _until, WEB_IP, "ok", t0, 60, 0.05)
+                b.wait("logged", lambda s=seen: _repair_ms(b.kproxy.log(), s) is not None, 60)
+                r = out.setdefault(name, {"recovery": [], "repair": []})
+                r["recovery"].append((took or 60) * 1000)
+                r["repair"].append(_repair_ms(b.kproxy.log(), seen))
+                time.sleep(15)  # five repairs of one chain within a minute are a fight
+    return {
+        name: {
+            "recovery": statistics.median(r["recovery"]),
+            "repair": statistics.median(r["repair"]),
+            "n": len(r["recovery"]),
+        }
+        for name, r in out.items()
+    }
+
+
+def _repair_ms(log: str, seen: int) -> float | None:
+    found = re.findall(r"repaired in (\d+) ms", log)
+    return float(found[seen]) if len(found) > seen else None
+
+
+def netns_pid(ns: str, argv: list[str]) -> int:
+    import netns
+
+    return netns.run_pid(ns, argv)
+
+
 def netns_call(ns: str, fn, *args):
     import netns
 
@@ -564,6 +641,15 @@ def main() -> int:
     )
     p.add_argument("--programming-modes", default="nftables,nftables-nft")
     p.add_argument("--programming-trials", type=int, default=20)
+    p.add_argument(
+        "--drift",
+        metavar="SERVICES",
+        type=int,
+        default=0,
+        help="also measure the repair of other processes' changes at this size",
+    )
+    p.add_argument("--drift-modes", default="iptables,nftables")
+    p.add_argument("--drift-rounds", type=int, default=3)
     p.add_argument("--write", metavar="FILE", help="write the results table into FILE")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, quick (used by make test)")
     args = p.parse_args()
@@ -604,21 +690,57 @@ def main() -> int:
             for label in args.programming_modes.split(","):
                 print(f"bench: programming latency {label} {n} Services ...", file=sys.stderr)
                 prog[(label, n)] = programming_latency(label, n, trials)
+        drift: dict = {}
+        if args.drift:
+            for label in args.drift_modes.split(","):
+                print(f"bench: drift repair {label} {args.drift} Services ...", file=sys.stderr)
+                drift[(label, args.drift)] = drift_repair(label, args.drift, args.drift_rounds)
     finally:
         nss.close()
+    if drift:
+        text = drift_report(drift, versions())
+        print(text)
+        if args.write:
+            write_block(Path(args.write), text, "bench-drift")
+        if not results:
+            return 0
     text = report(results, lat, prog, versions())
     print(text)
     if args.write:
-        path = Path(args.write)
-        doc = path.read_text() if path.exists() else ""
-        start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-        block = f"{start}\n{text}\n{end}"
-        if start in doc and end in doc:
-            doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
-        else:
-            doc = doc + "\n" + block + "\n"
-        path.write_text(doc)
+        write_block(Path(args.write), text, "bench")
     return 0
+
+
+def write_block(path: Path, text: str, marker: str) -> None:
+    """Put `text` between <!-- marker:start --> and <!-- marker:end --> in `path`."""
+    doc = path.read_text() if path.exists() else ""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    block = f"{start}\n{text}\n{end}"
+    if start in doc and end in doc:
+        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
+    else:
+        doc = doc + "\n" + block + "\n"
+    path.write_text(doc)
+
+
+def drift_report(drift: dict, info: dict) -> str:
+    lines = [
+        "Another process changes kproxy's rules, through `kproxy run` (Services × 10 "
+        "endpoints; only the nf_tables events can repair in time): from the start of the "
+        "command to the first new connection that works again (50 ms tries), and kproxy's own "
+        "repair (reading the touched objects, planning, applying), medians:",
+        "",
+        "| mode | Services | change | connections work again | kproxy's repair | n |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (label, n), kinds in sorted(drift.items()):
+        for name, r in kinds.items():
+            lines.append(
+                f"| {label} | {n} | {name} | {r['recovery']:.0f} ms | {r['repair']:.0f} ms | "
+                f"{r['n']} |"
+            )
+    lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items())]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
