@@ -73,8 +73,12 @@ class DriftWatch:
                 for item in self._watcher.read(timeout=None):
                     self._hand_over(item)
             except Exception as err:  # a parse error must not end the watch
+                if self._stop.is_set():
+                    return
                 log.error("nf_tables event watch: %s: %s", type(err).__name__, err)
+                # What that read held is unknown: verified whole (limited like a fight).
                 self.reconciler.foreign_change(Overflow())
+                self._stop.wait(1.0)
 
     def _hand_over(self, item: Transaction | Overflow) -> None:
         if isinstance(item, Overflow):
