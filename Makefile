@@ -33,8 +33,9 @@ BENCH_SIZES ?= 1000x10,5000x10,10000x10,5000x50
 bench: venv system-deps
 	$(BIN)/python scripts/bench.py --sizes $(BENCH_SIZES) --latency --write BENCHMARKS.md
 
-# Chaos and bad-input suite, long versions (~22 min; `make test` runs a short version of each):
-# kill -9, kill -9 mid `nft -f` at 2k Services (nftables whatever CHAOS_MODE), drift, API
+# Chaos and bad-input suite, long versions (~31 min; `make test` runs a short version of each):
+# kill -9, kill -9 mid `nft -f` at 2k Services (nftables whatever CHAOS_MODE), drift, foreign
+# changes repaired from nf_tables events (issue 16), API
 # outage, xtables lock, 410 storm, churn at 1k Services, bad input, full disk, with traffic
 # flowing; figures printed and written to $(CHAOS_OUT) (docs/RELIABILITY.md).
 CHAOS_MODE ?= iptables

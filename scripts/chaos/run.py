@@ -5,7 +5,7 @@ Needs root: every scenario builds its own network namespaces (a node, pods, a cl
 `kproxy run` in them against the test API server with traffic flowing, and deletes all of it
 afterwards. Nothing touches the machine's own network namespace or its /run/xtables.lock.
 
-    scripts/chaos/run.py                       # every scenario, long versions (~29 min)
+    scripts/chaos/run.py                       # every scenario, long versions (~31 min)
     scripts/chaos/run.py kill9 drift --short   # some, in the short versions `make test` runs
     scripts/chaos/run.py --json out.json       # also write the figures as JSON
 
