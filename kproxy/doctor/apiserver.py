@@ -1,0 +1,80 @@
+"""The API server: reachable with the configured credentials (as `kproxy run` reads them),
+and the bearer token's expiry."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+from kproxy.doctor.context import Context
+from kproxy.doctor.result import FAIL, OK, SKIPPED, WARN, Result
+
+TOKEN_WARN_SECONDS = 24 * 3600
+
+
+def jwt_expiry(token: str) -> float | None:
+    """The `exp` claim of a JWT (epoch seconds), decoded without verification; None for a
+    token that is not a JWT or has none."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (ValueError, TypeError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, (int, float)) else None
+
+
+def _token(cfg) -> str | None:
+    if cfg.refresh_api_key_hook is not None:
+        try:
+            cfg.refresh_api_key_hook(cfg)
+        except Exception:  # a token file that went away: the request below says so
+            pass
+    value = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
+    if not value:
+        return None
+    return value.split(" ", 1)[1] if value.lower().startswith("bearer ") else value
+
+
+def apiserver(ctx: Context) -> Result:
+    """GET /version from each configured address with the configured credentials; the
+    token's exp claim: expired fails, within a day warns."""
+    name = "apiserver"
+    if not ctx.servers and not ctx.kubeconfig:
+        return Result(name, SKIPPED, "no --master or --kubeconfig given")
+    from kubernetes import client
+
+    from kproxy.sources.kube import SourceUnavailable, _configurations
+
+    try:
+        configs = _configurations(ctx.servers or None, ctx.kubeconfig)
+    except SourceUnavailable as err:
+        return Result(name, FAIL, str(err), "apiserver")
+    notes, status = [], OK
+    for cfg in configs:
+        try:
+            with client.ApiClient(cfg) as api:
+                version = client.VersionApi(api).get_code(_request_timeout=ctx.api_timeout)
+            notes.append(f"{cfg.host} answers ({version.git_version})")
+        except client.ApiException as err:
+            notes.append(f"{cfg.host} answers {err.status} {err.reason}")
+            status = FAIL
+        except Exception as err:  # refused, TLS, timeout: one line
+            notes.append(f"{cfg.host} unreachable: {' '.join(str(err).split())[:160]}")
+            status = FAIL
+    token = _token(configs[0]) if configs else None  # one set of credentials for every address
+    exp = jwt_expiry(token) if token else None
+    if exp is not None:
+        left = exp - time.time()
+        if left <= 0:
+            notes.append(f"token expired {-left:.0f}s ago")
+            status = FAIL
+        else:
+            notes.append(f"token expires in {left / 3600:.1f}h")
+            if left < TOKEN_WARN_SECONDS and status == OK:
+                status = WARN
+    return Result(name, status, "; ".join(notes), "" if status == OK else "apiserver")
