@@ -41,8 +41,9 @@ def _token(cfg) -> str | None:
 
 
 def apiserver(ctx: Context) -> Result:
-    """GET /version from each configured address with the configured credentials; the
-    token's exp claim: expired fails, within a day warns."""
+    """List Services (limit 1) at each configured address with the configured credentials,
+    as the daemon's first request does; the token's exp claim: expired fails, within a day
+    warns."""
     name = "apiserver"
     if not ctx.servers and not ctx.kubeconfig:
         return Result(name, SKIPPED, "no --master or --kubeconfig given")
@@ -58,8 +59,12 @@ def apiserver(ctx: Context) -> Result:
     for cfg in configs:
         try:
             with client.ApiClient(cfg) as api:
-                version = client.VersionApi(api).get_code(_request_timeout=ctx.api_timeout)
-            notes.append(f"{cfg.host} answers ({version.git_version})")
+                # What the daemon does first, with its credentials: list Services (one).
+                resp = client.CoreV1Api(api).list_service_for_all_namespaces(
+                    limit=1, _preload_content=False, _request_timeout=ctx.api_timeout
+                )
+                resp.release_conn()
+            notes.append(f"{cfg.host} lists Services (HTTP {resp.status})")
         except client.ApiException as err:
             notes.append(f"{cfg.host} answers {err.status} {err.reason}")
             status = FAIL
