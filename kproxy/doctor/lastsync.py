@@ -62,8 +62,11 @@ def last_sync(ctx: Context) -> Result:
         for fam, info in sorted(families.items()):
             last = _epoch((info or {}).get("lastUpdated"))
             if last is None:
-                notes.append(f"{fam} never synced")
-                status = FAIL
+                # Just started (the daemon's own first round runs before its first sync):
+                # unhealthy only once /healthz says so.
+                notes.append(f"{fam} not synced yet")
+                healthy = (info or {}).get("healthy", True)
+                status = FAIL if not healthy else (WARN if status == OK else status)
                 continue
             age = max(0.0, now - last)
             notes.append(f"{fam} synced {age:.0f}s ago")
