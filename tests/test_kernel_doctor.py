@@ -432,3 +432,49 @@ def test_last_sync(node, tmp_path):
     state.write_text(json.dumps(doc))
     rc, checks = doctor(ns, "--check", "last_sync", "--state-cache", str(state))
     assert rc == 1 and "state cache saved 7200s ago" in checks["last_sync"]["saw"], checks
+
+
+def test_daemon_runs_the_checks_and_doctor_sees_it(kernel_support, tmp_path):
+    """`kproxy run`: kproxy_node_check in its first scrape (every check at 0), then each
+    check's status at 1; a condition made while it runs shows at its next round (every sync
+    period) and is logged; `kproxy doctor` beside it sees kproxy on its ports and its syncs."""
+    from test_kernel_daemon import Daemon, wait_for
+
+    topo = netns.Topology()
+    api = daemon = None
+    try:
+        api = netns.call_in(topo.node, lambda: FakeApiServer(host="127.0.0.1").start())
+        api.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}})
+        daemon = Daemon(topo, api, tmp_path / "kproxy.log")
+        daemon.start("--iptables-sync-period", "2s")
+
+        def status(check: str) -> str | None:
+            for st in ("ok", "warn", "fail", "skipped"):
+                if daemon.metric("kproxy_node_check", check=check, status=st) == 1:
+                    return st
+            return None
+
+        wait_for("a first round of node checks", lambda: status("forwarding"), daemon=daemon)
+        assert status("forwarding") == "ok"
+        assert status("other_proxy") == "ok"  # its own listeners are kproxy's
+        assert daemon.metric("kproxy_node_check", check="forwarding", status="fail") == 0
+        netns.sysctl(topo.node, "net.ipv4.ip_forward", 0)
+        wait_for("forwarding failing", lambda: status("forwarding") == "fail", daemon=daemon)
+        assert "node check forwarding: fail" in daemon.log()
+        netns.sysctl(topo.node, "net.ipv4.ip_forward", 1)
+        wait_for("the first sync", lambda: "synced" in doctor_saw(topo.node), daemon=daemon)
+        rc, checks = doctor(topo.node, "--check", "other_proxy", "--check", "last_sync")
+        assert checks["other_proxy"]["status"] == "ok", checks
+        assert "kproxy listens on" in checks["other_proxy"]["saw"]
+        assert checks["last_sync"]["status"] == "ok", checks
+        assert rc == 0
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        if api is not None:
+            api.stop()
+        topo.close()
+
+
+def doctor_saw(ns: str) -> str:
+    return doctor(ns, "--check", "last_sync")[1]["last_sync"]["saw"]

@@ -209,7 +209,9 @@ class Daemon:
         self.events = NodeEventPoster(opts.node_name, self.source.api_client)
         observer.events = self.events
         self.drift_watch = DriftWatch(self.reconciler, families)
-        self.node_checks = NodeChecker(node_check_context(opts), self.metrics, opts.sync_period)
+        self.node_checks = NodeChecker(
+            node_check_context(opts), self.metrics, opts.sync_period, lambda: self.health.ready
+        )
         self.metrics.start_at_zero(
             tables=families[0].tables,
             failures=failure_labels([fam.name for fam in families]),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from kproxy.daemon.metrics import Metrics
@@ -20,8 +22,19 @@ log = logging.getLogger(__name__)
 
 
 class NodeChecker:
-    def __init__(self, ctx: Context, metrics: Metrics, period: float) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        metrics: Metrics,
+        period: float,
+        synced: Callable[[], bool] | None = None,
+    ) -> None:
+        """`synced`: whether the daemon's first sync is done. The first round waits for it
+        (up to one period): before it, kproxy's own rules are not there yet, and the checks
+        that look at them (route_localnet's martian rule, the jump to KUBE-FORWARD, the last
+        sync) would report what the sync is about to fix."""
         self.ctx, self.metrics, self.period = ctx, metrics, max(1.0, period)
+        self.synced = synced
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: dict[str, Result] = {}
@@ -41,6 +54,10 @@ class NodeChecker:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        deadline = time.monotonic() + self.period
+        while self.synced is not None and not self.synced() and time.monotonic() < deadline:
+            if self._stop.wait(0.2):
+                return
         while not self._stop.is_set():
             try:
                 self.check_once()
