@@ -110,6 +110,15 @@ def other_proxy(ctx: Context) -> Result:
             "not kproxy: " + "; ".join(f"{x} ({x.cmdline[:60]})" for x in others),
             "another-proxy",
         )
+    unknown = [x for x in found if x.pid is None]
+    if unknown:
+        # Owned by a process this pid namespace cannot see (a pod without hostPID).
+        return Result(
+            name,
+            WARN,
+            "cannot tell who listens: " + "; ".join(str(x) for x in unknown),
+            "another-proxy",
+        )
     kproxy = [x for x in found if x.is_kproxy or (ctx.own_pid and x.pid == ctx.own_pid)]
     if kproxy:
         return Result(name, OK, "kproxy listens on " + ", ".join(str(x.port) for x in kproxy))
