@@ -77,18 +77,23 @@ def test_clean_node_passes(node):
     assert proc.returncode == 0
     lines = proc.stdout.splitlines()
     assert [ln.split()[1].rstrip(":") for ln in lines] == list(checks)
+    # Looking created nothing: no legacy table, no nft table.
+    names = netns.run(node.node, ["cat", "/proc/net/ip_tables_names"]).stdout
+    assert names.split() == []
 
 
 def test_mixed_backends(node):
     ns = node.node
-    netns.run(ns, ["iptables-legacy", "-t", "nat", "-N", "KUBE-SERVICES"])
+    netns.run(ns, ["iptables-legacy", "-t", "nat", "-N", "KUBE-MARK-MASQ"])
     rc, checks = doctor(ns, "--check", "mixed_backends")
     assert checks["mixed_backends"]["status"] == "ok"  # legacy alone is fine
-    netns.run(ns, ["iptables-nft", "-t", "nat", "-N", "KUBE-SERVICES"])
+    assert "IPv4: legacy" in checks["mixed_backends"]["saw"]
+    netns.run(ns, ["iptables-nft", "-t", "filter", "-N", "KUBE-FORWARD"])
     rc, checks = doctor(ns, "--check", "mixed_backends")
     assert rc == 2
     result = checks["mixed_backends"]
     assert result["status"] == "fail" and "both backends" in result["saw"]
+    assert "legacy has nat/KUBE-MARK-MASQ, nft has filter/KUBE-FORWARD" in result["saw"]
     assert result["remedy"] == "docs/RECOVERY.md#mixed-iptables-backends"
 
 

@@ -4,7 +4,6 @@ rule of route_localnet, and the other mode's leftovers."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 from kproxy.doctor.context import Context
@@ -21,25 +20,39 @@ FAMILY_TOOLS = {
 }
 
 
-def _save(tool: str) -> str | None:
-    if shutil.which(tool) is None:
-        return None
-    proc = subprocess.run([tool], capture_output=True, text=True, timeout=60)
-    return proc.stdout if proc.returncode == 0 else None
+# Chains that every kube-proxy-style ruleset (kube-proxy's, kproxy's, the kubelet's) has, each
+# with a few rules: listing one costs a few ms even in a 10k-Service table, where a whole
+# iptables-save costs a second (the daemon runs this check every sync period).
+MARKER_CHAINS = (
+    ("nat", "KUBE-POSTROUTING"),
+    ("nat", "KUBE-MARK-MASQ"),
+    ("mangle", "KUBE-PROXY-CANARY"),
+    ("mangle", "KUBE-KUBELET-CANARY"),
+    ("filter", "KUBE-FORWARD"),
+    ("filter", "KUBE-FIREWALL"),
+    ("nat", "KUBE-SERVICES"),
+)
 
 
-def _kube_chains(text: str | None) -> list[str]:
-    """The KUBE- chains declared in iptables-save text."""
-    return sorted(
-        {ln[1:].split()[0] for ln in (text or "").splitlines() if ln.startswith(":KUBE-")}
-    )
-
-
-def _legacy_tables(names: str) -> bool:
+def _legacy_tables(names: str) -> set[str]:
+    """The legacy tables the kernel holds (listing another would create it)."""
     try:
-        return bool(Path(names).read_text().split())
+        return set(Path(names).read_text().split())
     except OSError:
-        return False
+        return set()
+
+
+def _kube_chains(family: int, variant: str, tables: set[str] | None = None) -> list[str]:
+    """Which of MARKER_CHAINS exist in `variant` (in `tables` only, when given)."""
+    base = FAMILY_TOOLS[family][0]
+    if shutil.which(f"{base}-{variant}") is None:
+        return []
+    backend = IptablesBackend(family, variant)
+    return [
+        f"{table}/{chain}"
+        for table, chain in MARKER_CHAINS
+        if (tables is None or table in tables) and backend.chain_exists(table, chain)
+    ]
 
 
 def mixed_backends(ctx: Context) -> Result:
@@ -47,10 +60,10 @@ def mixed_backends(ctx: Context) -> Result:
     packets, and whichever is stale breaks Service traffic without a word."""
     name = "mixed_backends"
     seen = []
-    for family, (base, names) in FAMILY_TOOLS.items():
-        # No legacy table in the kernel: iptables-legacy-save would only create empty ones.
-        legacy = _kube_chains(_save(f"{base}-legacy-save")) if _legacy_tables(names) else []
-        nft = _kube_chains(_save(f"{base}-nft-save"))
+    for family, (_, names) in FAMILY_TOOLS.items():
+        legacy_tables = _legacy_tables(names)
+        legacy = _kube_chains(family, "legacy", legacy_tables) if legacy_tables else []
+        nft = _kube_chains(family, "nft")
         if legacy and nft:
             return Result(
                 name,
