@@ -41,18 +41,22 @@ def _token(cfg) -> str | None:
 
 
 def apiserver(ctx: Context) -> Result:
-    """List Services (limit 1) at each configured address with the configured credentials,
-    as the daemon's first request does; the token's exp claim: expired fails, within a day
-    warns."""
+    """List Services (limit 1) at each configured address with the configured credentials
+    (`--master`, `--kubeconfig`, else in-cluster, else $KUBECONFIG or ~/.kube/config, as
+    `kproxy run` reads them), as the daemon's first request does; the token's exp claim:
+    expired fails, within a day warns. Skipped when there is no configuration at all."""
     name = "apiserver"
-    if not ctx.servers and not ctx.kubeconfig:
-        return Result(name, SKIPPED, "no --master or --kubeconfig given")
     from kubernetes import client
 
-    from kproxy.sources.kube import SourceUnavailable, _configurations
+    from kproxy.sources.kube import NoConfiguration, SourceUnavailable, _configurations
 
     try:
         configs = _configurations(ctx.servers or None, ctx.kubeconfig)
+    except NoConfiguration as err:
+        if not ctx.servers and not ctx.kubeconfig:
+            # Not in a pod, no kubeconfig: nothing to check against.
+            return Result(name, SKIPPED, f"no API server configured ({err})")
+        return Result(name, FAIL, str(err), "apiserver")
     except SourceUnavailable as err:
         return Result(name, FAIL, str(err), "apiserver")
     notes, status = [], OK
