@@ -487,7 +487,12 @@ def add_doctor_parser(sub: argparse._SubParsersAction) -> None:
         "the remedy. Exit 0 when every check is ok or skipped, 1 on a warning, 2 on a "
         "failure. Takes `kproxy run`'s flags, to check the node as the daemon runs there.",
     )
-    p.add_argument("--output", choices=("text", "json"), default="text")
+    p.add_argument(
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="one line per check, or one JSON document (default text)",
+    )
     p.add_argument(
         "--check",
         action="append",
@@ -496,12 +501,23 @@ def add_doctor_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="run only this check (repeat; default all): " + ", ".join(CHECK_NAMES),
     )
-    p.add_argument("--mode", choices=("iptables", "nftables"), default="iptables")
+    p.add_argument(
+        "--mode",
+        choices=("iptables", "nftables"),
+        default="iptables",
+        help="the mode kproxy runs in on this node (default iptables)",
+    )
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto")
     p.add_argument("--master", action="extend", type=_urls, default=[], metavar="URL[,URL]")
     p.add_argument("--kubeconfig", metavar="FILE")
     p.add_argument("--api-timeout", type=_duration, default=5.0, metavar="DURATION")
-    p.add_argument("--state-cache", metavar="FILE", default=DEFAULT_STATE_CACHE)
+    p.add_argument(
+        "--state-cache",
+        metavar="FILE",
+        default=DEFAULT_STATE_CACHE,
+        help="the daemon's state cache, for the endpoints and the last sync "
+        f"(default {DEFAULT_STATE_CACHE}; empty: none)",
+    )
     p.add_argument("--state-cache-max-age", type=_duration, default=3600.0, metavar="DURATION")
     p.add_argument(
         "--iptables-sync-period",
@@ -523,5 +539,10 @@ def add_doctor_parser(sub: argparse._SubParsersAction) -> None:
         metavar="PERCENT",
         help="warn when the conntrack table is this full (default 80; fails from 95)",
     )
-    p.add_argument("--ufw-conf", default="/etc/ufw/ufw.conf", metavar="FILE")
+    p.add_argument(
+        "--ufw-conf",
+        default="/etc/ufw/ufw.conf",
+        metavar="FILE",
+        help="ufw's configuration (default /etc/ufw/ufw.conf)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs (default off)")
