@@ -183,6 +183,9 @@ def test_route_localnet_without_martian_rule(node):
         + ["-m", "conntrack", "!", "--ctstate", "RELATED,ESTABLISHED,DNAT", "-j", "DROP"],
     )
     rc, checks = doctor(ns, "--check", "route_localnet")
+    assert rc == 2 and "INPUT does not jump" in checks["route_localnet"]["saw"], checks
+    netns.run(ns, ["iptables", "-A", "INPUT", "-j", "KUBE-FIREWALL"])
+    rc, checks = doctor(ns, "--check", "route_localnet")
     assert rc == 0 and checks["route_localnet"]["status"] == "ok"
 
 

@@ -133,7 +133,17 @@ def route_localnet(ctx: Context) -> Result:
     listing = backend.chain_listing("filter", "KUBE-FIREWALL") if backend else None
     rules = listing[1] if listing else []
     if any(MARTIAN_COMMENT in r and r.endswith("-j DROP") for r in rules):
-        return Result(name, OK, "route_localnet=1 and KUBE-FIREWALL drops martian 127.0.0.0/8")
+        # The rule only acts on what INPUT sends it.
+        inputs = backend.chain_listing("filter", "INPUT") if backend else None
+        if any(r.split()[-2:] == ["-j", "KUBE-FIREWALL"] for r in (inputs or (None, []))[1]):
+            return Result(name, OK, "route_localnet=1 and KUBE-FIREWALL drops martian 127.0.0.0/8")
+        return Result(
+            name,
+            FAIL,
+            "net.ipv4.conf.all.route_localnet=1 and KUBE-FIREWALL has the martian DROP rule "
+            "but INPUT does not jump to KUBE-FIREWALL",
+            "route-localnet",
+        )
     return Result(
         name,
         FAIL,
