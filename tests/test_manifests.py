@@ -756,6 +756,7 @@ REQUIRED_ALERTS = {
     "KproxyRunningFromStateCache",
     "KproxySnapshotTooOld",
     "KproxyStateWritesFailing",
+    "KproxyNodeCheckFailed",
 }
 
 

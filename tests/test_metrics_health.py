@@ -47,6 +47,7 @@ EXPECTED = {
     "kproxy_watch_restarts": ("counter", {"resource"}),
     "kproxy_rules_last_payload_lines": ("gauge", set()),
     "kproxy_sync_failures": ("counter", {"family", "reason"}),
+    "kproxy_node_check": ("gauge", {"check", "status"}),
 }
 
 
@@ -77,6 +78,7 @@ def touch_every_labelled(m: Metrics) -> None:
     m.reachable("https://10.0.0.1:6443", True)
     m.watch_restart("services")
     m.sync_failures_total.labels(family="IPv6", reason="apply").inc()
+    m.node_check.labels(check="forwarding", status="ok").set(1)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -108,6 +110,33 @@ def test_every_metric_exposed_with_upstream_name_type_and_labels(scrape):
         seen = {k for s in families[name].samples for k in s.labels if k not in ("le",)}
         assert seen == labels, f"{name}: labels {seen} != {labels}"
     assert "process_cpu_seconds" in families  # process metrics ride along, as upstream
+
+
+def test_node_checks_start_at_zero_and_show_the_current_status(scrape, monkeypatch):
+    """kproxy_node_check: every check's every status exists at 0 before the first round;
+    after it, 1 for each check's status and 0 for the others."""
+    from kproxy.daemon import nodecheck
+    from kproxy.doctor.checks import CHECK_NAMES
+    from kproxy.doctor.context import Context
+    from kproxy.doctor.result import STATUSES, Result
+
+    m, do_scrape = scrape
+    checker = nodecheck.NodeChecker(Context(), m, 30)
+    samples = {
+        (s.labels["check"], s.labels["status"]): s.value
+        for s in do_scrape()["kproxy_node_check"].samples
+    }
+    assert samples == {(c, st): 0.0 for c in CHECK_NAMES for st in STATUSES}
+    verdicts = {c: STATUSES[i % len(STATUSES)] for i, c in enumerate(CHECK_NAMES)}
+    monkeypatch.setattr(
+        nodecheck, "run_checks", lambda ctx: [Result(c, st, "seen") for c, st in verdicts.items()]
+    )
+    checker.check_once()
+    samples = {
+        (s.labels["check"], s.labels["status"]): s.value
+        for s in do_scrape()["kproxy_node_check"].samples
+    }
+    assert samples == {(c, st): float(verdicts[c] == st) for c in CHECK_NAMES for st in STATUSES}
 
 
 def test_counter_and_helper_values(scrape):

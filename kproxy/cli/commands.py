@@ -384,3 +384,29 @@ def run_trace(args: argparse.Namespace) -> int:
     outcomes = tracer.trace(packet, origin)
     print(format_outcomes(packet, origin, outcomes))
     return EXIT_OK
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    """`kproxy doctor`: every check of kproxy/doctor/, printed; 0 all ok, 1 a warning, 2 a
+    failure."""
+    from kproxy.doctor.checks import run_checks
+    from kproxy.doctor.context import Context
+    from kproxy.doctor.result import exit_status, format_json, format_text
+
+    ctx = Context(
+        mode=args.mode,
+        iptables_backend=args.iptables_backend,
+        healthz_bind=args.healthz_bind_address,
+        metrics_bind=args.metrics_bind_address,
+        servers=args.master,
+        kubeconfig=args.kubeconfig,
+        api_timeout=args.api_timeout,
+        state_cache=args.state_cache or None,
+        state_cache_max_age=args.state_cache_max_age,
+        sync_period=args.sync_period,
+        conntrack_warn=args.conntrack_warn_percent / 100,
+        ufw_conf=args.ufw_conf,
+    )
+    results = run_checks(ctx, tuple(args.check))
+    sys.stdout.write(format_json(results) if args.output == "json" else format_text(results))
+    return exit_status(results)

@@ -370,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_backend_flags(p_clean)
     _add_lock_flag(p_clean)
+    add_doctor_parser(sub)
     return parser
 
 
@@ -472,3 +473,76 @@ def _duration(text: str) -> float:
     if number:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration (like 30s, 1m)")
     return total
+
+
+def add_doctor_parser(sub: argparse._SubParsersAction) -> None:
+    """`kproxy doctor`: the node's own causes of Service failures (kproxy/doctor/)."""
+    from kproxy.doctor.checks import CHECK_NAMES  # light: the checks import their tools late
+
+    p = sub.add_parser(
+        "doctor",
+        help="check this node for what breaks Services outside the proxy",
+        description="Check the node, in the current network namespace: one line per check "
+        "(ok, warn, fail or skipped), what it saw, and the section of docs/RECOVERY.md with "
+        "the remedy. Exit 0 when every check is ok or skipped, 1 on a warning, 2 on a "
+        "failure. Takes `kproxy run`'s flags, to check the node as the daemon runs there.",
+    )
+    p.add_argument(
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="one line per check, or one JSON document (default text)",
+    )
+    p.add_argument(
+        "--check",
+        action="append",
+        default=[],
+        choices=CHECK_NAMES,
+        metavar="NAME",
+        help="run only this check (repeat; default all): " + ", ".join(CHECK_NAMES),
+    )
+    p.add_argument(
+        "--mode",
+        choices=("iptables", "nftables"),
+        default="iptables",
+        help="the mode kproxy runs in on this node (default iptables)",
+    )
+    p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto")
+    p.add_argument("--master", action="extend", type=_urls, default=[], metavar="URL[,URL]")
+    p.add_argument("--kubeconfig", metavar="FILE")
+    p.add_argument("--api-timeout", type=_duration, default=5.0, metavar="DURATION")
+    p.add_argument(
+        "--state-cache",
+        metavar="FILE",
+        default=DEFAULT_STATE_CACHE,
+        help="the daemon's state cache, for the endpoints and the last sync "
+        f"(default {DEFAULT_STATE_CACHE}; empty: none)",
+    )
+    p.add_argument("--state-cache-max-age", type=_duration, default=3600.0, metavar="DURATION")
+    p.add_argument(
+        "--iptables-sync-period",
+        dest="sync_period",
+        type=_duration,
+        default=30.0,
+        metavar="DURATION",
+    )
+    p.add_argument(
+        "--healthz-bind-address", default="0.0.0.0:10256", type=_bind(10256), metavar="HOST:PORT"
+    )
+    p.add_argument(
+        "--metrics-bind-address", default="127.0.0.1:10249", type=_bind(10249), metavar="HOST:PORT"
+    )
+    p.add_argument(
+        "--conntrack-warn-percent",
+        type=float,
+        default=80.0,
+        metavar="PERCENT",
+        help="warn when the conntrack table is this full (default 80; fails from 95)",
+    )
+    p.add_argument(
+        "--ufw-conf",
+        default="/etc/ufw/ufw.conf",
+        metavar="FILE",
+        help="ufw's configuration (default /etc/ufw/ufw.conf)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs (default off)")

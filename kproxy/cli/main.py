@@ -106,6 +106,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return commands.run_restore(args)
     if args.command == "cleanup":
         return commands.run_cleanup(args)
+    if args.command == "doctor":
+        return commands.run_doctor(args)
     parser.error(f"unknown command {args.command}")
     return commands.EXIT_ERROR
 

@@ -21,6 +21,7 @@ from kproxy.daemon.health import (
     local_ready_endpoints,
 )
 from kproxy.daemon.metrics import Metrics
+from kproxy.daemon.nodecheck import NodeChecker, node_check_context
 from kproxy.daemon.nodeevents import NodeEventPoster
 from kproxy.daemon.reconciler import (
     APPLY,
@@ -208,6 +209,9 @@ class Daemon:
         self.events = NodeEventPoster(opts.node_name, self.source.api_client)
         observer.events = self.events
         self.drift_watch = DriftWatch(self.reconciler, families)
+        self.node_checks = NodeChecker(
+            node_check_context(opts), self.metrics, opts.sync_period, lambda: self.health.ready
+        )
         self.metrics.start_at_zero(
             tables=families[0].tables,
             failures=failure_labels([fam.name for fam in families]),
@@ -369,11 +373,13 @@ class Daemon:
         )
         self.source.start()
         self.drift_watch.start()
+        self.node_checks.start()
         waiter = threading.Thread(target=self._wait_for_state, name="wait-for-state", daemon=True)
         waiter.start()
         try:
             self.reconciler.run(self.stop_event, self.ready)
         finally:
+            self.node_checks.stop()
             self.drift_watch.stop()
             self.events.stop()
             self.source.stop()

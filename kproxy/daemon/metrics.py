@@ -276,6 +276,13 @@ class Metrics:
             ("family", "reason"),
             subsystem="",
         )
+        self.node_check = gauge(
+            "kproxy_node_check",
+            "1 for the current status (ok, warn, fail, skipped) of each of `kproxy doctor`'s "
+            "checks of this node, run at start and every sync period; 0 for the others",
+            ("check", "status"),
+            subsystem="",
+        )
 
     def start_at_zero(
         self,

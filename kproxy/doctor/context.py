@@ -1,0 +1,28 @@
+"""What the checks need to know about how kproxy runs on this node: the same settings
+`kproxy run` takes (doctor accepts them under the same flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Context:
+    mode: str = "iptables"  # the mode kproxy runs (or is to run) in
+    iptables_backend: str = "auto"
+    # The running daemon's /healthz and /metrics (host:port, as `kproxy run` takes them).
+    healthz_bind: str = "0.0.0.0:10256"
+    metrics_bind: str = "127.0.0.1:10249"
+    servers: list[str] = field(default_factory=list)  # --master
+    kubeconfig: str | None = None
+    api_timeout: float = 5.0
+    state_cache: str | None = None
+    state_cache_max_age: float = 3600.0
+    sync_period: float = 30.0
+    # conntrack table: warn from this share of nf_conntrack_max, fail from the second.
+    conntrack_warn: float = 0.8
+    conntrack_fail: float = 0.95
+    # Where ufw keeps its switch.
+    ufw_conf: str = "/etc/ufw/ufw.conf"
+    # The pid of the process running the checks (the daemon's own listeners are kproxy's).
+    own_pid: int | None = None

@@ -1,0 +1,89 @@
+"""`kproxy doctor`'s plumbing, without root: exit statuses, the text and JSON output, the
+JWT expiry, and every remedy a check names being a section of docs/RECOVERY.md. (The checks
+themselves: tests/test_kernel_doctor.py.)"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+from pathlib import Path
+
+from test_manifests import github_anchors
+
+from kproxy.cli.flags import build_parser
+from kproxy.doctor.apiserver import jwt_expiry
+from kproxy.doctor.checks import CHECK_NAMES
+from kproxy.doctor.result import Result, exit_status, format_json, format_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_exit_status():
+    assert exit_status([Result("a", "ok", ""), Result("b", "skipped", "")]) == 0
+    assert exit_status([Result("a", "ok", ""), Result("b", "warn", "x", "forwarding")]) == 1
+    assert (
+        exit_status([Result("a", "warn", ""), Result("b", "fail", ""), Result("c", "ok", "")]) == 2
+    )
+    assert exit_status([]) == 0
+
+
+def test_text_and_json_output():
+    results = [
+        Result("forwarding", "fail", "net.ipv4.ip_forward=0", "forwarding"),
+        Result("apiserver", "skipped", "no --master", "apiserver"),
+    ]
+    text = format_text(results).splitlines()
+    assert text[0] == (
+        "fail    forwarding: net.ipv4.ip_forward=0 (see docs/RECOVERY.md#forwarding)"
+    )
+    assert text[1] == "skipped apiserver: no --master"  # no remedy shown for what is not wrong
+    doc = json.loads(format_json(results))
+    assert doc["exit"] == 2
+    assert doc["checks"][0] == {
+        "name": "forwarding",
+        "status": "fail",
+        "saw": "net.ipv4.ip_forward=0",
+        "remedy": "docs/RECOVERY.md#forwarding",
+    }
+
+
+def test_jwt_expiry():
+    def part(doc):
+        return base64.urlsafe_b64encode(json.dumps(doc).encode()).decode().rstrip("=")
+
+    assert jwt_expiry(f"{part({'alg': 'RS256'})}.{part({'exp': 1700000000})}.sig") == 1.7e9
+    assert jwt_expiry(f"{part({'alg': 'RS256'})}.{part({'sub': 'x'})}.sig") is None
+    assert jwt_expiry("not-a-jwt") is None
+    assert jwt_expiry("a.!!!.c") is None
+
+
+def test_every_remedy_is_a_section_of_the_runbook():
+    anchors = github_anchors((ROOT / "docs" / "RECOVERY.md").read_text())
+    used = set()
+    for path in (ROOT / "kproxy" / "doctor").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            # Result(name, status, saw, remedy), or `remedy = ...`: every string it can be.
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "remedy":
+                used |= {
+                    c.value
+                    for c in ast.walk(node.value)
+                    if isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value
+                }
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Result":
+                if len(node.args) == 4:
+                    used |= {
+                        c.value
+                        for c in ast.walk(node.args[3])
+                        if isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value
+                    }
+    assert len(used) == 12, used
+    assert used <= anchors, used - anchors
+
+
+def test_doctor_flags():
+    args = build_parser().parse_args(
+        ["doctor", "--output", "json", "--check", "forwarding", "--check", "last_sync"]
+    )
+    assert args.output == "json" and args.check == ["forwarding", "last_sync"]
+    assert len(CHECK_NAMES) == 12 and len(set(CHECK_NAMES)) == 12
