@@ -158,11 +158,33 @@ def _sync_once(
     return EXIT_CHANGES if changes else EXIT_OK
 
 
+def resolve_run(args: argparse.Namespace, argv: list[str]) -> str | None:
+    """`run`'s kube-proxy flags and --config applied to `args` (cli/dropin.py); the error
+    line when they cannot be."""
+    from kproxy.cli import dropin
+    from kproxy.cli.proxyconfig import ConfigError
+
+    try:
+        args.dropin = dropin.resolve(args, argv)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
 def run_daemon(args: argparse.Namespace) -> int:
     # These import the kubernetes client (slow): only the daemon needs them.
+    from kproxy.cli import dropin
     from kproxy.daemon.daemon import Daemon, DaemonOptions
+    from kproxy.recovery.lockfile import DEFAULT_LOCK_WAIT
     from kproxy.sources.kube import SourceUnavailable
 
+    resolved = getattr(args, "dropin", None) or dropin.Resolved()
+    for level, note in resolved.notes:
+        log.log(level, "%s", note)
+    if resolved.cleanup:  # kube-proxy --cleanup: remove every mode's rules and exit
+        vars(args).update(mode="all", dry_run=False, lock_wait=DEFAULT_LOCK_WAIT)
+        return run_cleanup(args)
+    dropin.prepare(args, resolved.conntrack_sysctls)
     opts = DaemonOptions(
         node_name=args.node_name,
         # The node IPs and NodePort addresses are the daemon's to work out at each full sync.
