@@ -286,11 +286,11 @@ def test_a_flag_kproxy_does_not_have_is_caught():
     objs = base_objects()
     ds, cm = find(objs, "DaemonSet", "kproxy"), find(objs, "ConfigMap", "kproxy-config")
     bad = copy.deepcopy(cm)
-    bad["data"]["KPROXY_MODE"] = "ipvs"
+    bad["data"]["KPROXY_MODE"] = "userspace"  # ipvs is taken (as nftables mode)
     with pytest.raises(AssertionError, match="rejects"):
         parse_run_args(expand_args(ds, bad, node="n"))
     ds2 = copy.deepcopy(ds)
-    container(ds2)["args"].append("--proxy-mode=iptables")
+    container(ds2)["args"].append("--proxy-modes=iptables")  # kube-proxy's is --proxy-mode
     with pytest.raises(AssertionError, match="rejects"):
         parse_run_args(expand_args(ds2, cm, node="n"))
 

@@ -136,6 +136,10 @@ def resolve(args: argparse.Namespace, argv: list[str], ncpu: int | None = None) 
             )
         args.log_format = kp["logging-format"]
     out.cleanup = kp["cleanup"] is not None and _bool(kp["cleanup"])
+    if "--hostname-override" in on_line:  # processHostnameOverrideFlag: trimmed, lower-cased
+        args.node_name = args.node_name.strip().lower()
+        if not args.node_name:
+            raise proxyconfig.ConfigError("--hostname-override: empty hostname-override is invalid")
 
     if config_file:
         try:

@@ -244,7 +244,7 @@ def _type_error(value: Any, kind: Any) -> str | None:
         return None if ok else "must be a list of strings"
     if kind == _BOOLMAP:
         ok = isinstance(value, dict) and all(isinstance(v, bool) for v in value.values())
-        return None if ok else "must map names to true or false"
+        return None if ok else "must be a map of names to true or false"
     if kind == _QUANTITY:
         ok = isinstance(value, (str, int)) and not isinstance(value, bool)
         return None if ok else "must be a string or an integer"
