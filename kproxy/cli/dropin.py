@@ -287,7 +287,11 @@ def set_conntrack_sysctls(sysctls: dict[str, str], init_netns: bool | None = Non
     init_netns = in_init_netns() if init_netns is None else init_netns
     for key, value in sysctls.items():
         if key == proxyconfig.NF_CONNTRACK_MAX and not init_netns:
-            log.info("%s=%s not set: not the node's own network namespace", key, value)
+            log.info(
+                "%s=%s not set: not the node's own network namespace",
+                key.replace("/", "."),
+                value,
+            )
             continue
         if nodeinfo.read_sysctl(key) != value and nodeinfo.write_sysctl(key, value):
             log.info("set %s=%s", key.replace("/", "."), value)
