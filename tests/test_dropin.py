@@ -320,3 +320,63 @@ def test_run_defaults_are_the_paths_the_fallback_watches():
     assert args.state_cache == dropin.DEFAULT_STATE_CACHE == "/var/lib/kproxy/state.json"
     assert args.snapshot_dir == dropin.DEFAULT_SNAPSHOT_DIR == "/var/lib/kproxy/snapshots"
     assert dropin.FALLBACK_DIRS[0] == "/run/kproxy"
+
+
+# -- --write-config-to, --init-only
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(30.0, "30s"), (60.0, "1m0s"), (0.5, "500ms"), (5400.0, "1h30m0s"), (1.0, "1s"), (0, "0s")],
+)
+def test_go_duration_text(seconds, text):
+    assert dropin.go_duration_text(seconds) == text
+
+
+def test_write_config_to_writes_the_settings_in_use_and_exits(config, tmp_path):
+    """Upstream writes its configuration and exits, starting nothing: so does kproxy, and
+    the file it writes reads back as the same settings."""
+    path = config(
+        "mode: nftables\nclusterCIDR: 10.244.0.0/16\nnftables: {syncPeriod: 1m, "
+        "minSyncPeriod: 500ms, masqueradeBit: 3}\nmetricsBindAddress: 127.0.0.1:20249\n"
+    )
+    out = tmp_path / "written.yaml"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kproxy",
+            "run",
+            f"--config={path}",
+            f"--write-config-to={out}",
+            "--hostname-override=node-1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert f"wrote the configuration to {out}" in res.stderr
+    from kproxy.cli.proxyconfig import parse
+
+    back = parse(out.read_text())
+    assert back.mode == "nftables" and back.cluster_cidrs == ("10.244.0.0/16",)
+    assert (back.sync_period, back.min_sync_period, back.masquerade_bit) == (60.0, 0.5, 3)
+    assert back.metrics_bind_address == "127.0.0.1:20249"
+    assert back.hostname_override == "node-1"
+
+
+def test_init_only_and_write_config_to_are_taken():
+    _, res = run_args("--init-only")
+    assert res.init_only and res.notes == []
+    _, res = run_args("--write-config-to=/tmp/x.yaml")
+    assert res.write_config_to == "/tmp/x.yaml" and res.notes == []
+
+
+def test_a_zero_port_is_a_warning_not_a_refusal():
+    args, res = run_args("--healthz-port=0")
+    assert args.healthz_bind_address == "0.0.0.0:10256"
+    assert notes(res, logging.WARNING) == [
+        "--healthz-port=0: kproxy cannot turn the server off, it serves on 0.0.0.0:10256"
+    ]

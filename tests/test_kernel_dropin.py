@@ -35,6 +35,7 @@ pytestmark = pytest.mark.kernel
 
 WEB_IP, NP_PORT = "10.96.0.10", 30080
 POD_A = "10.244.1.2"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster.yaml"
 METRICS_BIND, HEALTHZ_BIND = "127.0.0.1:20249", "127.0.0.1:20256"
 # The daemon's own mount namespace: /var/lib read-only (kube-proxy's DaemonSet has no
 # /var/lib/kproxy), /run empty, then exec kube-proxy's command line.
@@ -191,4 +192,53 @@ def test_kubeadms_command_line_and_config_conf_serve_clusterip_nodeport_metrics_
             log.close()
         if api is not None:
             api.stop()
+        topo.close()
+
+
+def test_init_only_sets_the_sysctls_and_exits_and_cleanup_removes_the_rules(
+    kernel_support: None, tmp_path: Path
+):
+    """`kube-proxy --init-only` (an init container's privileged start) sets what kube-proxy's
+    would in the node's namespace and exits; `kube-proxy --cleanup` removes the rules and
+    exits. Both with kubeadm's --config, as a DaemonSet would pass them."""
+    if netns.which("unshare") is None:
+        pytest.skip("util-linux `unshare` is not installed")
+    topo = netns.build(pods=(), clients=0)
+    try:
+        _, args = kubeadm_dropin(tmp_path, "http://127.0.0.1:1")  # no API server needed
+        binary = kube_proxy_binary(tmp_path)
+
+        def kube_proxy(*extra: str) -> subprocess.CompletedProcess[str]:
+            return netns.run(
+                topo.node,
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c", MOUNTS]
+                + [str(binary), *args, *extra],
+                check=False,
+                timeout=60,
+            )
+
+        def sysctl(key: str) -> str:
+            return netns.run(topo.node, ["cat", f"/proc/sys/{key}"]).stdout.strip()
+
+        established = "net/netfilter/nf_conntrack_tcp_timeout_established"
+        assert sysctl("net/ipv4/conf/all/route_localnet") == "0"
+        assert sysctl(established) != "86400"
+        res = kube_proxy("--init-only")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert sysctl("net/ipv4/conf/all/route_localnet") == "1"  # localhost NodePorts
+        assert sysctl(established) == "86400"  # kube-proxy's 24h
+        assert "KUBE-SERVICES" not in topo.iptables_save("nat")  # no sync: init only
+        # Rules as a sync writes them, then kube-proxy --cleanup removes them.
+        sync = netns.run(
+            topo.node,
+            [sys.executable, "-m", "kproxy", "sync", "--state", str(EXAMPLE)]
+            + ["--cluster-cidr", "10.244.0.0/16", "--lock-file", str(tmp_path / "lock")],
+            check=False,
+        )
+        assert sync.returncode == 0, sync.stderr
+        assert "-A KUBE-SERVICES" in topo.iptables_save("nat")
+        res = kube_proxy("--cleanup")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "KUBE-SERVICES" not in topo.iptables_save("nat")
+    finally:
         topo.close()

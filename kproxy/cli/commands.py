@@ -184,7 +184,18 @@ def run_daemon(args: argparse.Namespace) -> int:
     if resolved.cleanup:  # kube-proxy --cleanup: remove every mode's rules and exit
         vars(args).update(mode="all", dry_run=False, lock_wait=DEFAULT_LOCK_WAIT)
         return run_cleanup(args)
+    if resolved.write_config_to:  # kube-proxy --write-config-to: write, then exit
+        try:
+            write_atomically(resolved.write_config_to, dropin.config_text(args))
+        except OSError as err:
+            log.error("cannot write %s: %s", resolved.write_config_to, err.strerror or err)
+            return EXIT_ERROR
+        log.info("wrote the configuration to %s", resolved.write_config_to)
+        return EXIT_OK
     dropin.prepare(args, resolved.conntrack_sysctls)
+    if resolved.init_only:  # kube-proxy --init-only: the privileged part (sysctls), then exit
+        node_config(args, ClusterState(), apply=True, resolve_nodeports=False)
+        return EXIT_OK
     opts = DaemonOptions(
         node_name=args.node_name,
         # The node IPs and NodePort addresses are the daemon's to work out at each full sync.

@@ -91,6 +91,8 @@ class Resolved:
     notes: list[tuple[int, str]] = field(default_factory=list)
     conntrack_sysctls: dict[str, str] = field(default_factory=dict)
     cleanup: bool = False
+    init_only: bool = False  # --init-only: the node's sysctls, then exit
+    write_config_to: str | None = None  # --write-config-to: the settings as a file, then exit
 
 
 def given(argv: list[str]) -> set[str]:
@@ -136,6 +138,8 @@ def resolve(args: argparse.Namespace, argv: list[str], ncpu: int | None = None) 
             )
         args.log_format = kp["logging-format"]
     out.cleanup = kp["cleanup"] is not None and _bool(kp["cleanup"])
+    out.init_only = kp["init-only"] is not None and _bool(kp["init-only"])
+    out.write_config_to = kp["write-config-to"] or None
     if "--hostname-override" in on_line:  # processHostnameOverrideFlag: trimmed, lower-cased
         args.node_name = args.node_name.strip().lower()
         if not args.node_name:
@@ -233,8 +237,17 @@ def _apply_flags(args: argparse.Namespace, kp: dict, out: Resolved, ncpu: int) -
         port = kp[name]
         if port is None:
             continue
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise proxyconfig.ConfigError(f"--{name}: {port!r} is not a port (1-65535)")
+        if not port.isdigit() or not 0 <= int(port) < 65536:
+            raise proxyconfig.ConfigError(f"--{name}: {port!r} is not a port (0-65535)")
+        if int(port) == 0:  # upstream: the server is off; kproxy always serves both
+            out.notes.append(
+                (
+                    logging.WARNING,
+                    f"--{name}=0: kproxy cannot turn the server off, it serves "
+                    f"on {getattr(args, dest)}",
+                )
+            )
+            continue
         setattr(args, dest, _with_port(getattr(args, dest), port))
     mode = kp["detect-local-mode"]
     if mode not in (None, "", "ClusterCIDR"):
@@ -345,6 +358,48 @@ def state_paths(
         "the pod lives; mount a hostPath at /var/lib/kproxy to keep them across restarts)"
     )
     return state_cache, snapshot_dir, notes
+
+
+def go_duration_text(seconds: float) -> str:
+    """Seconds as Go prints a duration: 500ms, 30s, 1m0s, 1h30m0s."""
+    if 0 < seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:g}s"
+    if hours or minutes:
+        text = f"{int(minutes)}m" + text
+    if hours:
+        text = f"{int(hours)}h" + text
+    return text
+
+
+def config_text(args: argparse.Namespace) -> str:
+    """The settings `run` would use, as a KubeProxyConfiguration (--write-config-to)."""
+    import yaml
+
+    section = {
+        "masqueradeAll": args.masquerade_all,
+        "masqueradeBit": args.masquerade_bit,
+        "syncPeriod": go_duration_text(args.sync_period),
+        "minSyncPeriod": go_duration_text(args.min_sync_period),
+    }
+    doc = {
+        "apiVersion": proxyconfig.API_VERSION,
+        "kind": proxyconfig.KIND,
+        "mode": args.mode,
+        "clusterCIDR": ",".join(args.cluster_cidr),
+        "hostnameOverride": args.node_name,
+        "bindAddress": args.node_ip[0] if args.node_ip else "0.0.0.0",
+        "healthzBindAddress": args.healthz_bind_address,
+        "metricsBindAddress": args.metrics_bind_address,
+        "nodePortAddresses": list(args.nodeport_addresses) or None,
+        "clientConnection": {"kubeconfig": args.kubeconfig or ""},
+        "iptables": {**section, "localhostNodePorts": args.localhost_nodeports},
+        "nftables": section,
+        "logging": {"format": args.log_format, "verbosity": 4 if args.verbose else 0},
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def prepare(args: argparse.Namespace, sysctls: dict[str, str]) -> None:
