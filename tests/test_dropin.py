@@ -380,3 +380,46 @@ def test_a_zero_port_is_a_warning_not_a_refusal():
     assert notes(res, logging.WARNING) == [
         "--healthz-port=0: kproxy cannot turn the server off, it serves on 0.0.0.0:10256"
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        (["-v=2"], ["--v=2"]),
+        (["-v4"], ["--v=4"]),
+        (["-v", "3", "--cleanup"], ["--v=3", "--cleanup"]),
+        (["-v", "--cleanup"], ["-v", "--cleanup"]),
+        (["--masquerade-all=true"], ["--masquerade-all"]),
+        (["--masquerade-all=false"], []),
+        (["--masquerade-all"], ["--masquerade-all"]),
+        (["--iptables-localhost-nodeports=false"], ["--iptables-localhost-nodeports=false"]),
+    ],
+)
+def test_kube_proxys_spellings_of_v_and_booleans(argv, want):
+    assert dropin.kube_proxy_argv(argv) == want
+
+
+def test_kube_proxy_spellings_reach_run_through_main(tmp_path):
+    """`kproxy run -v=2 --masquerade-all=true` is not refused (argparse alone would): the
+    --write-config-to file shows what run took."""
+    out = tmp_path / "c.yaml"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kproxy",
+            "run",
+            "-v=4",
+            "--masquerade-all=true",
+            f"--write-config-to={out}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    from kproxy.cli.proxyconfig import parse
+
+    back = parse(out.read_text())
+    assert back.masquerade_all is True and back.verbosity == 4

@@ -26,6 +26,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 
@@ -93,6 +94,36 @@ class Resolved:
     cleanup: bool = False
     init_only: bool = False  # --init-only: the node's sysctls, then exit
     write_config_to: str | None = None  # --write-config-to: the settings as a file, then exit
+
+
+_LEVEL = re.compile(r"^-v=?(\d+)$")
+# kproxy's switches (store_true) that kube-proxy spells as pflag booleans, `--name=true`.
+_SWITCHES = ("--masquerade-all",)
+
+
+def kube_proxy_argv(argv: list[str]) -> list[str]:
+    """kube-proxy's (pflag's) spellings argparse does not take, in `run`'s arguments:
+    `-v=2`, `-v2`, `-v 2` (a level: `--v=2`) and `--masquerade-all=true|false`."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name, eq, value = token.partition("=")
+        if token == "--":
+            out += argv[i:]
+            break
+        if m := _LEVEL.match(token):
+            out.append(f"--v={m.group(1)}")
+        elif token == "-v" and i + 1 < len(argv) and argv[i + 1].isdigit():
+            out.append(f"--v={argv[i + 1]}")
+            i += 1
+        elif eq and name in _SWITCHES and value.lower() in ("true", "false", "1", "0", "t", "f"):
+            if _bool(value):
+                out.append(name)
+        else:
+            out.append(token)
+        i += 1
+    return out
 
 
 def given(argv: list[str]) -> set[str]:

@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
         if os.path.basename(sys.argv[0]) == "kube-proxy":  # the image's kube-proxy link
             return kube_proxy_main(argv)
+    if argv[:1] == ["run"]:  # kube-proxy's spellings of -v and boolean flags
+        from kproxy.cli.dropin import kube_proxy_argv
+
+        argv = ["run", *kube_proxy_argv(argv[1:])]
     parser = build_parser()
     args = parser.parse_args(argv)
     config_error = commands.resolve_run(args, argv) if args.command == "run" else None
