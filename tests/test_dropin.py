@@ -423,3 +423,23 @@ def test_kube_proxy_spellings_reach_run_through_main(tmp_path):
 
     back = parse(out.read_text())
     assert back.masquerade_all is True and back.verbosity == 4
+
+
+def test_a_changed_config_file_stops_the_daemon_as_kube_proxys_does(tmp_path):
+    import threading
+    import time
+
+    path = tmp_path / "config.conf"
+    path.write_text(HEAD)
+    stop = threading.Event()
+    watch = dropin.ConfigWatch(str(path), stop, interval=0.05)
+    time.sleep(0.3)
+    assert not stop.is_set() and not watch.changed  # unchanged: keeps running
+    path.write_text(HEAD + "mode: nftables\n")
+    assert stop.wait(5) and watch.changed
+    # A daemon stopping for another reason is not a change.
+    other = threading.Event()
+    watch = dropin.ConfigWatch(str(path), other, interval=0.05)
+    other.set()
+    time.sleep(0.2)
+    assert not watch.changed

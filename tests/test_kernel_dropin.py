@@ -180,6 +180,13 @@ def test_kubeadms_command_line_and_config_conf_serve_clusterip_nodeport_metrics_
         assert "state cache and snapshots go to /run/kproxy" in text
         # kubeadm's file is all defaults: no field kproxy had to ignore, no error.
         assert " error " not in text and "ignored" not in text, text
+        # The file changes (a ConfigMap update): kproxy exits, as kube-proxy does, for its
+        # pod to restart with it; the rules stay.
+        conf_path = tmp_path / "config.conf"
+        conf_path.write_text(conf_path.read_text() + "\n# edited\n")
+        assert proc.wait(15) == 1
+        assert "config.conf changed: exiting" in logged()
+        assert "-A KUBE-SERVICES" in topo.iptables_save("nat")
     finally:
         if proc is not None and proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)

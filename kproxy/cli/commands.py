@@ -227,7 +227,9 @@ def run_daemon(args: argparse.Namespace) -> int:
     except (NoFamilyError, LockError, SourceUnavailable) as err:
         log.error("%s", err)
         return EXIT_ERROR
-    return daemon.run()
+    watch = dropin.ConfigWatch(args.kp_config, daemon.stop_event) if args.kp_config else None
+    status = daemon.run()
+    return EXIT_FAILED if watch is not None and watch.changed else status
 
 
 def node_config(

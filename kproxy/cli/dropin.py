@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from dataclasses import dataclass, field
 
 from kproxy.cli import proxyconfig
@@ -440,3 +441,35 @@ def prepare(args: argparse.Namespace, sysctls: dict[str, str]) -> None:
     args.state_cache, args.snapshot_dir, notes = state_paths(args.state_cache, args.snapshot_dir)
     for note in notes:
         log.warning("%s", note)
+
+
+class ConfigWatch:
+    """kube-proxy exits when its --config file changes (options.go `eventHandler`: "content
+    of the proxy server's configuration file was updated"), so that its pod restarts with the
+    new one; kproxy does the same: a thread compares the file's content every `interval`
+    seconds (a ConfigMap update swaps a symlink, which content catches) and sets `stop`."""
+
+    def __init__(self, path: str, stop: threading.Event, interval: float = 2.0) -> None:
+        self.path, self.stop, self.interval = path, stop, interval
+        self.changed = False
+        self._seen = self._read()
+        self._thread = threading.Thread(target=self._run, name="config-watch", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> bytes | None:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            if self._read() != self._seen:
+                log.warning(
+                    "--config %s changed: exiting, to be restarted with it (as kube-proxy)",
+                    self.path,
+                )
+                self.changed = True
+                self.stop.set()
+                return
