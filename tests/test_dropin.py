@@ -443,3 +443,54 @@ def test_a_changed_config_file_stops_the_daemon_as_kube_proxys_does(tmp_path):
     other.set()
     time.sleep(0.2)
     assert not watch.changed
+
+
+def fake_nft(tmp_path: Path, present: str) -> tuple[str, Path]:
+    """An `nft` that has `table <present> kube-proxy` only and records its calls."""
+    calls = tmp_path / "calls"
+    nft = tmp_path / "nft"
+    nft.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        f'[ "$1" = list ] && [ "$3" != {present} ] && exit 1\n'
+        "exit 0\n"
+    )
+    nft.chmod(0o755)
+    return str(nft), calls
+
+
+def test_kube_proxys_nftables_tables_are_removed_and_nothing_else(tmp_path):
+    nft, calls = fake_nft(tmp_path, "ip6")
+    assert dropin.remove_kube_proxy_tables(nft) == ["ip6"]
+    assert calls.read_text().splitlines() == [
+        "list table ip kube-proxy",
+        "list table ip6 kube-proxy",
+        "delete table ip6 kube-proxy",
+    ]
+    assert dropin.remove_kube_proxy_tables(str(tmp_path / "no-nft")) == []
+
+
+def test_kube_proxys_tables_wait_for_the_first_full_sync(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    removed = threading.Event()
+    monkeypatch.setattr(dropin, "remove_kube_proxy_tables", lambda: removed.set())
+
+    class Health:
+        ready = False
+
+    health, stop = Health(), threading.Event()
+    thread = dropin.after_first_sync(health, stop, interval=0.02)
+    time.sleep(0.2)
+    assert not removed.is_set()  # no sync yet: kube-proxy's rules still serve
+    health.ready = True
+    assert removed.wait(5)
+    thread.join(5)
+    # Stopped before any sync: nothing removed.
+    removed.clear()
+    health.ready = False
+    thread = dropin.after_first_sync(health, stop, interval=0.02)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive() and not removed.is_set()

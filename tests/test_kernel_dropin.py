@@ -126,6 +126,12 @@ def test_kubeadms_command_line_and_config_conf_serve_clusterip_nodeport_metrics_
         _, args = kubeadm_dropin(tmp_path, api.url)
         assert args == [f"--config={tmp_path / 'config.conf'}", "--hostname-override=node-1"]
         binary = kube_proxy_binary(tmp_path)
+        # kube-proxy's nftables-mode tables, as a node that ran it in nftables mode keeps
+        # them, and a table of someone else's.
+        for family in ("ip", "ip6"):
+            netns.run(topo.node, ["nft", f"add table {family} kube-proxy"])
+            netns.run(topo.node, ["nft", f"add chain {family} kube-proxy services"])
+        netns.run(topo.node, ["nft", "add table ip someone-else"])
         log = open(tmp_path / "kube-proxy.log", "wb")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(
             [netns._ip(), "netns", "exec", topo.node]
@@ -156,6 +162,12 @@ def test_kubeadms_command_line_and_config_conf_serve_clusterip_nodeport_metrics_
             f"/healthz 200 on {HEALTHZ_BIND}",
             lambda: (tkm.get(topo, f"http://{HEALTHZ_BIND}/healthz") or (0,))[0] == 200,
         )
+        # After the first sync, kube-proxy's nftables tables go; no one else's.
+        wait_for(
+            "kube-proxy's nftables tables removed",
+            lambda: "kube-proxy" not in netns.run(topo.node, ["nft", "list", "tables"]).stdout,
+        )
+        assert "table ip someone-else" in netns.run(topo.node, ["nft", "list", "tables"]).stdout
         # The ClusterIP, pod to pod; the NodePort, external client to the node's address.
         replies = topo.tcp(topo.pods["b"].ns, WEB_IP, 80, count=3, timeout=1.0)
         assert {r.pod for r in replies if r.ok} == {"a"}, replies

@@ -227,7 +227,10 @@ def run_daemon(args: argparse.Namespace) -> int:
     except (NoFamilyError, LockError, SourceUnavailable) as err:
         log.error("%s", err)
         return EXIT_ERROR
-    watch = dropin.ConfigWatch(args.kp_config, daemon.stop_event) if args.kp_config else None
+    watch = None
+    if args.kp_config:  # in kube-proxy's place (README "Replacing kube-proxy")
+        watch = dropin.ConfigWatch(args.kp_config, daemon.stop_event)
+        dropin.after_first_sync(daemon.health, daemon.stop_event)
     status = daemon.run()
     return EXIT_FAILED if watch is not None and watch.changed else status
 

@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import os
 import re
+import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -473,3 +474,50 @@ class ConfigWatch:
                 self.changed = True
                 self.stop.set()
                 return
+
+
+def remove_kube_proxy_tables(nft: str = "nft") -> list[str]:
+    """Delete kube-proxy's nftables-mode tables (`ip kube-proxy`, `ip6 kube-proxy`), which
+    kproxy never writes (its own is `kproxy`): the families removed. As upstream's
+    platformCleanup removes the other mode's rules, for a node whose kube-proxy ran nftables."""
+    removed = []
+    for family in ("ip", "ip6"):
+        try:
+            probe = subprocess.run(
+                [nft, "list", "table", family, "kube-proxy"], capture_output=True, timeout=60
+            )
+        except (OSError, subprocess.SubprocessError):
+            return removed  # no nft on this node: no such table either
+        if probe.returncode != 0:
+            continue
+        res = subprocess.run(
+            [nft, "delete", "table", family, "kube-proxy"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if res.returncode == 0:
+            removed.append(family)
+            log.info("removed kube-proxy's nftables table (%s kube-proxy)", family)
+        else:
+            log.warning(
+                "could not remove kube-proxy's nftables table (%s kube-proxy): %s",
+                family,
+                " ".join(res.stderr.split()),
+            )
+    return removed
+
+
+def after_first_sync(health, stop: threading.Event, interval: float = 0.5) -> threading.Thread:
+    """Once the daemon's first full sync is done (`health.ready`: its rules are in place),
+    remove kube-proxy's nftables tables: never before, so no Service is ever without rules."""
+
+    def run() -> None:
+        while not health.ready:
+            if stop.wait(interval):
+                return
+        remove_kube_proxy_tables()
+
+    thread = threading.Thread(target=run, name="kube-proxy-leftovers", daemon=True)
+    thread.start()
+    return thread
