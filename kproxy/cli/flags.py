@@ -467,15 +467,14 @@ def _add_kube_proxy_flags(g: _Groups) -> None:
             dest=kube_proxy_dest(name),
             default=None,
             help=(
-                f"accepted, ignored: {why}"
-                if why
-                else _KUBE_PROXY_HELP.get(name, "as kube-proxy's")
+                f"accepted, ignored: {why}" if why else _KUBE_PROXY_HELP.get(name, _CONNTRACK_HELP)
             )
             + " (default: none)",
             **extra,
         )
 
 
+_CONNTRACK_HELP = "the conntrack sysctls are then set as kube-proxy sets them (README, Conntrack)"
 _KUBE_PROXY_HELP = {
     "config": "a KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file: it wins over "
     "kube-proxy's flags but --hostname-override, --master, the logging flags and --cleanup",
