@@ -25,6 +25,10 @@ RUN apt-get update \
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels kproxy \
     && rm -rf /wheels
+# kube-proxy's DaemonSet runs `/usr/local/bin/kube-proxy --config=... --hostname-override=...`
+# (command: overrides the entrypoint): under that name kproxy is `kproxy run` with kube-proxy's
+# command line (README "Replacing kube-proxy"), so the image swap is all it takes.
+RUN ln -sf kproxy /usr/local/bin/kube-proxy
 # The root filesystem is read-only in the DaemonSet: no .pyc written at run time.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

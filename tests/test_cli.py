@@ -192,6 +192,19 @@ RUN_GROUPS = {
         "--lock-file",
     },
     "logging": {"--verbose", "--log-format"},
+    "kube-proxy's own flags": {
+        "--config",
+        "--v",
+        "--feature-gates",
+        "--oom-score-adj",
+        "--bind-address",
+        "--cleanup",
+        "--logging-format",
+        "--conntrack-max-per-core",
+        "--ipvs-scheduler",
+        "--kube-api-qps",
+        "--write-config-to",
+    },
 }
 
 

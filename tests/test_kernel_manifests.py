@@ -36,7 +36,7 @@ POD_A = "10.244.1.2"
 def objects() -> tuple[list[dict], str]:
     """The overlay as `kubectl kustomize` builds it, else the base as written."""
     if shutil.which("kubectl"):
-        return tm.kustomize_build(tm.OVERLAY), "overlay"
+        return tm.kustomize_build(tm.BESIDE), "overlay"
     return tm.base_objects(), "base"
 
 

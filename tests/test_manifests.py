@@ -6,8 +6,9 @@
 - The DaemonSet's security and scheduling properties, RBAC down to the verb, the flags (parsed by
   kproxy's own parser after the ConfigMap's values are substituted), probes, ports, the metrics
   Service and ServiceMonitor wiring (job="kube-proxy").
-- The overlay's patches, and kube-proxy-off.yaml / kube-proxy-on.json applied to kubeadm's
-  kube-proxy DaemonSet.
+- The beside-kube-proxy overlay's patches, kube-proxy-off.yaml / kube-proxy-on.json applied to
+  kubeadm's kube-proxy DaemonSet, and the replace-kube-proxy overlay (the image swap) merged
+  into it.
 - Alert rules: `promtool check rules` and `promtool test rules`
   (tests/data/kproxy-alerts-test.yaml); every runbook_url names a section of docs/RECOVERY.md;
   every PromQL expression of the alerts and the dashboard uses only series kproxy exports
@@ -33,7 +34,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
 BASE = MANIFESTS / "base"
-OVERLAY = MANIFESTS / "overlays" / "replace-kube-proxy"
+BESIDE = MANIFESTS / "overlays" / "beside-kube-proxy"
+REPLACE = MANIFESTS / "overlays" / "replace-kube-proxy"
 MONITORING = MANIFESTS / "monitoring"
 DATA = Path(__file__).resolve().parent / "data"
 KUBEADM = DATA / "kube-proxy-kubeadm.yaml"
@@ -286,11 +288,11 @@ def test_a_flag_kproxy_does_not_have_is_caught():
     objs = base_objects()
     ds, cm = find(objs, "DaemonSet", "kproxy"), find(objs, "ConfigMap", "kproxy-config")
     bad = copy.deepcopy(cm)
-    bad["data"]["KPROXY_MODE"] = "ipvs"
+    bad["data"]["KPROXY_MODE"] = "userspace"  # ipvs is taken (as nftables mode)
     with pytest.raises(AssertionError, match="rejects"):
         parse_run_args(expand_args(ds, bad, node="n"))
     ds2 = copy.deepcopy(ds)
-    container(ds2)["args"].append("--proxy-mode=iptables")
+    container(ds2)["args"].append("--proxy-modes=iptables")  # kube-proxy's is --proxy-mode
     with pytest.raises(AssertionError, match="rejects"):
         parse_run_args(expand_args(ds2, cm, node="n"))
 
@@ -338,7 +340,7 @@ def test_metrics_service_and_servicemonitor_give_job_kube_proxy():
 
 def test_kustomize_builds_base_overlay_and_monitoring_and_they_validate():
     base = kustomize_build(BASE)
-    overlay = kustomize_build(OVERLAY)
+    overlay = kustomize_build(BESIDE)
     monitoring = kustomize_build(MONITORING)
     for obj in base + overlay:
         validate(obj)
@@ -356,7 +358,7 @@ def test_kustomize_builds_base_overlay_and_monitoring_and_they_validate():
 
 def test_overlay_uses_kube_proxys_kubeconfig_and_keeps_everything_else():
     base_ds = find(kustomize_build(BASE), "DaemonSet", "kproxy")
-    built = kustomize_build(OVERLAY)
+    built = kustomize_build(BESIDE)
     ds, cm = find(built, "DaemonSet", "kproxy"), find(built, "ConfigMap", "kproxy-config")
     c = container(ds)
     # JSON 6902 patch: one flag appended, every base flag kept in order.
@@ -416,7 +418,7 @@ def test_kube_proxy_off_and_on_patches_on_kubeadms_daemonset(tmp_path):
     original = find(load_docs(KUBEADM), "DaemonSet", "kube-proxy")
     (tmp_path / "ds.yaml").write_text(yaml.safe_dump(original))
     # `kubectl patch` takes the bare patch; kustomize wants the object's header with it.
-    off = yaml.safe_load((OVERLAY / "kube-proxy-off.yaml").read_text())
+    off = yaml.safe_load((BESIDE / "kube-proxy-off.yaml").read_text())
     assert set(off) == {"spec"}
     header = {k: original[k] for k in ("apiVersion", "kind")}
     header["metadata"] = {k: original["metadata"][k] for k in ("name", "namespace")}
@@ -439,11 +441,64 @@ def test_kube_proxy_off_and_on_patches_on_kubeadms_daemonset(tmp_path):
     without = copy.deepcopy(patched)
     del without["spec"]["template"]["spec"]["nodeSelector"]["kproxy/kube-proxy"]
     assert without == original
-    ops = json.loads((OVERLAY / "kube-proxy-on.json").read_text())
+    ops = json.loads((BESIDE / "kube-proxy-on.json").read_text())
     assert json_patch(patched, ops) == original
     # A node without the label (every node, unless labelled for a rollback) runs no kube-proxy.
     node_labels = {"kubernetes.io/os": "linux", "kubernetes.io/hostname": "n1"}
     assert not selector.items() <= node_labels.items()
+
+
+def test_replace_overlay_is_kubeadms_daemonset_with_kproxys_image_and_nothing_else(tmp_path):
+    """manifests/overlays/replace-kube-proxy: a partial kube-proxy DaemonSet whose only value is
+    the image (kustomize `images:`), merged into kubeadm's DaemonSet as `kubectl apply
+    --server-side` or `kubectl patch` would: the image is kproxy's (the base's), the command,
+    volumes and everything else kube-proxy's; and that command line is one kproxy takes."""
+    built = kustomize_build(REPLACE)
+    assert [(o["kind"], o["metadata"]["name"], o["metadata"]["namespace"]) for o in built] == [
+        ("DaemonSet", "kube-proxy", "kube-system")
+    ]
+    (partial,) = built
+    (c,) = partial["spec"]["template"]["spec"]["containers"]
+    kproxy_image = container(find(base_objects(), "DaemonSet", "kproxy"))["image"]
+    assert c == {"name": "kube-proxy", "image": kproxy_image}
+    original = find(load_docs(KUBEADM), "DaemonSet", "kube-proxy")
+    (tmp_path / "ds.yaml").write_text(yaml.safe_dump(original))
+    (tmp_path / "swap.yaml").write_text(yaml.safe_dump(partial))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": ["ds.yaml"], "patches": [{"path": "swap.yaml"}]})
+    )
+    (swapped,) = kustomize_build(tmp_path)
+    validate(swapped)
+    assert container(swapped)["image"] == kproxy_image
+    back = copy.deepcopy(swapped)
+    container(back)["image"] = container(original)["image"]
+    assert back == original  # the switch back is `set image` to the old one
+    # kubeadm's command line, as the image's /usr/local/bin/kube-proxy gets it.
+    command = container(swapped)["command"]
+    assert command[0] == "/usr/local/bin/kube-proxy"
+    args = parse_run_args([a.replace("$(NODE_NAME)", "node-1") for a in command[1:]])
+    assert args.kp_config == "/var/lib/kube-proxy/config.conf"
+    assert args.node_name == "node-1"
+    # The file it names is the ConfigMap's config.conf, mounted there, and kproxy reads it.
+    mounts = {m["mountPath"]: m["name"] for m in container(swapped)["volumeMounts"]}
+    volumes = {v["name"]: v for v in swapped["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mounts["/var/lib/kube-proxy"]]["configMap"]["name"] == "kube-proxy"
+    from kproxy.cli.proxyconfig import parse
+
+    kubeadm_cm = find(load_docs(KUBEADM), "ConfigMap", "kube-proxy")
+    conf = parse(kubeadm_cm["data"]["config.conf"])
+    assert conf.kubeconfig == "/var/lib/kube-proxy/kubeconfig.conf"
+    assert "kubeconfig.conf" in kubeadm_cm["data"]
+
+
+def test_image_has_kube_proxy_as_kproxy():
+    ins = dockerfile_instructions(ROOT / "Dockerfile")
+    runs = [rest for word, rest in ins if word == "RUN"]
+    assert "ln -sf kproxy /usr/local/bin/kube-proxy" in runs
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["kube-proxy"] == "kproxy.cli:kube_proxy_main"
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -906,18 +961,22 @@ def test_dashboard_expressions_are_valid_promql(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_readme_commands_use_flags_kproxy_has():
-    """Every `kproxy run` flag the README's cluster section names exists."""
+@pytest.mark.parametrize("title", ["Run it in a cluster", "Replacing kube-proxy"])
+def test_readme_commands_use_flags_kproxy_has(title):
+    """Every `kproxy run` flag the README's cluster sections name exists."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Run it in a cluster", 1)
-    assert len(section) == 2, "README has no 'Run it in a cluster' section"
+    section = text.split(f"## {title}", 1)
+    assert len(section) == 2, f"README has no '{title}' section"
     body = section[1].split("\n## ", 1)[0]
     from kproxy.cli.flags import build_parser
 
     run = build_parser()._subparsers._group_actions[0].choices["run"]  # noqa: SLF001
     known = {o for a in run._actions for o in a.option_strings}  # noqa: SLF001
-    used = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", body))
-    other_tools = {"--patch-file", "--type", "--cleanup"}  # kubectl's; kube-proxy's --cleanup
+    used = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]+\*?)", body))
+    used = {f for f in used if not f.endswith("*")}  # `--conntrack-*`: a family of flags
+    # kubectl's; `kproxy cleanup --mode`.
+    other_tools = {"--patch-file", "--type", "--server-side", "--force-conflicts"}
+    other_tools |= {"--field-manager", "--mode"}
     unknown = used - known - other_tools
     assert not unknown, f"README names flags kproxy run does not have: {sorted(unknown)}"
     for path in re.findall(r"manifests/[\w./-]+", body):

@@ -158,11 +158,44 @@ def _sync_once(
     return EXIT_CHANGES if changes else EXIT_OK
 
 
+def resolve_run(args: argparse.Namespace, argv: list[str]) -> str | None:
+    """`run`'s kube-proxy flags and --config applied to `args` (cli/dropin.py); the error
+    line when they cannot be."""
+    from kproxy.cli import dropin
+    from kproxy.cli.proxyconfig import ConfigError
+
+    try:
+        args.dropin = dropin.resolve(args, argv)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
 def run_daemon(args: argparse.Namespace) -> int:
     # These import the kubernetes client (slow): only the daemon needs them.
+    from kproxy.cli import dropin
     from kproxy.daemon.daemon import Daemon, DaemonOptions
+    from kproxy.recovery.lockfile import DEFAULT_LOCK_WAIT
     from kproxy.sources.kube import SourceUnavailable
 
+    resolved = getattr(args, "dropin", None) or dropin.Resolved()
+    for level, note in resolved.notes:
+        log.log(level, "%s", note)
+    if resolved.cleanup:  # kube-proxy --cleanup: remove every mode's rules and exit
+        vars(args).update(mode="all", dry_run=False, lock_wait=DEFAULT_LOCK_WAIT)
+        return run_cleanup(args)
+    if resolved.write_config_to:  # kube-proxy --write-config-to: write, then exit
+        try:
+            write_atomically(resolved.write_config_to, dropin.config_text(args))
+        except OSError as err:
+            log.error("cannot write %s: %s", resolved.write_config_to, err.strerror or err)
+            return EXIT_ERROR
+        log.info("wrote the configuration to %s", resolved.write_config_to)
+        return EXIT_OK
+    dropin.prepare(args, resolved.conntrack_sysctls)
+    if resolved.init_only:  # kube-proxy --init-only: the privileged part (sysctls), then exit
+        node_config(args, ClusterState(), apply=True, resolve_nodeports=False)
+        return EXIT_OK
     opts = DaemonOptions(
         node_name=args.node_name,
         # The node IPs and NodePort addresses are the daemon's to work out at each full sync.
@@ -194,7 +227,12 @@ def run_daemon(args: argparse.Namespace) -> int:
     except (NoFamilyError, LockError, SourceUnavailable) as err:
         log.error("%s", err)
         return EXIT_ERROR
-    return daemon.run()
+    watch = None
+    if args.kp_config:  # in kube-proxy's place (README "Replacing kube-proxy")
+        watch = dropin.ConfigWatch(args.kp_config, daemon.stop_event)
+        dropin.after_first_sync(daemon.health, daemon.stop_event)
+    status = daemon.run()
+    return EXIT_FAILED if watch is not None and watch.changed else status
 
 
 def node_config(

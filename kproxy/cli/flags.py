@@ -27,6 +27,13 @@ RUN_GROUPS = {
     "serve": ("health and metrics", None),
     "recovery": ("recovery", "what kproxy keeps to rebuild the rules without the API server"),
     "log": ("logging", None),
+    "kube-proxy": (
+        "kube-proxy's own flags",
+        "accepted under kube-proxy's names so that kube-proxy's command line runs kproxy "
+        '(README "Replacing kube-proxy"); one with no meaning for kproxy is logged once and '
+        "ignored. With --config the file wins over every flag but --hostname-override, "
+        "--master, the logging flags and --cleanup, as in kube-proxy",
+    ),
 }
 
 
@@ -250,9 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = _Groups(p_run, RUN_GROUPS)
     run("proxy").add_argument(
         "--mode",
-        choices=("iptables", "nftables"),
+        "--proxy-mode",
+        dest="mode",
+        choices=("iptables", "nftables", "ipvs", ""),
         default="iptables",
-        help="iptables: kube-proxy's chains; nftables: one `kproxy` table (default iptables)",
+        help="iptables: kube-proxy's chains; nftables: one `kproxy` table; ipvs runs nftables "
+        "mode, with a warning (default iptables)",
     )
     _add_proxy_flags(p_run, run)
     _add_api_flags(p_run, run)
@@ -325,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="one line of text, or one JSON object, per log record (default text)",
     )
 
+    _add_kube_proxy_flags(run)
+
     p_snap = sub.add_parser(
         "snapshot",
         help="save kproxy's own rules to a file",
@@ -372,6 +384,111 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lock_flag(p_clean)
     add_doctor_parser(sub)
     return parser
+
+
+# kube-proxy's flags (cmd/kube-proxy/app/options.go AddFlags, logsapi.AddFlags, and the klog
+# flags older kube-proxy manifests still pass) that kproxy has under no other name: name ->
+# (takes a value, what kproxy does with it). "" means cli/dropin.py maps it onto kproxy's own
+# options; any other text is why it has no effect (logged once, then ignored).
+KUBE_PROXY_FLAGS: dict[str, tuple[bool, str]] = {
+    "config": (True, ""),
+    "v": (True, ""),
+    "logging-format": (True, ""),
+    "bind-address": (True, ""),
+    "cleanup": (False, ""),
+    "healthz-port": (True, ""),
+    "metrics-port": (True, ""),
+    "conntrack-max-per-core": (True, ""),
+    "conntrack-min": (True, ""),
+    "conntrack-tcp-timeout-established": (True, ""),
+    "conntrack-tcp-timeout-close-wait": (True, ""),
+    "conntrack-tcp-be-liberal": (False, ""),
+    "conntrack-udp-timeout": (True, ""),
+    "conntrack-udp-timeout-stream": (True, ""),
+    "detect-local-mode": (True, ""),
+    "feature-gates": (True, "no feature gate changes what kproxy does"),
+    "oom-score-adj": (True, "set it in the pod: kproxy does not change its own OOM score"),
+    "kube-api-qps": (True, "kproxy's client does one list and one watch per resource"),
+    "kube-api-burst": (True, "kproxy's client does one list and one watch per resource"),
+    "kube-api-content-type": (True, "kproxy's client always asks for JSON"),
+    "bind-address-hard-fail": (False, "kproxy always exits 2 when it cannot listen"),
+    "profiling": (False, "kproxy serves no /debug/pprof"),
+    "show-hidden-metrics-for-version": (True, "kproxy hides no metric"),
+    "init-only": (False, ""),
+    "write-config-to": (True, ""),
+    "config-sync-period": (True, "kproxy's watches never resync by period"),
+    "proxy-port-range": (True, "the userspace proxy is gone"),
+    "pod-bridge-interface": (True, "kproxy tells pod traffic by --cluster-cidr only"),
+    "pod-interface-name-prefix": (True, "kproxy tells pod traffic by --cluster-cidr only"),
+    "ipvs-sync-period": (True, "ipvs runs as nftables mode: --iptables-sync-period is used"),
+    "ipvs-min-sync-period": (True, "ipvs runs as nftables mode: --iptables-min-sync-period is"),
+    "ipvs-scheduler": (True, "ipvs runs as nftables mode (random choice, as upstream's)"),
+    "ipvs-exclude-cidrs": (True, "ipvs runs as nftables mode, which owns only its own table"),
+    "ipvs-strict-arp": (False, "ipvs runs as nftables mode: no kube-ipvs0 interface"),
+    "ipvs-tcp-timeout": (True, "ipvs runs as nftables mode: no IPVS timeouts"),
+    "ipvs-tcpfin-timeout": (True, "ipvs runs as nftables mode: no IPVS timeouts"),
+    "ipvs-udp-timeout": (True, "ipvs runs as nftables mode: no IPVS timeouts"),
+    "vmodule": (True, "kproxy has one verbosity"),
+    "log-flush-frequency": (True, "kproxy's log lines are written unbuffered"),
+    "log-json-info-buffer-size": (True, "kproxy's log lines are written unbuffered"),
+    "log-json-split-stream": (False, "kproxy writes every log line to stderr"),
+    "log-text-info-buffer-size": (True, "kproxy's log lines are written unbuffered"),
+    "log-text-split-stream": (False, "kproxy writes every log line to stderr"),
+    "add_dir_header": (False, "a klog flag"),
+    "alsologtostderr": (False, "a klog flag: kproxy logs to stderr"),
+    "log_backtrace_at": (True, "a klog flag"),
+    "log_dir": (True, "a klog flag: kproxy logs to stderr"),
+    "log_file": (True, "a klog flag: kproxy logs to stderr"),
+    "log_file_max_size": (True, "a klog flag"),
+    "logtostderr": (False, "a klog flag: kproxy logs to stderr"),
+    "one_output": (False, "a klog flag"),
+    "skip_headers": (False, "a klog flag"),
+    "skip_log_headers": (False, "a klog flag"),
+    "stderrthreshold": (True, "a klog flag: kproxy logs to stderr"),
+    "boot-id-file": (True, "kproxy reads no boot id"),
+    "machine-id-file": (True, "kproxy reads no machine id"),
+    "windows-service": (False, "Windows only"),
+}
+
+
+def kube_proxy_dest(name: str) -> str:
+    return "kp_" + name.replace("-", "_")
+
+
+def _add_kube_proxy_flags(g: _Groups) -> None:
+    group = g("kube-proxy")
+    for name, (takes_value, why) in KUBE_PROXY_FLAGS.items():
+        extra: dict = {"metavar": "VALUE"}
+        if not takes_value:
+            extra = {"nargs": "?", "const": "true", "metavar": "true|false"}
+        if name == "config":
+            extra["metavar"] = "FILE"
+        group.add_argument(
+            f"--{name}",
+            dest=kube_proxy_dest(name),
+            default=None,
+            help=(
+                f"accepted, ignored: {why}" if why else _KUBE_PROXY_HELP.get(name, _CONNTRACK_HELP)
+            )
+            + " (default: none)",
+            **extra,
+        )
+
+
+_CONNTRACK_HELP = "the conntrack sysctls are then set as kube-proxy sets them (README, Conntrack)"
+_KUBE_PROXY_HELP = {
+    "config": "a KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file: it wins over "
+    "kube-proxy's flags but --hostname-override, --master, the logging flags and --cleanup",
+    "v": "kube-proxy's log verbosity: 4 or more is kproxy's -v",
+    "logging-format": "text or json: --log-format",
+    "bind-address": "this node's primary IP unless 0.0.0.0 or ::: --node-ip",
+    "cleanup": "remove the rules of every mode and exit: `kproxy cleanup`",
+    "init-only": "set the sysctls kube-proxy's privileged start sets, then exit",
+    "write-config-to": "write the configuration in use as a KubeProxyConfiguration, then exit",
+    "healthz-port": "the port of --healthz-bind-address",
+    "metrics-port": "the port of --metrics-bind-address",
+    "detect-local-mode": "only ClusterCIDR (--cluster-cidr) is done: another is logged",
+}
 
 
 def _add_backend_flags(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -59,12 +60,24 @@ def _setup_logging(verbose: bool, fmt: str = "oneshot") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+        if os.path.basename(sys.argv[0]) == "kube-proxy":  # the image's kube-proxy link
+            return kube_proxy_main(argv)
+    if argv[:1] == ["run"]:  # kube-proxy's spellings of -v and boolean flags
+        from kproxy.cli.dropin import kube_proxy_argv
+
+        argv = ["run", *kube_proxy_argv(argv[1:])]
     parser = build_parser()
     args = parser.parse_args(argv)
+    config_error = commands.resolve_run(args, argv) if args.command == "run" else None
     _setup_logging(
         getattr(args, "verbose", False),
         getattr(args, "log_format", "text") if args.command == "run" else "oneshot",
     )
+    if config_error:  # --config or a kube-proxy flag kproxy cannot use: one line, exit 2
+        logging.getLogger("kproxy").error("%s", config_error)
+        return commands.EXIT_ERROR
     collecting = gc.isenabled()
     if args.command != "run":
         # A one-shot command builds millions of small objects (100k endpoints: model, rules,
@@ -89,6 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if collecting:
             gc.enable()
+
+
+def kube_proxy_main(argv: list[str] | None = None) -> int:
+    """`kube-proxy`: `kproxy run` with kube-proxy's command line (README "Replacing
+    kube-proxy"), as kubeadm's DaemonSet starts it."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--version" in argv or any(a.startswith("--version=") for a in argv):
+        from kproxy import __version__
+
+        print(f"kproxy {__version__} (as kube-proxy)")
+        return commands.EXIT_OK
+    return main(["run", *argv])
 
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

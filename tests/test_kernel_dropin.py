@@ -1,0 +1,263 @@
+"""kproxy as kube-proxy, for real: the image's `kube-proxy` started with kubeadm's exact
+arguments (`--config=<config.conf> --hostname-override=node-1`) and kubeadm's config.conf
+(tests/data/kube-proxy-kubeadm.yaml) with only its addresses changed to the test's: the
+kubeconfig pointing at the test API server, metrics and health on 127.0.0.1 ports of the
+test's choosing. It serves a ClusterIP (pod to pod) and a NodePort (external client to the
+node), and answers /metrics and /healthz on the file's addresses.
+
+As in kube-proxy's DaemonSet, no writable /var/lib/kproxy: the daemon runs in a mount
+namespace of its own where /var/lib is read-only and /run an empty tmpfs, so its state cache,
+snapshots and lock go to /run (never the machine's). Network: everything inside namespaces the
+test creates; the daemon is killed by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import netns  # noqa: E402
+import test_kernel_manifests as tkm  # noqa: E402
+import test_manifests as tm  # noqa: E402
+from fake_apiserver import FakeApiServer  # noqa: E402
+
+pytestmark = pytest.mark.kernel
+
+WEB_IP, NP_PORT = "10.96.0.10", 30080
+POD_A = "10.244.1.2"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster.yaml"
+METRICS_BIND, HEALTHZ_BIND = "127.0.0.1:20249", "127.0.0.1:20256"
+# The daemon's own mount namespace: /var/lib read-only (kube-proxy's DaemonSet has no
+# /var/lib/kproxy), /run empty, then exec kube-proxy's command line.
+MOUNTS = (
+    "mount --bind /var/lib /var/lib && mount -o remount,bind,ro /var/lib /var/lib && "
+    'mount -t tmpfs kproxy-run /run && exec "$0" "$@"'
+)
+
+
+def kubeadm_dropin(tmp: Path, api_url: str) -> tuple[Path, list[str]]:
+    """kubeadm's config.conf with the test's addresses, and kubeadm's command line for it."""
+    objs = tm.load_docs(tm.KUBEADM)
+    cm = tm.find(objs, "ConfigMap", "kube-proxy")
+    ds = tm.find(objs, "DaemonSet", "kube-proxy")
+    conf = yaml.safe_load(cm["data"]["config.conf"])
+    assert conf["clusterCIDR"] == "10.244.0.0/16"
+    assert conf["clientConnection"]["kubeconfig"] == "/var/lib/kube-proxy/kubeconfig.conf"
+    conf["clientConnection"]["kubeconfig"] = str(tkm.kubeconfig_for(api_url, tmp))
+    assert conf["metricsBindAddress"] == conf["healthzBindAddress"] == ""
+    conf["metricsBindAddress"], conf["healthzBindAddress"] = METRICS_BIND, HEALTHZ_BIND
+    path = tmp / "config.conf"
+    path.write_text(yaml.safe_dump(conf))
+    command = tm.container(ds)["command"]
+    assert command == [
+        "/usr/local/bin/kube-proxy",
+        "--config=/var/lib/kube-proxy/config.conf",
+        "--hostname-override=$(NODE_NAME)",
+    ]
+    args = [a.replace("/var/lib/kube-proxy/config.conf", str(path)) for a in command[1:]]
+    return path, [a.replace("$(NODE_NAME)", "node-1") for a in args]
+
+
+def kube_proxy_binary(tmp: Path) -> Path:
+    """What the image's /usr/local/bin/kube-proxy is: kproxy's console script under the name
+    kube-proxy (the name alone makes it `kproxy run`)."""
+    path = tmp / "bin" / "kube-proxy"
+    path.parent.mkdir()
+    path.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom kproxy.cli import main\nsys.exit(main())\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
+def cluster(api: FakeApiServer) -> None:
+    api.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}})
+    api.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"namespace": "default", "name": "web"},
+            "spec": {
+                "type": "NodePort",
+                "clusterIP": WEB_IP,
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": NP_PORT}],
+            },
+        }
+    )
+    api.apply(
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "namespace": "default",
+                "name": "web-1",
+                "labels": {"kubernetes.io/service-name": "web"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": [POD_A], "conditions": {"ready": True}, "nodeName": "node-1"}
+            ],
+        }
+    )
+
+
+def test_kubeadms_command_line_and_config_conf_serve_clusterip_nodeport_metrics_health(
+    kernel_support: None, tmp_path: Path
+):
+    if netns.which("unshare") is None:
+        pytest.skip("util-linux `unshare` is not installed")
+    topo = netns.build(pods=(("a", 2), ("b", 3)), clients=1)
+    api = proc = log = None
+    try:
+        topo.start_server(topo.pods["a"], tcp=[8080])
+        api = netns.call_in(topo.node, lambda: FakeApiServer(host="127.0.0.1").start())
+        cluster(api)
+        _, args = kubeadm_dropin(tmp_path, api.url)
+        assert args == [f"--config={tmp_path / 'config.conf'}", "--hostname-override=node-1"]
+        binary = kube_proxy_binary(tmp_path)
+        # kube-proxy's nftables-mode tables, as a node that ran it in nftables mode keeps
+        # them, and a table of someone else's.
+        for family in ("ip", "ip6"):
+            netns.run(topo.node, ["nft", f"add table {family} kube-proxy"])
+            netns.run(topo.node, ["nft", f"add chain {family} kube-proxy services"])
+        netns.run(topo.node, ["nft", "add table ip someone-else"])
+        log = open(tmp_path / "kube-proxy.log", "wb")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(
+            [netns._ip(), "netns", "exec", topo.node]
+            + ["unshare", "--mount", "--propagation", "private", "sh", "-c", MOUNTS]
+            + [str(binary), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=netns.command_env(),
+        )
+
+        def logged() -> str:
+            return (tmp_path / "kube-proxy.log").read_text(errors="replace")
+
+        def wait_for(what, check, timeout=30.0):
+            deadline = time.monotonic() + timeout
+            while True:
+                value = check()
+                if value:
+                    return value
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    state = f"exited {proc.returncode}" if proc.poll() is not None else "timeout"
+                    pytest.fail(f"{state} waiting for {what}\n--- log ---\n{logged()[-3000:]}")
+                time.sleep(0.2)
+
+        # /healthz on the file's healthzBindAddress: 200 once the first full sync is done.
+        wait_for(
+            f"/healthz 200 on {HEALTHZ_BIND}",
+            lambda: (tkm.get(topo, f"http://{HEALTHZ_BIND}/healthz") or (0,))[0] == 200,
+        )
+        # After the first sync, kube-proxy's nftables tables go; no one else's.
+        wait_for(
+            "kube-proxy's nftables tables removed",
+            lambda: "kube-proxy" not in netns.run(topo.node, ["nft", "list", "tables"]).stdout,
+        )
+        assert "table ip someone-else" in netns.run(topo.node, ["nft", "list", "tables"]).stdout
+        # The ClusterIP, pod to pod; the NodePort, external client to the node's address.
+        replies = topo.tcp(topo.pods["b"].ns, WEB_IP, 80, count=3, timeout=1.0)
+        assert {r.pod for r in replies if r.ok} == {"a"}, replies
+        client = topo.clients["client"]
+        replies = netns.tcp(client.ns, netns.NODE_EXTERNAL_IP, NP_PORT, count=3, timeout=1.0)
+        assert {r.pod for r in replies if r.ok} == {"a"}, replies
+        # /metrics on the file's metricsBindAddress, and not on kube-proxy's default port.
+        status, text = tkm.get(topo, f"http://{METRICS_BIND}/metrics") or (0, "")
+        assert status == 200
+        assert re.search(r"^kubeproxy_sync_proxy_rules_last_timestamp_seconds [1-9]", text, re.M)
+        assert tkm.get(topo, "http://127.0.0.1:10249/metrics") is None
+        assert tkm.get(topo, "http://127.0.0.1:10256/healthz") is None
+        # It read the cluster through the file's kubeconfig, as node-1 (the flag), in
+        # iptables mode (the file's mode "" is upstream's default), with kube-proxy's chains.
+        assert any(r.path.startswith("/api/v1/services") for r in api.requests)
+        nodes = [r for r in api.requests if r.path.startswith("/api/v1/nodes")]
+        assert nodes and all("node-1" in r.path + str(r.query) for r in nodes), nodes
+        assert "-A KUBE-SERVICES" in topo.iptables_save("nat")
+        # No writable /var/lib/kproxy: said once, state went to /run/kproxy.
+        text = logged()
+        assert text.count("/var/lib/kproxy cannot be written") == 1, text
+        assert "state cache and snapshots go to /run/kproxy" in text
+        # kubeadm's file is all defaults: no field kproxy had to ignore, no error.
+        assert " error " not in text and "ignored" not in text, text
+        # The file changes (a ConfigMap update): kproxy exits, as kube-proxy does, for its
+        # pod to restart with it; the rules stay.
+        conf_path = tmp_path / "config.conf"
+        conf_path.write_text(conf_path.read_text() + "\n# edited\n")
+        assert proc.wait(15) == 1
+        assert "config.conf changed: exiting" in logged()
+        assert "-A KUBE-SERVICES" in topo.iptables_save("nat")
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        if log is not None:
+            log.close()
+        if api is not None:
+            api.stop()
+        topo.close()
+
+
+def test_init_only_sets_the_sysctls_and_exits_and_cleanup_removes_the_rules(
+    kernel_support: None, tmp_path: Path
+):
+    """`kube-proxy --init-only` (an init container's privileged start) sets what kube-proxy's
+    would in the node's namespace and exits; `kube-proxy --cleanup` removes the rules and
+    exits. Both with kubeadm's --config, as a DaemonSet would pass them."""
+    if netns.which("unshare") is None:
+        pytest.skip("util-linux `unshare` is not installed")
+    topo = netns.build(pods=(), clients=0)
+    try:
+        _, args = kubeadm_dropin(tmp_path, "http://127.0.0.1:1")  # no API server needed
+        binary = kube_proxy_binary(tmp_path)
+
+        def kube_proxy(*extra: str) -> subprocess.CompletedProcess[str]:
+            return netns.run(
+                topo.node,
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c", MOUNTS]
+                + [str(binary), *args, *extra],
+                check=False,
+                timeout=60,
+            )
+
+        def sysctl(key: str) -> str:
+            return netns.run(topo.node, ["cat", f"/proc/sys/{key}"]).stdout.strip()
+
+        established = "net/netfilter/nf_conntrack_tcp_timeout_established"
+        assert sysctl("net/ipv4/conf/all/route_localnet") == "0"
+        assert sysctl(established) != "86400"
+        res = kube_proxy("--init-only")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert sysctl("net/ipv4/conf/all/route_localnet") == "1"  # localhost NodePorts
+        assert sysctl(established) == "86400"  # kube-proxy's 24h
+        assert "KUBE-SERVICES" not in topo.iptables_save("nat")  # no sync: init only
+        # Rules as a sync writes them, then kube-proxy --cleanup removes them.
+        sync = netns.run(
+            topo.node,
+            [sys.executable, "-m", "kproxy", "sync", "--state", str(EXAMPLE)]
+            + ["--cluster-cidr", "10.244.0.0/16", "--lock-file", str(tmp_path / "lock")],
+            check=False,
+        )
+        assert sync.returncode == 0, sync.stderr
+        assert "-A KUBE-SERVICES" in topo.iptables_save("nat")
+        res = kube_proxy("--cleanup")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "KUBE-SERVICES" not in topo.iptables_save("nat")
+    finally:
+        topo.close()
