@@ -28,10 +28,12 @@ __all__ = ["Change", "NfEventWatcher", "Overflow", "Transaction"]
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
 RECV_SIZE = 1 << 20
-# The socket's receive buffer: a burst of other tools' changes (a firewall reload) must fit
-# while the reader catches up. kproxy's own big transactions (a full sync at thousands of
-# Services) overflow it anyway; that costs one verify (see kproxy.daemon.driftwatch).
-RCVBUF = 8 << 20
+# The socket's receive buffer (memory is charged only for what is queued): a burst of other
+# tools' changes must fit while the reader catches up. `iptables -F KUBE-SERVICES` at 10k
+# Services is 10k events, each with the deleted rule's expressions: 8 MiB overflowed, 16 MiB
+# held it (measured). kproxy's own big transactions (a full sync at thousands of Services)
+# overflow it anyway; that costs one verify (see kproxy.daemon.reconciler).
+RCVBUF = 32 << 20
 SO_RCVBUFFORCE = 33
 NFTA_IMMEDIATE_DATA = 2
 
