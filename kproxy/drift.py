@@ -71,7 +71,8 @@ def finding(want: list[str] | None, have: list[str] | None) -> str:
 
 @dataclass
 class Repair:
-    """One family's repair: what differed (object -> finding), the lines or steps sent."""
+    """One family's repair: what differed (object -> finding), and how many restore lines or
+    netlink steps it sent (for the log)."""
 
     found: dict[Object, str]
     sent: int = 0

@@ -1,11 +1,11 @@
 """nf_tables change events of this network namespace, as whole transactions with their author
-(groundwork for issue 16: drift seen as it happens, and who caused it).
+(what kproxy.daemon.driftwatch hands to the reconciler: drift seen as it happens, issue 16).
 
 Every change to the nf_tables ruleset — nftables mode's `kproxy` table and iptables-nft's
 tables alike — is multicast on the NFNLGRP_NFTABLES netlink group as it is committed: one
 message per table, chain, rule, set or element added or deleted, then NFT_MSG_NEWGEN, which
-carries the ruleset's new generation and the pid and name of the process that committed the
-transaction. A watcher subscribes in the namespace the calling thread is in and turns the
+carries the ruleset's new generation and the id and name of the task (thread) that committed
+the transaction. A watcher subscribes in the namespace the calling thread is in and turns the
 stream into `Transaction`s. It sleeps in recv while nothing changes. When the socket's buffer
 overflows (ENOBUFS), events were lost: `Overflow` says so, and the reader must fall back to
 one full verify.

@@ -477,7 +477,7 @@ class Reconciler:
             by_author.setdefault(who.get(obj, "another process"), {})[obj] = found
         for author, found in by_author.items():
             note = f"{summary(found)} by {author}; repaired in {ms:.0f} ms"
-            log.warning("%s %s rules: %s", fam.name, fam.mode, note)
+            log.warning("%s %s rules: %s (%d lines sent)", fam.name, fam.mode, note, done.sent)
             self.observer.drift_repaired(FOREIGN, _process_of(author))
             self.observer.node_event("RulesRepaired", f"{fam.name} {fam.mode} rules: {note}")
         for obj in done.found:
