@@ -33,6 +33,24 @@ def notes(resolved: dropin.Resolved, level: int | None = None) -> list[str]:
 
 
 @pytest.fixture
+def isolated():
+    """A command prefix that runs a process in a network namespace of its own, deleted after:
+    `kproxy run` is expected to exit before it touches anything, and if a bug made it start,
+    it must start there, never in this machine's namespace."""
+    import secrets
+    import shutil
+
+    ip = shutil.which("ip") or "/usr/sbin/ip"
+    name = f"kpt-{secrets.token_hex(3)}-dropin"
+    if subprocess.run([ip, "netns", "add", name], capture_output=True).returncode != 0:
+        pytest.skip("cannot create a network namespace here")
+    try:
+        yield [ip, "netns", "exec", name]
+    finally:
+        subprocess.run([ip, "netns", "delete", name], capture_output=True)
+
+
+@pytest.fixture
 def config(tmp_path):
     def write(body: str) -> str:
         path = tmp_path / "config.conf"
@@ -211,10 +229,10 @@ def test_a_config_that_cannot_be_read_is_one_line(tmp_path):
     ],
     ids=["kproxy-run", "kube-proxy"],
 )
-def test_an_unknown_field_stops_the_start_with_one_line_naming_it(config, entry):
+def test_an_unknown_field_stops_the_start_with_one_line_naming_it(config, entry, isolated):
     path = config("clusterCIDR: 10.244.0.0/16\niptables:\n  minSyncPeriodd: 1s\n")
     res = subprocess.run(
-        [*entry, f"--config={path}", "--hostname-override=node-1"],
+        [*isolated, *entry, f"--config={path}", "--hostname-override=node-1"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -333,7 +351,7 @@ def test_go_duration_text(seconds, text):
     assert dropin.go_duration_text(seconds) == text
 
 
-def test_write_config_to_writes_the_settings_in_use_and_exits(config, tmp_path):
+def test_write_config_to_writes_the_settings_in_use_and_exits(config, tmp_path, isolated):
     """Upstream writes its configuration and exits, starting nothing: so does kproxy, and
     the file it writes reads back as the same settings."""
     path = config(
@@ -343,6 +361,7 @@ def test_write_config_to_writes_the_settings_in_use_and_exits(config, tmp_path):
     out = tmp_path / "written.yaml"
     res = subprocess.run(
         [
+            *isolated,
             sys.executable,
             "-m",
             "kproxy",
@@ -399,12 +418,13 @@ def test_kube_proxys_spellings_of_v_and_booleans(argv, want):
     assert dropin.kube_proxy_argv(argv) == want
 
 
-def test_kube_proxy_spellings_reach_run_through_main(tmp_path):
+def test_kube_proxy_spellings_reach_run_through_main(tmp_path, isolated):
     """`kproxy run -v=2 --masquerade-all=true` is not refused (argparse alone would): the
     --write-config-to file shows what run took."""
     out = tmp_path / "c.yaml"
     res = subprocess.run(
         [
+            *isolated,
             sys.executable,
             "-m",
             "kproxy",
