@@ -26,10 +26,25 @@ def started(pid: int) -> None:
     _STARTED.append(pid)
 
 
-def own_task(pid: int) -> bool:
+# The netlink ports of kproxy's own nf_tables sockets, lately (see own_task).
+_PORTS: deque[int] = deque(maxlen=256)
+
+
+def own_socket(portid: int) -> None:
+    """Remember the port id of a netlink socket kproxy commits through."""
+    _PORTS.append(portid)
+
+
+def own_task(pid: int, portid: int = 0) -> bool:
     """Whether the task that committed a change is kproxy's: one of this process's threads
-    (netlink batches), or one of the tools it started lately."""
-    return pid in _STARTED or os.path.exists(f"/proc/self/task/{pid}")
+    (netlink batches), or one of the tools it started lately.
+
+    The kernel names the task by its id in the outermost pid namespace (task_pid_nr). In a pod
+    without hostPID kproxy sees other ids, so the committing socket's netlink port is compared
+    too: kproxy's own sockets', and a tool's, which binds to its own pid (as kproxy sees it)."""
+    if pid in _STARTED or os.path.exists(f"/proc/self/task/{pid}"):
+        return True
+    return portid != 0 and (portid in _PORTS or portid in _STARTED)
 
 
 def stream_to(argv: list[str], payload: str | Callable[[], Iterable[str]]) -> tuple[int, str]:

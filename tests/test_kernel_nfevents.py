@@ -149,3 +149,45 @@ def test_wake_ends_a_read_that_waits_forever(node):
         assert list(watcher.read(timeout=None)) == []
     finally:
         watcher.close()
+
+
+OWN_IN_A_PID_NAMESPACE = r"""
+import sys, threading
+from kproxy import tools
+from kproxy.daemon.nfevents import NfEventWatcher, Transaction
+from kproxy.nftables.netlink import NetlinkBackend
+from kproxy.nftables.plan import NftPlan
+from kproxy.nftables.table import NftChain
+with NfEventWatcher() as w:
+    plan = NftPlan("ip", ops=[("table", "t"), ("chain", "c", NftChain()), ("rule", "c", "drop")])
+    NetlinkBackend("ip").apply_plan(plan)
+    text = "*nat\n:KUBE-X - [0:0]\nCOMMIT\n"
+    code, err = tools.stream_to(["iptables-restore", "--noflush"], text)
+    assert code == 0, err
+    got = [t for t in w.read(timeout=2) if isinstance(t, Transaction)]
+    while len(got) < 2:
+        more = [t for t in w.read(timeout=2) if isinstance(t, Transaction)]
+        assert more, got
+        got += more
+    for t in got:
+        print(t.process, t.pid, t.portid, tools.own_task(t.pid), tools.own_task(t.pid, t.portid))
+"""
+
+
+def test_kproxys_own_commits_are_known_in_a_pid_namespace_of_its_own(node):
+    """A pod without hostPID: the kernel names the committing task by its id in the outermost
+    pid namespace, which kproxy cannot see; the committing socket's netlink port tells."""
+    proc = subprocess.run(
+        ["ip", "netns", "exec", node, "unshare", "--pid", "--fork", "--mount-proc"]
+        + [sys.executable, "-c", OWN_IN_A_PID_NAMESPACE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**netns.command_env(), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert len(rows) == 2, proc.stdout
+    for _process, _pid, _portid, by_pid, by_both in rows:
+        assert by_pid == "False", "the pid alone should not be known in a pid namespace"
+        assert by_both == "True", proc.stdout

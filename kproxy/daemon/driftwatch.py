@@ -85,7 +85,7 @@ class DriftWatch:
             self.reconciler.foreign_change(item)
             return
         self.transactions += 1
-        if tools.own_task(item.pid):  # a thread of kproxy's: its netlink batches
+        if tools.own_task(item.pid, item.portid):  # kproxy's threads, sockets, tools
             return
         if any(fam.drift_scope(item.changes) for fam in self.families):
             self.reconciler.foreign_change(item)

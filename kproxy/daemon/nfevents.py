@@ -17,6 +17,7 @@ import errno
 import os
 import select
 import socket
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -62,6 +63,9 @@ class Transaction:
     pid: int
     process: str
     changes: list[Change] = field(default_factory=list)
+    # The netlink port of the socket that committed it (the messages' nlmsg_pid): an id in the
+    # committer's own pid namespace, where `pid` is one in the outermost.
+    portid: int = 0
 
     def touches(self, family: str, table: str) -> list[Change]:
         return [c for c in self.changes if c.family == family and c.table == table]
@@ -141,7 +145,7 @@ class NfEventWatcher:
                 return
 
     def _parse(self, data: bytes) -> Iterator[Transaction]:
-        for kind, _flags, _seq, payload in m.iter_messages(data):
+        for kind, portid, payload in _messages(data):
             if kind >> 8 != m.NFNL_SUBSYS_NFTABLES:
                 continue
             msg = kind & 0xFF
@@ -152,10 +156,25 @@ class NfEventWatcher:
                     pid=m.be32(a[m.NFTA_GEN_PROC_PID]) if m.NFTA_GEN_PROC_PID in a else 0,
                     process=m.cstr(a.get(m.NFTA_GEN_PROC_NAME, b"")),
                     changes=self._pending,
+                    portid=portid,
                 )
                 self._pending = []
             elif msg in _KINDS:
                 self._pending.append(_change(msg, payload))
+
+
+_HEADER = struct.Struct("=IHHII")
+
+
+def _messages(buf: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(type, sender's port id, payload) of each message in a received buffer."""
+    off, end = 0, len(buf)
+    while off + 16 <= end:
+        n, kind, _flags, _seq, portid = _HEADER.unpack_from(buf, off)
+        if n < 16:
+            return
+        yield kind, portid, buf[off + 16 : off + n]
+        off += (n + 3) & ~3
 
 
 def _change(msg: int, payload: bytes) -> Change:

@@ -424,7 +424,11 @@ class Reconciler:
                 log.warning("nf_tables events were lost (socket buffer full): verifying all")
                 self.request_verify(EVENTS_LOST)
                 self.limiter.repaired(LOST)
-        foreign = [tx for tx in items if isinstance(tx, Transaction) and not tools.own_task(tx.pid)]
+        foreign = [
+            tx
+            for tx in items
+            if isinstance(tx, Transaction) and not tools.own_task(tx.pid, tx.portid)
+        ]
         for fam in self.families:
             scope = DriftScope()
             who: dict[Object, str] = {}

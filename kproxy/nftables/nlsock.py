@@ -17,6 +17,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from kproxy import tools
 from kproxy.nftables import nlmsg
 
 NETLINK_NETFILTER = 12
@@ -44,6 +45,7 @@ class NetlinkSocket:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
             self.sock.bind((0, 0))
+            tools.own_socket(self.sock.getsockname()[0])  # its commits are kproxy's own
             self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
             self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
             self._force(SO_RCVBUFFORCE, 8 << 20)
