@@ -191,3 +191,32 @@ def test_kproxys_own_commits_are_known_in_a_pid_namespace_of_its_own(node):
     for _process, _pid, _portid, by_pid, by_both in rows:
         assert by_pid == "False", "the pid alone should not be known in a pid namespace"
         assert by_both == "True", proc.stdout
+
+
+def test_a_10k_rule_chain_flushed_arrives_whole(node):
+    """`iptables -F KUBE-SERVICES` at 10k Services: 10k events carrying the deleted rules. The
+    watcher's buffer holds them (8 MiB did not), so the repair is of that chain, not a full
+    verify after lost events."""
+    rules = "".join(
+        f"-A KUBE-SERVICES -d 10.96.{i // 250}.{i % 250 + 1}/32 -p tcp -m comment --comment "
+        f'"bench/svc-{i}:http cluster IP" -m tcp --dport 80 -j KUBE-SVC-X\n'
+        for i in range(10_000)
+    )
+    run(
+        node,
+        ["iptables-restore"],
+        f"*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-X - [0:0]\n{rules}COMMIT\n",
+    )
+    watcher = netns.call_in(node, NfEventWatcher)
+    try:
+        pid = run(node, ["iptables", "-t", "nat", "-F", "KUBE-SERVICES"])
+        got = []
+        while not any(isinstance(t, Transaction) and t.pid == pid for t in got):
+            more = transactions(watcher)
+            assert more, got
+            got += more
+        assert not any(isinstance(t, Overflow) for t in got)
+        (tx,) = [t for t in got if isinstance(t, Transaction)]
+        assert len(tx.touches("ip", "nat")) == 10_000
+    finally:
+        watcher.close()

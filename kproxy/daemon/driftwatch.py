@@ -34,7 +34,6 @@ class DriftWatch:
         self._watcher: NfEventWatcher | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.transactions = 0  # transactions seen (kproxy's own included), for tests
 
     def start(self) -> bool:
         """Subscribe and start the thread; False (logged once) where drift is polled."""
@@ -84,7 +83,6 @@ class DriftWatch:
         if isinstance(item, Overflow):
             self.reconciler.foreign_change(item)
             return
-        self.transactions += 1
         if tools.own_task(item.pid, item.portid):  # kproxy's threads, sockets, tools
             return
         if any(fam.drift_scope(item.changes) for fam in self.families):

@@ -17,7 +17,6 @@ import errno
 import os
 import select
 import socket
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -121,21 +120,10 @@ class NfEventWatcher:
             os.read(self._wake_r, 64)
         if self.sock not in ready:
             return
-        try:
-            data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-        except (BlockingIOError, TimeoutError):
-            return
-        except OSError as err:
-            if err.errno != errno.ENOBUFS:
-                raise
-            self._pending.clear()
-            yield Overflow()
-            return
         while True:
-            yield from self._parse(data)
             try:
                 data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-            except (BlockingIOError, TimeoutError):  # nothing more queued
+            except (BlockingIOError, TimeoutError):  # nothing (more) queued
                 return
             except OSError as err:
                 if err.errno != errno.ENOBUFS:
@@ -143,9 +131,10 @@ class NfEventWatcher:
                 self._pending.clear()
                 yield Overflow()
                 return
+            yield from self._parse(data)
 
     def _parse(self, data: bytes) -> Iterator[Transaction]:
-        for kind, portid, payload in _messages(data):
+        for kind, _flags, _seq, portid, payload in m.iter_messages(data):
             if kind >> 8 != m.NFNL_SUBSYS_NFTABLES:
                 continue
             msg = kind & 0xFF
@@ -161,20 +150,6 @@ class NfEventWatcher:
                 self._pending = []
             elif msg in _KINDS:
                 self._pending.append(_change(msg, payload))
-
-
-_HEADER = struct.Struct("=IHHII")
-
-
-def _messages(buf: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(type, sender's port id, payload) of each message in a received buffer."""
-    off, end = 0, len(buf)
-    while off + 16 <= end:
-        n, kind, _flags, _seq, portid = _HEADER.unpack_from(buf, off)
-        if n < 16:
-            return
-        yield kind, portid, buf[off + 16 : off + n]
-        off += (n + 3) & ~3
 
 
 def _change(msg: int, payload: bytes) -> Change:

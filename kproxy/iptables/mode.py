@@ -89,7 +89,8 @@ class IptablesMode(Mode):
             raise
         if not self.dry_run:
             self.applied = applied_tables(desired)
-            self.record = applied_tables(desired)
+            # Its own chain dicts: record_after edits them, `applied` must stay as applied.
+            self.record = {n: Table(n, dict(t.chains)) for n, t in self.applied.items()}
             self.sentinels = list({j.table: j for j in reversed(desired.jumps)}.values())
         return _outcome(result)
 

@@ -188,15 +188,16 @@ def iter_attrs(
         off += (n + 3) & ~3
 
 
-def iter_messages(buf: bytes | memoryview) -> Iterator[tuple[int, int, int, bytes]]:
-    """(type, flags, seq, payload after nlmsghdr) of each message in a received buffer."""
+def iter_messages(buf: bytes | memoryview) -> Iterator[tuple[int, int, int, int, bytes]]:
+    """(type, flags, seq, sender's port id, payload after nlmsghdr) of each message in a
+    received buffer."""
     off, end = 0, len(buf)
     unpack = struct.Struct("=IHHII").unpack_from
     while off + 16 <= end:
-        n, kind, flags, seq, _ = unpack(buf, off)
+        n, kind, flags, seq, portid = unpack(buf, off)
         if n < 16:
             return
-        yield kind, flags, seq, bytes(buf[off + 16 : off + n])
+        yield kind, flags, seq, portid, bytes(buf[off + 16 : off + n])
         off += (n + 3) & ~3
 
 

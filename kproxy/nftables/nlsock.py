@@ -98,7 +98,7 @@ class NetlinkSocket:
                 # More answers than the receive buffer holds: some errors were lost.
                 errors.append(BatchError(0, errno.ENOBUFS, "answers lost (ENOBUFS)"))
                 continue
-            for kind, flags, seq, payload in nlmsg.iter_messages(data):
+            for kind, flags, seq, _port, payload in nlmsg.iter_messages(data):
                 if kind != nlmsg.NLMSG_ERROR:
                     continue
                 code = -struct.unpack_from("=i", payload)[0]
@@ -166,7 +166,7 @@ class NetlinkSocket:
         out: list[bytes] = []
         while True:
             data = self.sock.recv(RECV_SIZE)
-            for kind, _flags, mseq, payload in nlmsg.iter_messages(data):
+            for kind, _flags, mseq, _port, payload in nlmsg.iter_messages(data):
                 if mseq != seq:
                     continue
                 if kind == nlmsg.NLMSG_ERROR:
