@@ -106,6 +106,8 @@ class Node:
     deleting: bool = False
     # Tainted ToBeDeletedByClusterAutoscaler: /healthz fails so load balancers drain the node.
     tainted_for_deletion: bool = False
+    # spec.podCIDRs (else spec.podCIDR): this node's pods, for --detect-local-mode NodeCIDR.
+    pod_cidrs: tuple[str, ...] = ()
 
     @property
     def host_ips(self) -> tuple[str, ...]:
@@ -134,6 +136,11 @@ class NodeConfig:
     localhost_nodeports: bool = True
     # nf_conntrack_tcp_be_liberal is set: no INVALID drop rule needed (upstream PR 120412).
     conntrack_tcp_liberal: bool = False
+    # How pod traffic is told (kproxy/localdetect.py): ClusterCIDR (cluster_cidrs), NodeCIDR
+    # (the Node's pod CIDRs), BridgeInterface or InterfaceNamePrefix (these two names).
+    detect_local_mode: str = "ClusterCIDR"
+    bridge_interface: str = ""
+    interface_name_prefix: str = ""
 
     @property
     def masquerade_mark(self) -> str:
@@ -243,6 +250,13 @@ class _Checker:
         if version is not None and addr.version != version:
             raise self.fail(path, f"{text!r} is not an IPv{version} address")
         return str(addr)
+
+    def cidr(self, value: Any, path: str) -> str:
+        text = self.string(value, path)
+        cidr = parse_cidr_sloppy(text)
+        if cidr is None:
+            raise self.fail(path, f"{text!r} is not a valid CIDR")
+        return cidr
 
     def boolean(self, value: Any, path: str, default: bool) -> bool:
         if value is None:
@@ -502,6 +516,9 @@ def node_from_k8s(obj: Mapping[str, Any]) -> Node:
     addresses = by_type["InternalIP"] + by_type["ExternalIP"]
     spec = c.mapping(obj.get("spec"), "spec")
     taints = c.sequence(spec.get("taints"), "spec.taints")
+    pod_cidrs = c.sequence(spec.get("podCIDRs"), "spec.podCIDRs") or (
+        [spec["podCIDR"]] if spec.get("podCIDR") else []
+    )
     return Node(
         name=c.name,
         labels=labels,
@@ -511,6 +528,7 @@ def node_from_k8s(obj: Mapping[str, Any]) -> Node:
             isinstance(t, Mapping) and t.get("key") == "ToBeDeletedByClusterAutoscaler"
             for t in taints
         ),
+        pod_cidrs=tuple(c.cidr(cidr, f"spec.podCIDRs[{i}]") for i, cidr in enumerate(pod_cidrs)),
     )
 
 

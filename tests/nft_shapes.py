@@ -3,7 +3,8 @@ UDP and SCTP ports; two endpoints and one; session affinity; a NodePort with
 externalTrafficPolicy Local and endpoints on two nodes; load balancers with source ranges
 (byte-aligned and not, one range, several, single addresses, adjacent IPv6 ranges) and
 externalIPs; internalTrafficPolicy Local; a Service without endpoints. With the configs below
-it also has a cluster CIDR on a byte boundary and off one, and the nodeport-ips set."""
+it also has a cluster CIDR on a byte boundary and off one, the nodeport-ips set, and pod
+traffic told by a bridge's name and by an interface name prefix."""
 
 from kproxy.model import NodeConfig
 
@@ -20,6 +21,19 @@ CONFIGS = {
         cluster_cidrs=("10.0.0.0/8", "fd00:1::/64"),
         node_ips=("192.168.0.2", "2001:db8::1"),
         nodeport_ips=("192.168.0.2", "2001:db8::1"),
+    ),
+    # Pod traffic told by interface (--detect-local-mode): a whole name, and a prefix.
+    "bridge": NodeConfig(
+        node_name="test-node",
+        node_ips=("192.168.0.2", "2001:db8::1"),
+        detect_local_mode="BridgeInterface",
+        bridge_interface="cbr0",
+    ),
+    "prefix": NodeConfig(
+        node_name="test-node",
+        node_ips=("192.168.0.2", "2001:db8::1"),
+        detect_local_mode="InterfaceNamePrefix",
+        interface_name_prefix="veth",
     ),
 }
 

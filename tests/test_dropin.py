@@ -107,7 +107,6 @@ def test_every_kube_proxy_flag_is_accepted_and_one_without_meaning_is_one_line()
             "metrics-port": "10249",
             "conntrack-max-per-core": "0",
             "conntrack-min": "0",
-            "detect-local-mode": "ClusterCIDR",
         }.get(name, "1s" if "timeout" in name or "period" in name else "x")
         argv.append(f"--{name}={value}" if takes_value else f"--{name}")
     args, res = run_args(*argv)
@@ -357,6 +356,7 @@ def test_write_config_to_writes_the_settings_in_use_and_exits(config, tmp_path, 
     path = config(
         "mode: nftables\nclusterCIDR: 10.244.0.0/16\nnftables: {syncPeriod: 1m, "
         "minSyncPeriod: 500ms, masqueradeBit: 3}\nmetricsBindAddress: 127.0.0.1:20249\n"
+        "detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: cali}\n"
     )
     out = tmp_path / "written.yaml"
     res = subprocess.run(
@@ -384,6 +384,53 @@ def test_write_config_to_writes_the_settings_in_use_and_exits(config, tmp_path, 
     assert (back.sync_period, back.min_sync_period, back.masquerade_bit) == (60.0, 0.5, 3)
     assert back.metrics_bind_address == "127.0.0.1:20249"
     assert back.hostname_override == "node-1"
+    assert (back.detect_local_mode, back.interface_name_prefix) == ("InterfaceNamePrefix", "cali")
+
+
+def test_detect_local_mode_flags_reach_the_node_config():
+    from kproxy.cli.commands import node_config
+    from kproxy.model import ClusterState
+
+    args, res = run_args(
+        "--detect-local-mode=InterfaceNamePrefix", "--pod-interface-name-prefix=veth"
+    )
+    cfg = node_config(args, ClusterState(), apply=False)
+    assert (cfg.detect_local_mode, cfg.interface_name_prefix) == ("InterfaceNamePrefix", "veth")
+    assert res.notes == []
+    args, _ = run_args("--detect-local-mode", "BridgeInterface", "--pod-bridge-interface", "cbr0")
+    cfg = node_config(args, ClusterState(), apply=False)
+    assert (cfg.detect_local_mode, cfg.bridge_interface) == ("BridgeInterface", "cbr0")
+
+
+def test_with_config_the_files_detect_local_mode_wins(config):
+    path = config("detectLocalMode: BridgeInterface\ndetectLocal: {bridgeInterface: cbr0}\n")
+    args, res = run_args(f"--config={path}", "--detect-local-mode=NodeCIDR")
+    assert (args.detect_local_mode, args.bridge_interface) == ("BridgeInterface", "cbr0")
+    assert "--detect-local-mode ignored: --config is given, its value is used" in notes(
+        res, logging.WARNING
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (["--detect-local-mode", "BridgeInterface"], "needs --pod-bridge-interface"),
+        (["--detect-local-mode", "InterfaceNamePrefix"], "needs --pod-interface-name-prefix"),
+        (["--pod-interface-name-prefix", "a*"], "is not an interface name"),
+    ],
+)
+def test_a_detect_local_mode_without_its_interface_is_one_line(flags, line, tmp_path, isolated):
+    state = tmp_path / "state.yaml"
+    state.write_text("kind: List\nitems: []\n")
+    res = subprocess.run(
+        [*isolated, sys.executable, "-m", "kproxy", "sync", "--state", str(state), *flags],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert res.returncode == 2 and line in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
 def test_init_only_and_write_config_to_are_taken():

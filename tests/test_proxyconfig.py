@@ -280,17 +280,43 @@ def test_bind_addresses_as_upstream_defaults_them():
     )
 
 
-def test_detect_local_modes_kproxy_does_not_do_are_said_once():
+def test_detect_local_modes_are_read_with_their_interface():
     got = conf(
         "clusterCIDR: 10.244.0.0/16\ndetectLocalMode: BridgeInterface\n"
-        "detectLocal: {bridgeInterface: cbr0}\n"
+        "detectLocal: {bridgeInterface: cbr0, interfaceNamePrefix: veth}\n"
     )
-    assert got.detect_local_mode == "BridgeInterface"
+    assert (got.detect_local_mode, got.bridge_interface, got.interface_name_prefix) == (
+        "BridgeInterface",
+        "cbr0",
+        "veth",
+    )
     assert got.cluster_cidrs == ("10.244.0.0/16",)
-    assert [n.split(":")[0] for n in got.notes] == [
-        "detectLocalMode BridgeInterface",
-        "detectLocal",
-    ]
+    assert got.notes == ()
+    got = conf("detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: cali}\n")
+    assert (got.detect_local_mode, got.interface_name_prefix) == ("InterfaceNamePrefix", "cali")
+    assert conf("detectLocalMode: NodeCIDR\n").detect_local_mode == "NodeCIDR"
+
+
+@pytest.mark.parametrize(
+    ("text", "field_path"),
+    [
+        ("detectLocalMode: BridgeInterface\n", "detectLocal.bridgeInterface"),
+        ("detectLocalMode: InterfaceNamePrefix\n", "detectLocal.interfaceNamePrefix"),
+        (
+            "detectLocalMode: BridgeInterface\ndetectLocal: {bridgeInterface: 'a b'}\n",
+            "detectLocal.bridgeInterface",
+        ),
+        (
+            "detectLocalMode: InterfaceNamePrefix\n"
+            "detectLocal: {interfaceNamePrefix: waytoolonginterfacename}\n",
+            "detectLocal.interfaceNamePrefix",
+        ),
+        ("detectLocalMode: Bridge\n", "detectLocalMode"),
+    ],
+)
+def test_a_detect_local_mode_without_its_interface_is_refused(text, field_path):
+    with pytest.raises(ConfigError, match=f'field "{field_path}"'):
+        conf(text)
 
 
 def test_json_is_yaml_too():

@@ -255,6 +255,9 @@ def node_config(
         nodeport_ips=nodeport_ips,
         localhost_nodeports=args.localhost_nodeports,
         conntrack_tcp_liberal=nodeinfo.conntrack_tcp_liberal(),
+        detect_local_mode=args.detect_local_mode,
+        bridge_interface=args.bridge_interface,
+        interface_name_prefix=args.interface_name_prefix,
     )
 
 

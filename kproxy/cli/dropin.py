@@ -52,11 +52,13 @@ FILE_COVERED = {
     "min_sync_period": ("--iptables-min-sync-period",),
     "metrics_bind_address": ("--metrics-bind-address",),
     "healthz_bind_address": ("--healthz-bind-address",),
+    "detect_local_mode": ("--detect-local-mode",),
+    "bridge_interface": ("--pod-bridge-interface",),
+    "interface_name_prefix": ("--pod-interface-name-prefix",),
 }
 # kube-proxy flags that set a configuration field too (the rest of KUBE_PROXY_FLAGS).
 _KP_COVERED = {
     "bind-address",
-    "detect-local-mode",
     "feature-gates",
     "oom-score-adj",
     "kube-api-qps",
@@ -67,8 +69,6 @@ _KP_COVERED = {
     "show-hidden-metrics-for-version",
     "config-sync-period",
     "proxy-port-range",
-    "pod-bridge-interface",
-    "pod-interface-name-prefix",
     "healthz-port",
     "metrics-port",
 } | {n for n in KUBE_PROXY_FLAGS if n.startswith(("ipvs-", "conntrack-"))}
@@ -237,6 +237,9 @@ def _apply_file(
     args.min_sync_period = conf.min_sync_period
     args.metrics_bind_address = conf.metrics_bind_address
     args.healthz_bind_address = conf.healthz_bind_address
+    args.detect_local_mode = conf.detect_local_mode
+    args.bridge_interface = conf.bridge_interface
+    args.interface_name_prefix = conf.interface_name_prefix
     if conf.node_ip and not args.node_ip:
         args.node_ip = [conf.node_ip]
     if not ({"--hostname-override", "--node-name"} & on_line) and conf.hostname_override:
@@ -246,7 +249,7 @@ def _apply_file(
     if not ({"--log-format", "--logging-format"} & on_line):
         args.log_format = conf.log_format
     out.conntrack_sysctls = dict(conf.conntrack_sysctls)
-    warn = {"mode ipvs", "detectLocalMode", "detectLocal:"}
+    warn = {"mode ipvs"}
     for note in conf.notes:
         level = logging.WARNING if note.startswith(tuple(warn)) else logging.INFO
         out.notes.append((level, note))
@@ -282,14 +285,6 @@ def _apply_flags(args: argparse.Namespace, kp: dict, out: Resolved, ncpu: int) -
             )
             continue
         setattr(args, dest, _with_port(getattr(args, dest), port))
-    mode = kp["detect-local-mode"]
-    if mode not in (None, "", "ClusterCIDR"):
-        out.notes.append(
-            (
-                logging.WARNING,
-                f"--detect-local-mode {mode}: kproxy tells pod traffic by --cluster-cidr only",
-            )
-        )
     # The conntrack flags: the sysctls kube-proxy would set, from its defaults and these.
     fields = {}
     for name, key in _CONNTRACK_FLAGS.items():
@@ -422,6 +417,11 @@ def config_text(args: argparse.Namespace) -> str:
         "kind": proxyconfig.KIND,
         "mode": args.mode,
         "clusterCIDR": ",".join(args.cluster_cidr),
+        "detectLocalMode": args.detect_local_mode,
+        "detectLocal": {
+            "bridgeInterface": args.bridge_interface,
+            "interfaceNamePrefix": args.interface_name_prefix,
+        },
         "hostnameOverride": args.node_name,
         "bindAddress": args.node_ip[0] if args.node_ip else "0.0.0.0",
         "healthzBindAddress": args.healthz_bind_address,

@@ -8,6 +8,7 @@ import ipaddress
 import socket
 
 from kproxy import __version__
+from kproxy.localdetect import INTERFACE_NAME, MODES
 from kproxy.recovery.lockfile import DEFAULT_LOCK_FILE, DEFAULT_LOCK_WAIT
 from kproxy.recovery.restore import DEFAULT_SNAPSHOT_DIR
 from kproxy.sources.cache import DEFAULT_STATE_CACHE
@@ -128,6 +129,30 @@ def _add_proxy_flags(p: argparse.ArgumentParser, g: _Groups | None = None) -> No
         metavar="CIDR[,CIDR]",
         help="pod CIDRs, one per IP family (repeat or comma-separate); traffic to a ClusterIP "
         "from outside them is masqueraded (default: none)",
+    )
+    g("proxy").add_argument(
+        "--detect-local-mode",
+        choices=MODES,
+        default="ClusterCIDR",
+        help="how traffic from this node's pods is told (not masqueraded to ClusterIPs; to an "
+        "externalTrafficPolicy Local address, sent to every endpoint): by --cluster-cidr, by "
+        "the Node's spec.podCIDRs, by --pod-bridge-interface or --pod-interface-name-prefix "
+        "(default ClusterCIDR)",
+    )
+    g("proxy").add_argument(
+        "--pod-bridge-interface",
+        dest="bridge_interface",
+        default="",
+        metavar="NAME",
+        help="--detect-local-mode BridgeInterface: the pods' bridge (default: none)",
+    )
+    g("proxy").add_argument(
+        "--pod-interface-name-prefix",
+        dest="interface_name_prefix",
+        default="",
+        metavar="PREFIX",
+        help="--detect-local-mode InterfaceNamePrefix: the start of the pods' interface names "
+        "(default: none)",
     )
     g("proxy").add_argument(
         "--masquerade-all",
@@ -405,7 +430,6 @@ KUBE_PROXY_FLAGS: dict[str, tuple[bool, str]] = {
     "conntrack-tcp-be-liberal": (False, ""),
     "conntrack-udp-timeout": (True, ""),
     "conntrack-udp-timeout-stream": (True, ""),
-    "detect-local-mode": (True, ""),
     "feature-gates": (True, "no feature gate changes what kproxy does"),
     "oom-score-adj": (True, "set it in the pod: kproxy does not change its own OOM score"),
     "kube-api-qps": (True, "kproxy's client does one list and one watch per resource"),
@@ -418,8 +442,6 @@ KUBE_PROXY_FLAGS: dict[str, tuple[bool, str]] = {
     "write-config-to": (True, ""),
     "config-sync-period": (True, "kproxy's watches never resync by period"),
     "proxy-port-range": (True, "the userspace proxy is gone"),
-    "pod-bridge-interface": (True, "kproxy tells pod traffic by --cluster-cidr only"),
-    "pod-interface-name-prefix": (True, "kproxy tells pod traffic by --cluster-cidr only"),
     "ipvs-sync-period": (True, "ipvs runs as nftables mode: --iptables-sync-period is used"),
     "ipvs-min-sync-period": (True, "ipvs runs as nftables mode: --iptables-min-sync-period is"),
     "ipvs-scheduler": (True, "ipvs runs as nftables mode (random choice, as upstream's)"),
@@ -487,8 +509,22 @@ _KUBE_PROXY_HELP = {
     "write-config-to": "write the configuration in use as a KubeProxyConfiguration, then exit",
     "healthz-port": "the port of --healthz-bind-address",
     "metrics-port": "the port of --metrics-bind-address",
-    "detect-local-mode": "only ClusterCIDR (--cluster-cidr) is done: another is logged",
 }
+
+
+def detect_local_error(args: argparse.Namespace) -> str | None:
+    """What is missing for --detect-local-mode, as upstream's validation says it."""
+    mode = getattr(args, "detect_local_mode", "ClusterCIDR")
+    for wanted, flag, dest in (
+        ("BridgeInterface", "--pod-bridge-interface", "bridge_interface"),
+        ("InterfaceNamePrefix", "--pod-interface-name-prefix", "interface_name_prefix"),
+    ):
+        value = getattr(args, dest, "")
+        if mode == wanted and not value:
+            return f"--detect-local-mode {mode} needs {flag}"
+        if value and not INTERFACE_NAME.fullmatch(value):
+            return f"{flag}: {value!r} is not an interface name (at most 15 characters)"
+    return None
 
 
 def _add_backend_flags(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ import time
 import traceback
 
 from kproxy.cli import commands
-from kproxy.cli.flags import build_parser
+from kproxy.cli.flags import build_parser, detect_local_error
 
 
 class _Formatter(logging.Formatter):
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config_error = commands.resolve_run(args, argv) if args.command == "run" else None
+    config_error = config_error or detect_local_error(args)
     _setup_logging(
         getattr(args, "verbose", False),
         getattr(args, "log_format", "text") if args.command == "run" else "oneshot",

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from kproxy.localdetect import INTERFACE_NAME, MODES
+
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
 
@@ -157,6 +159,8 @@ class ProxyConfig:
     mode: str = "iptables"  # kproxy's mode: iptables or nftables
     cluster_cidrs: tuple[str, ...] = ()
     detect_local_mode: str = "ClusterCIDR"
+    bridge_interface: str = ""
+    interface_name_prefix: str = ""
     kubeconfig: str | None = None
     qps: float = 5.0
     burst: int = 10
@@ -310,15 +314,25 @@ def _interpret(doc: dict, source: str, ncpu: int) -> ProxyConfig:
             except ValueError:
                 raise bad("clusterCIDR", f"has {part.strip()!r}, not a CIDR") from None
     detect = _get(doc, "detectLocalMode") or "ClusterCIDR"
-    if detect not in ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix"):
-        raise bad("detectLocalMode", f"is {detect!r}, not a local traffic detector")
-    if detect != "ClusterCIDR":
+    if detect not in MODES:
+        raise bad("detectLocalMode", f"is {detect!r}, not one of {', '.join(MODES)}")
+    # As upstream's validation: the mode's own field must be there (and name an interface).
+    local_names = {}
+    for field_name, wanted in (
+        ("bridgeInterface", "BridgeInterface"),
+        ("interfaceNamePrefix", "InterfaceNamePrefix"),
+    ):
+        value = _get(doc, f"detectLocal.{field_name}") or ""
+        if detect == wanted and not value:
+            raise bad(f"detectLocal.{field_name}", f"must be set for detectLocalMode {detect}")
+        if value and not INTERFACE_NAME.fullmatch(value):
+            raise bad(f"detectLocal.{field_name}", f"is {value!r}, not an interface name")
+        local_names[field_name] = value
+    if detect == "NodeCIDR":
         notes.append(
-            f"detectLocalMode {detect}: kproxy tells pod traffic by clusterCIDR only "
-            + (f"({', '.join(cidrs)})" if cidrs else "(none given: no traffic is masqueraded)")
+            "detectLocalMode NodeCIDR: pod traffic is told by this Node's spec.podCIDRs once "
+            "the Node is read"
         )
-        if _set(doc, "detectLocal"):
-            notes.append("detectLocal: not used (kproxy tells pod traffic by clusterCIDR only)")
 
     bind = _get(doc, "bindAddress") or "0.0.0.0"
     try:
@@ -380,6 +394,8 @@ def _interpret(doc: dict, source: str, ncpu: int) -> ProxyConfig:
         mode=mode,
         cluster_cidrs=tuple(cidrs),
         detect_local_mode=detect,
+        bridge_interface=local_names["bridgeInterface"],
+        interface_name_prefix=local_names["interfaceNamePrefix"],
         kubeconfig=_get(doc, "clientConnection.kubeconfig") or None,
         qps=float(_get(doc, "clientConnection.qps") or 5.0),
         burst=int(_get(doc, "clientConnection.burst") or 10),

@@ -16,8 +16,9 @@ from functools import lru_cache, partial
 
 from kproxy.endpoints import ResolvedEndpoint
 from kproxy.iptables.rules import Fragments, Jump, RuleSet
+from kproxy.localdetect import LocalMatch, local_match
 from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig, Service
-from kproxy.policy import family_cidrs, family_ips, port_policy
+from kproxy.policy import family_ips, port_policy
 from kproxy.ports import (
     Delta,
     PortJob,
@@ -239,7 +240,7 @@ def render(
         out.jumps.append(Jump("filter", "INPUT", "-j KUBE-FIREWALL"))
         out.jumps.append(Jump("filter", "OUTPUT", "-j KUBE-FIREWALL"))
 
-    _local_cidr(config, family, result.warnings)  # warns about several CIDRs of the family
+    local_match(config, state.node, family.version, result.warnings)  # several CIDRs: warns
     ctx = _context(state, config, family)
     index = service_ports(state, family.version, cache, result.warnings)
     ctx.large = index.total > LARGE_CLUSTER_ENDPOINTS
@@ -309,7 +310,7 @@ def _context(state: ClusterState, config: NodeConfig, family: Family) -> _Contex
     return _Context(
         family=family,
         config=config,
-        local_cidr=_local_cidr(config, family, []),
+        local=local_match(config, state.node, family.version),
         zone=(state.node.labels.get(ZONE_LABEL, "") if state.node else ""),
         node_ips=tuple(family_ips(config.node_ips, family.version)),
     )
@@ -363,23 +364,10 @@ class _Context:
 
     family: Family
     config: NodeConfig
-    local_cidr: str | None
+    local: LocalMatch | None  # how pod traffic is told (None: it is not)
     zone: str
     node_ips: tuple[str, ...]
     large: bool = False
-
-
-def _local_cidr(config: NodeConfig, family: Family, warnings: list[str]) -> str | None:
-    cidrs = [
-        str(ipaddress.ip_network(c, strict=False))
-        for c in family_cidrs(config.cluster_cidrs, family.version)
-    ]
-    if len(cidrs) > 1:
-        warnings.append(
-            f"--cluster-cidr: several IPv{family.version} CIDRs given; only {cidrs[0]} is used "
-            "to tell pod traffic apart, as kube-proxy does"
-        )
-    return cidrs[0] if cidrs else None
 
 
 def _render_service_port(ctx: _Context, job: PortJob) -> _Fragment:
@@ -490,13 +478,14 @@ def _render_service_port(ctx: _Context, job: PortJob) -> _Fragment:
         )
 
     if has_internal:
-        masq = (
-            f"{dst(cluster_ip)} -m comment --comment {cluster_ip_comment} {dport} -j KUBE-MARK-MASQ"
-        )
+        masq = f"-m comment --comment {cluster_ip_comment} {dport} -j KUBE-MARK-MASQ"
         if ctx.config.masquerade_all:
-            out.chain("nat", internal_chain).append(masq)
-        elif ctx.local_cidr:
-            out.chain("nat", internal_chain).append(f"! -s {ctx.local_cidr} {masq}")
+            out.chain("nat", internal_chain).append(f"{dst(cluster_ip)} {masq}")
+        elif ctx.local:
+            # In iptables-save's order: -s, -d, -i, -p.
+            src, iface = ctx.local.iptables(negate=True)
+            parts = (src, f"-d {fam.host(cluster_ip)}", iface, f"-p {proto}", masq)
+            out.chain("nat", internal_chain).append(" ".join(p for p in parts if p))
 
     if pol.uses_ext_chain:
         rules = out.chain("nat", ext_chain)
@@ -507,11 +496,12 @@ def _render_service_port(ctx: _Context, job: PortJob) -> _Fragment:
                 "-j KUBE-MARK-MASQ"
             )
         else:
-            if ctx.local_cidr:
+            if ctx.local:
                 # Pod traffic to an external destination is treated as if it had gone out to
                 # the load balancer and come back: no traffic policy applies.
+                src, iface = ctx.local.iptables()
                 rules.append(
-                    f"-s {ctx.local_cidr} -m comment --comment "
+                    f"{src or iface} -m comment --comment "
                     f"{quote(f'pod traffic for {spn} external destinations')} -j {cluster_chain}"
                 )
             rules.append(

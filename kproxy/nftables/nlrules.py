@@ -35,7 +35,8 @@ PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 # Registers, as nft allocates them (NFT_REG_1 = 1, NFT_REG32_01 = 9, ...).
 REG_VERDICT, REG_1, REG_2 = 0, 1, 2
 
-NFT_META_MARK, NFT_META_L4PROTO = 3, 16
+NFT_META_MARK, NFT_META_IIFNAME, NFT_META_L4PROTO = 3, 6, 16
+IFNAMSIZ = 16
 NFT_PAYLOAD_NETWORK, NFT_PAYLOAD_TRANSPORT = 1, 2
 NFT_CMP_EQ, NFT_CMP_NEQ = 0, 1
 NFT_LOOKUP_F_INV = 1
@@ -191,7 +192,7 @@ _PAD = (b"", b"\0", b"\0\0", b"\0\0\0")
 KEYWORDS = frozenset(
     """ip ip6 saddr daddr meta l4proto th dport vmap . != == & | ^ fib type local ct state new
     jump goto return drop accept reject masquerade fully-random numgen random mod update { }
-    dnat to tcp udp sctp mark set""".split()
+    dnat to tcp udp sctp mark set iifname""".split()
 )
 
 # A template piece: constant bytes, or (encoder, value index[, value index]).
@@ -405,6 +406,11 @@ class RuleEncoder:
                 )
                 pieces.append((_port_cmp, take()))
                 i += 3
+            elif t == "iifname":  # iifname [!=] "cni0" / "veth*" (--detect-local-mode)
+                op = NFT_CMP_NEQ if peek(i + 1) == "!=" else NFT_CMP_EQ
+                i += 2 if op == NFT_CMP_NEQ else 1
+                pieces.append((_iifname_match(op), take()))
+                i += 1
             elif t == "fib" and tokens[i + 2 : i + 4] == ["type", "local"]:
                 flag = NFTA_FIB_F_SADDR if tokens[i + 1] == "saddr" else NFTA_FIB_F_DADDR
                 pieces.append(
@@ -549,6 +555,22 @@ def _numgen_vmap(modulus: str, name: str) -> bytes:
 
 def _dynset_update(name: str) -> bytes:
     return _DYNSET.fill(name[1:])
+
+
+def _iifname_match(op: int) -> Callable[[str], bytes]:
+    """As nft writes it: a name compares all IFNAMSIZ bytes (NUL-padded); a wildcard `x*`
+    compares only the bytes of its prefix."""
+
+    def encode(v: str) -> bytes:
+        name = v.strip('"')
+        raw = name.removesuffix("*").encode()
+        if not raw or len(raw) >= IFNAMSIZ:
+            raise Unsupported(f"interface name {v}")
+        if not name.endswith("*"):
+            raw = raw.ljust(IFNAMSIZ, b"\0")
+        return meta_load(NFT_META_IIFNAME, REG_1) + cmp(op, raw)
+
+    return encode
 
 
 def _addr_match(fam: _Family, offset: int, op: int) -> Callable[[str], bytes]:

@@ -17,9 +17,10 @@ import ipaddress
 from dataclasses import dataclass, field
 from functools import partial
 
+from kproxy.localdetect import LocalMatch, local_match
 from kproxy.model import ZONE_LABEL, ClusterState, NodeConfig
 from kproxy.nftables.table import NftChain, NftSet, NftTable
-from kproxy.policy import family_cidrs, family_ips, port_policy
+from kproxy.policy import family_ips, port_policy
 from kproxy.ports import (
     Delta,
     PortJob,
@@ -107,7 +108,7 @@ class NftRenderResult(RenderedPorts):
 class _Context:
     fam: NftFamily
     config: NodeConfig
-    local_cidr: str | None
+    local: LocalMatch | None  # how pod traffic is told (None: it is not)
     zone: str
     node_ips: tuple[str, ...]
 
@@ -125,6 +126,7 @@ def render_nft(
     addr = fam.addr
     mark = f"0x{1 << config.masquerade_bit:08x}"
     ctx = _context(state, config, fam)
+    local_match(config, state.node, fam.version, result.warnings)  # several CIDRs: warns
 
     def vmap(name: str, key_type: str, comment: str) -> None:
         table.sets[name] = NftSet("map", f"{key_type} : verdict", comment=comment)
@@ -255,11 +257,10 @@ def _merge(table: NftTable, fragment: _Fragment, warnings: list[str], job: PortJ
 
 
 def _context(state: ClusterState, config: NodeConfig, fam: NftFamily) -> _Context:
-    cidrs = family_cidrs(config.cluster_cidrs, fam.version)
     return _Context(
         fam=fam,
         config=config,
-        local_cidr=str(ipaddress.ip_network(cidrs[0], strict=False)) if cidrs else None,
+        local=local_match(config, state.node, fam.version),
         zone=state.node.labels.get(ZONE_LABEL, "") if state.node else "",
         node_ips=tuple(family_ips(config.node_ips, fam.version)),
     )
@@ -380,9 +381,9 @@ def _render_port(ctx: _Context, job: PortJob) -> _Fragment:
     if pol.has_internal:
         if ctx.config.masquerade_all:
             internal_rules.append(f"{masq_match} jump mark-for-masquerade")
-        elif ctx.local_cidr:
+        elif ctx.local:
             internal_rules.append(
-                f"{masq_match} {ip} saddr != {ctx.local_cidr} jump mark-for-masquerade"
+                f"{masq_match} {ctx.local.nft(ip, negate=True)} jump mark-for-masquerade"
             )
 
     if pol.uses_ext_chain:
@@ -390,8 +391,8 @@ def _render_port(ctx: _Context, job: PortJob) -> _Fragment:
         if not pol.ext_local:
             rules.append("jump mark-for-masquerade")
         else:
-            if ctx.local_cidr:
-                rules.append(f"{ip} saddr {ctx.local_cidr} goto {service_chain}")
+            if ctx.local:
+                rules.append(f"{ctx.local.nft(ip)} goto {service_chain}")
             rules.append("fib saddr type local jump mark-for-masquerade")
             rules.append(f"fib saddr type local goto {service_chain}")
         if pol.has_external:
