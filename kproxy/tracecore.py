@@ -19,6 +19,14 @@ class Packet:
     mark: int = 0
     dnat: str | None = None  # "ip:port" after DNAT
     masquerade: bool = False
+    iif: str = ""  # the interface it came in on ("" for the node's own traffic)
+
+
+def interface_matches(pattern: str, iif: str, wildcard: str) -> bool:
+    """iptables' `-i veth+` / nft's `iifname "veth*"`: a trailing wildcard matches a prefix."""
+    if pattern.endswith(wildcard):
+        return iif.startswith(pattern[: -len(wildcard)])
+    return iif == pattern
 
 
 @dataclass

@@ -701,6 +701,55 @@ def test_masquerade_cluster_cidr_and_masquerade_all(one_node, write_state):
     assert_peers(topo, peers, {"a": NODE1_POD_GW}, what)
 
 
+DL_CLUSTER_IP, DL_ETP_CLUSTER_IP, DL_EXT_IP = "10.96.1.85", "10.96.1.86", "203.0.113.86"
+
+
+@pytest.mark.parametrize("detect", ["NodeCIDR", "BridgeInterface", "InterfaceNamePrefix"])
+def test_detect_local_mode_tells_pod_traffic_without_a_cluster_cidr(two_nodes, write_state, detect):
+    """No --cluster-cidr: pod traffic is told by the Node's podCIDRs, by the interface pod c
+    comes in on (the topology routes each pod over its own veth, vpX: one stands for a bridge,
+    since `-i` matches any interface by name), or by the pods' interface name prefix. Without
+    a detector, the node's own traffic would not be masqueraded and pod c's traffic to the
+    ETP Local externalIP, whose only endpoint is remote, would be dropped."""
+    topo = two_nodes
+    a, r, c = topo.pods["a"], topo.pods["r"], topo.pods["c"]
+    flags = {
+        "NodeCIDR": [],
+        "BridgeInterface": ["--pod-bridge-interface", c.host_if],
+        "InterfaceNamePrefix": ["--pod-interface-name-prefix", "vp"],
+    }[detect]
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": netns.NODE_NAME},
+        "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]},
+    }
+    etp = service(
+        "dl-etp",
+        DL_ETP_CLUSTER_IP,
+        [http()],
+        externalTrafficPolicy="Local",
+        externalIPs=[DL_EXT_IP],
+    )
+    objects = [
+        node,
+        service("dl", DL_CLUSTER_IP, [http()]),
+        endpoint_slice("dl", [endpoint(a)], [HTTP]),
+        etp,
+        endpoint_slice("dl-etp", [endpoint(r)], [HTTP]),
+    ]
+    kproxy_sync(topo, write_state, objects, "--detect-local-mode", detect, *flags, cidrs=())
+
+    what = f"TCP {DL_CLUSTER_IP}:80 from pod c, --detect-local-mode {detect}"
+    peers = answered_by(topo, ("tcp", c.ns, DL_CLUSTER_IP, 80, 3), {"a"}, what)
+    assert_peers(topo, peers, {"a": c.ip}, what + ": pod traffic is not masqueraded")
+    what = f"TCP {DL_CLUSTER_IP}:80 from node-1, --detect-local-mode {detect}"
+    peers = answered_by(topo, ("tcp", topo.node, DL_CLUSTER_IP, 80, 3), {"a"}, what)
+    assert_peers(topo, peers, {"a": NODE1_POD_GW}, what + ": non-pod traffic is masqueraded")
+    what = f"TCP {DL_EXT_IP}:80 (ETP Local, only remote endpoint r) from pod c, {detect}"
+    answered_by(topo, ("tcp", c.ns, DL_EXT_IP, 80, 3), {"r"}, what)
+
+
 NP_CLUSTER_IP, NP_PORT = "10.96.1.90", 30090
 
 

@@ -138,6 +138,7 @@ OBJECTS = [
     {
         "kind": "Node",
         "metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": "z1"}},
+        "spec": {"podCIDRs": ["10.244.1.0/24"]},
         "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]},
     },
 ]
@@ -164,7 +165,7 @@ def tracer_for(state, config, family_version):
     return Tracer(tables, local)
 
 
-def trace(src, dst, port=80, origin=None, masquerade_all=False, proto="tcp"):
+def trace(src, dst, port=80, origin=None, masquerade_all=False, proto="tcp", iif="", **detect):
     state, warnings = build_state(OBJECTS, node_name="node-1")
     assert warnings == []
     config = NodeConfig(
@@ -172,6 +173,7 @@ def trace(src, dst, port=80, origin=None, masquerade_all=False, proto="tcp"):
         cluster_cidrs=("10.244.0.0/16", "fd00:10:244::/48"),
         node_ips=(NODE_IP, "fd00:192:168:100::1"),
         masquerade_all=masquerade_all,
+        **detect,
     )
     if origin is None:
         origin = (
@@ -179,7 +181,7 @@ def trace(src, dst, port=80, origin=None, masquerade_all=False, proto="tcp"):
             if src in (NODE_IP, "fd00:192:168:100::1")
             else ("pod" if src.startswith(("10.244.", "fd00:10:244")) else "external")
         )
-    packet = Packet(ipaddress.ip_address(src), ipaddress.ip_address(dst), proto, port)
+    packet = Packet(ipaddress.ip_address(src), ipaddress.ip_address(dst), proto, port, iif=iif)
     return tracer_for(state, config, 6 if ":" in dst else 4).trace(packet, origin)
 
 
@@ -242,6 +244,36 @@ def test_no_endpoints_is_rejected_for_cluster_ip_and_nodeport():
     for src in (POD, NODE_IP):
         assert only(trace(src, "10.96.0.17")).verdict == "REJECT", src
     assert only(trace(CLIENT, NODE_IP, 30087)).verdict == "REJECT"
+
+
+@pytest.mark.parametrize(
+    ("detect", "pod_iif"),
+    [
+        ({"detect_local_mode": "BridgeInterface", "bridge_interface": "cbr0"}, "cbr0"),
+        ({"detect_local_mode": "InterfaceNamePrefix", "interface_name_prefix": "veth"}, "veth7"),
+    ],
+)
+def test_pod_traffic_told_by_its_interface(detect, pod_iif):
+    # The same source address in the cluster CIDR: only the interface tells a pod's traffic.
+    out = trace(POD, "10.96.0.10", iif=pod_iif, **detect)
+    assert dnats(out) == pytest.approx({A: 0.5, R: 0.5}) and masq(out) == {False}
+    assert masq(trace(POD, "10.96.0.10", origin="pod", iif="eth1", **detect)) == {True}
+    assert masq(trace(NODE_IP, "10.96.0.10", **detect)) == {True}
+    # ETP Local: a pod's traffic to the external IP goes to every endpoint; an outsider's
+    # only to the local one.
+    assert dnats(trace(POD, "198.51.100.11", iif=pod_iif, **detect)) == pytest.approx(
+        {A: 0.5, R: 0.5}
+    )
+    assert dnats(trace(POD, "198.51.100.11", origin="pod", iif="eth1", **detect)) == {A: 1.0}
+
+
+def test_pod_traffic_told_by_the_nodes_pod_cidr():
+    detect = {"detect_local_mode": "NodeCIDR"}
+    assert masq(trace(POD, "10.96.0.10", **detect)) == {False}
+    # A pod of another node (in the cluster CIDR, not in this node's podCIDRs) is masqueraded
+    # under NodeCIDR and not under ClusterCIDR.
+    assert masq(trace("10.244.2.9", "10.96.0.10", origin="pod", **detect)) == {True}
+    assert masq(trace("10.244.2.9", "10.96.0.10", origin="pod")) == {False}
 
 
 # --- externalTrafficPolicy: Local ---

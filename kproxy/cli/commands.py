@@ -415,13 +415,23 @@ def run_trace(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     origin = args.origin
     if origin == "auto":
+        pod_cidrs = config.cluster_cidrs
+        if config.detect_local_mode == "NodeCIDR" and state.node:
+            pod_cidrs = state.node.pod_cidrs
         in_cluster = any(
             src in ipaddress.ip_network(c)
-            for c in config.cluster_cidrs
+            for c in pod_cidrs
             if ipaddress.ip_network(c).version == src.version
         )
         origin = "node" if src in local or src.is_loopback else "pod" if in_cluster else "external"
-    packet = Packet(src, dst, args.proto, args.dport)
+    iif = args.iif
+    if iif is None:
+        iif = ""
+        if origin == "pod" and config.detect_local_mode == "BridgeInterface":
+            iif = config.bridge_interface
+        elif origin == "pod" and config.detect_local_mode == "InterfaceNamePrefix":
+            iif = config.interface_name_prefix + "0"
+    packet = Packet(src, dst, args.proto, args.dport, iif=iif)
     outcomes = tracer.trace(packet, origin)
     print(format_outcomes(packet, origin, outcomes))
     return EXIT_OK

@@ -265,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
         "addresses, a pod when it is in --cluster-cidr, else external)",
     )
     p_trace.add_argument(
+        "--in-interface",
+        dest="iif",
+        metavar="NAME",
+        help="the interface the connection comes in on (default: for a pod, the one "
+        "--detect-local-mode names: --pod-bridge-interface, or --pod-interface-name-prefix "
+        "followed by 0; otherwise none)",
+    )
+    p_trace.add_argument(
         "--local-ip",
         action="append",
         default=[],

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from kproxy.iptables.rules import BUILTIN_CHAINS, Table
-from kproxy.tracecore import Address, Branch, Outcome, Packet, merge, outcome
+from kproxy.tracecore import Address, Branch, Outcome, Packet, interface_matches, merge, outcome
 
 TERMINAL = ("ACCEPT", "DROP", "REJECT")
 
@@ -81,7 +81,12 @@ def parse_rule(text: str) -> Rule:
             negate = False
             i += 2
             continue
-        if tok in ("-i", "-o", "--in-interface", "--out-interface", "-f"):
+        if tok in ("-i", "--in-interface"):
+            matches.append(Match(negate, "", "i", tokens[i + 1]))
+            negate = False
+            i += 2
+            continue
+        if tok in ("-o", "--out-interface", "-f"):
             unsupported = unsupported or tok
             i += 1 if tok == "-f" else 2
             continue
@@ -213,6 +218,8 @@ class Tracer:
                 ok = addr.version == net.version and addr in net
             elif m.module == "" and m.option == "p":
                 ok = p.proto == m.value
+            elif m.module == "" and m.option == "i":
+                ok = interface_matches(m.value, p.iif, "+")
             elif m.option == "--dport":
                 ok = m.module == p.proto and int(m.value) == p.dport
             elif m.option == "--dst-type":

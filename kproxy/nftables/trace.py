@@ -15,7 +15,7 @@ import ipaddress
 import re
 
 from kproxy.nftables.table import NftTable
-from kproxy.tracecore import Branch, Outcome, Packet, merge, outcome
+from kproxy.tracecore import Branch, Outcome, Packet, interface_matches, merge, outcome
 
 _NUMGEN = re.compile(r"^numgen random mod (\d+) vmap (?:\{ (.*) \}|@(\S+))$")
 _VMAP = re.compile(
@@ -246,6 +246,12 @@ class NftTracer:
                 if p.proto != t or p.dport != int(tokens[i + 2]):
                     return False
                 i += 3
+            elif t == "iifname":
+                negate = tokens[i + 1] == "!="
+                j = i + 2 if negate else i + 1
+                if interface_matches(tokens[j].strip('"'), p.iif, "*") == negate:
+                    return False
+                i = j + 1
             else:
                 b.notes.append(f"match {' '.join(tokens[i:])!r} not understood")
                 return False
