@@ -65,6 +65,12 @@ def local_match(
         return LocalMatch(interface=prefix, prefix=True) if prefix else None
     if mode == "NodeCIDR":
         cidrs, source = (node.pod_cidrs if node else ()), "the Node's spec.podCIDRs"
+        if node is not None and not cidrs and warnings is not None:
+            # Upstream waits for them at start; kproxy applies them when the Node gets them.
+            warnings.append(
+                f"--detect-local-mode NodeCIDR: Node {node.name} has no spec.podCIDRs yet; "
+                "until it has, no traffic is told as a pod's"
+            )
     else:
         cidrs, source = config.cluster_cidrs, "--cluster-cidr"
     mine = [str(ipaddress.ip_network(c, strict=False)) for c in family_cidrs(cidrs, version)]

@@ -739,6 +739,16 @@ def test_detect_local_mode_tells_pod_traffic_without_a_cluster_cidr(two_nodes, w
         endpoint_slice("dl-etp", [endpoint(r)], [HTTP]),
     ]
     kproxy_sync(topo, write_state, objects, "--detect-local-mode", detect, *flags, cidrs=())
+    # The rules read back as written (iptables-save's order of -s, -d, -i, -p; nft's iifname).
+    diff = netns.run(
+        topo.node,
+        [sys.executable, "-m", "kproxy", "diff", "--state", str(write_state(objects))]
+        + ["--mode", topo.proxy_mode, "--node-name", netns.NODE_NAME]
+        + ["--detect-local-mode", detect, *flags],
+        check=False,
+        timeout=120,
+    )
+    assert diff.returncode == 0, diff.stdout + diff.stderr
 
     what = f"TCP {DL_CLUSTER_IP}:80 from pod c, --detect-local-mode {detect}"
     peers = answered_by(topo, ("tcp", c.ns, DL_CLUSTER_IP, 80, 3), {"a"}, what)

@@ -378,3 +378,29 @@ def test_slice_port_without_a_number_is_skipped_not_the_slice():
     assert len(warnings) == 1, warnings
     assert "EndpointSlice default/web-x: ports[0].port:" in warnings[0]
     assert "\n" not in warnings[0]
+
+
+def test_local_detection_as_upstream_picks_it():
+    from kproxy.localdetect import LocalMatch, local_match
+    from kproxy.model import Node, NodeConfig
+
+    node = Node("n", pod_cidrs=("10.244.1.0/24", "fd00:1::/64"))
+    cfg = NodeConfig(cluster_cidrs=("10.244.0.0/16", "10.245.0.0/16"))
+    warnings: list[str] = []
+    assert local_match(cfg, node, 4, warnings) == LocalMatch(cidr="10.244.0.0/16")
+    assert "only 10.244.0.0/16 is used" in warnings[0]
+    assert local_match(cfg, node, 6) is None
+    by_node = NodeConfig(cluster_cidrs=("10.244.0.0/16",), detect_local_mode="NodeCIDR")
+    assert local_match(by_node, node, 4) == LocalMatch(cidr="10.244.1.0/24")
+    assert local_match(by_node, node, 6) == LocalMatch(cidr="fd00:1::/64")
+    assert local_match(by_node, None, 4) is None
+    warnings = []
+    assert local_match(by_node, Node("n"), 4, warnings) is None
+    assert "Node n has no spec.podCIDRs yet" in warnings[0]
+    bridge = NodeConfig(detect_local_mode="BridgeInterface", bridge_interface="cbr0")
+    assert local_match(bridge, None, 4).iptables(negate=True) == ("", "! -i cbr0")
+    assert local_match(bridge, None, 6).nft("ip6") == 'iifname "cbr0"'
+    prefix = NodeConfig(detect_local_mode="InterfaceNamePrefix", interface_name_prefix="veth")
+    assert local_match(prefix, None, 4).iptables() == ("", "-i veth+")
+    assert local_match(prefix, None, 4).nft("ip", negate=True) == 'iifname != "veth*"'
+    assert LocalMatch(cidr="10.0.0.0/8").iptables(negate=True) == ("! -s 10.0.0.0/8", "")
