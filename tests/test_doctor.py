@@ -87,3 +87,21 @@ def test_doctor_flags():
     )
     assert args.output == "json" and args.check == ["forwarding", "last_sync"]
     assert len(CHECK_NAMES) == 12 and len(set(CHECK_NAMES)) == 12
+
+
+def test_the_images_kube_proxy_link_is_recognised(tmp_path):
+    """The image links /usr/local/bin/kube-proxy to kproxy's script: the listener's process is
+    then `python /usr/local/bin/kube-proxy ...` (comm kube-proxy), and must not be taken for
+    another proxy (it once was: `kproxy doctor` failed every drop-in node)."""
+    from kproxy.doctor.processes import Listener, runs_kproxy
+
+    script = tmp_path / "kproxy"
+    script.write_text("#!/usr/bin/python3\n")
+    (tmp_path / "kube-proxy").symlink_to("kproxy")
+    (tmp_path / "real-kube-proxy").write_text("")
+    cmdline = f"/usr/bin/python3 {tmp_path}/kube-proxy --config=/var/lib/kube-proxy/config.conf"
+    assert runs_kproxy(cmdline)
+    assert Listener(10256, 7, "kube-proxy", cmdline).is_kproxy
+    other = f"{tmp_path}/real-kube-proxy --config=/var/lib/kube-proxy/config.conf"
+    assert not runs_kproxy(other)
+    assert not Listener(10256, 8, "kube-proxy", other).is_kproxy

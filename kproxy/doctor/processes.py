@@ -24,11 +24,21 @@ class Listener:
 
     @property
     def is_kproxy(self) -> bool:
-        return "kproxy" in self.cmdline or self.comm == "kproxy"
+        return "kproxy" in self.cmdline or self.comm == "kproxy" or runs_kproxy(self.cmdline)
 
     def __str__(self) -> str:
         who = f"{self.comm} (pid {self.pid})" if self.pid else "a process of another pid namespace"
         return f"{who} on port {self.port}"
+
+
+def runs_kproxy(cmdline: str) -> bool:
+    """kproxy under another name: the image's /usr/local/bin/kube-proxy is a link to kproxy's
+    script (the image swap), which its interpreter runs as `python /usr/local/bin/kube-proxy
+    ...`, so neither the process's name nor its command line says kproxy; the link does."""
+    for arg in cmdline.split()[:2]:
+        if arg.startswith("/") and os.path.basename(os.path.realpath(arg)) == "kproxy":
+            return True
+    return False
 
 
 def listening_inodes(ports: set[int]) -> dict[int, int]:
