@@ -103,7 +103,7 @@ SCHEMA: dict[str, Any] = {
 # Fields read and accepted but with nothing for kproxy to do: logged once each when set.
 NO_EFFECT = {
     # kproxy's client (the Python `kubernetes` client) speaks JSON only: it has no protobuf
-    # decoder. Said only when the file asks for something else (see _JSON).
+    # decoder. Said only when the file asks for something other than JSON.
     "clientConnection.acceptContentTypes": "kproxy's client speaks JSON only",
     "clientConnection.contentType": "kproxy's client speaks JSON only",
     "bindAddressHardFail": "kproxy always exits 2 when it cannot listen",
