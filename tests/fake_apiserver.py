@@ -5,7 +5,8 @@ Only the standard library: `ThreadingHTTPServer` serves Services, EndpointSlices
 etcd keeps it, `limit`/`continue` paging, and watches: chunked JSON lines, replay from a bounded
 history, BOOKMARK events, and 410 "Expired" for a resourceVersion older than the history.
 Failures are injected with `set_fail()`, `set_kind_fail()` (one kind only: 403, 500, or a list
-held until released) and `cut_watches()`; `requests` logs every request.
+held until released) and `cut_watches()`; `requests` logs every request, with the time it
+arrived (for client-side rate limits).
 
 Events can be created (POST, core v1 and events.k8s.io/v1 alike) and read back with `events()`;
 they are not listed or watched. MicroTime fields are checked as strictly as the real server
@@ -77,6 +78,7 @@ class RequestRecord:
     path: str
     query: dict[str, str]
     code: int  # 0: the connection was dropped without an answer
+    at: float = 0.0  # time.monotonic() when the request arrived (its line was read)
 
 
 @dataclass(frozen=True)
@@ -494,6 +496,7 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _parse(self) -> tuple[str, dict[str, str]]:
+        self._arrived = time.monotonic()  # every request's handler starts here
         split = urlsplit(self.path)
         path = split.path.rstrip("/") or "/"
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
@@ -735,7 +738,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _log(self, path: str, query: dict[str, str], code: int) -> None:
-        self.api.requests.append(RequestRecord(self.command, path, query, code))
+        at = getattr(self, "_arrived", None) or time.monotonic()
+        self.api.requests.append(RequestRecord(self.command, path, query, code, at))
 
 
 def _strip(obj: dict[str, Any]) -> dict[str, Any]:

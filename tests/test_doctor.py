@@ -9,6 +9,7 @@ import base64
 import json
 from pathlib import Path
 
+import pytest
 from test_manifests import github_anchors
 
 from kproxy.cli.flags import build_parser
@@ -105,3 +106,38 @@ def test_the_images_kube_proxy_link_is_recognised(tmp_path):
     other = f"{tmp_path}/real-kube-proxy --config=/var/lib/kube-proxy/config.conf"
     assert not runs_kproxy(other)
     assert not Listener(10256, 8, "kube-proxy", other).is_kproxy
+
+
+def test_a_daemon_without_health_or_metrics_server(tmp_path):
+    """`--healthz-bind-address ""`/`--metrics-bind-address ""` (the daemon runs without that
+    server): last_sync has no /healthz to ask and says so; other_proxy looks for another proxy
+    on kube-proxy's own ports, and in the daemon does not take its own canary for one."""
+    from kproxy.doctor import processes
+    from kproxy.doctor.context import Context
+    from kproxy.doctor.lastsync import last_sync
+    from kproxy.doctor.result import OK, SKIPPED
+
+    args = build_parser().parse_args(
+        ["doctor", "--healthz-bind-address", "", "--metrics-bind-address="]
+    )
+    assert (args.healthz_bind_address, args.metrics_bind_address) == ("", "")
+    ctx = Context(healthz_bind="", metrics_bind="", state_cache=str(tmp_path / "none.json"))
+    result = last_sync(ctx)
+    assert result.status == SKIPPED
+    assert result.saw.startswith("no /healthz to ask (--healthz-bind-address is empty)")
+    assert processes._ports(ctx) == {10256, 10249}
+    assert processes._ports(Context(healthz_bind="", metrics_bind="127.0.0.1:0")) == {10256, 0}
+
+    seen = {}
+
+    def no_listeners(ports):
+        seen["ports"] = ports
+        return []
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(processes, "listeners", no_listeners)
+        mp.setattr(processes, "_canary_present", lambda ctx: True)
+        inside = processes.other_proxy(Context(healthz_bind="", metrics_bind="", own_pid=1))
+        assert inside.status == OK and seen["ports"] == {10256, 10249}
+        # From the command line, a canary chain with nothing listening is still worth a warn.
+        assert processes.other_proxy(Context(healthz_bind="", metrics_bind="")).status != OK

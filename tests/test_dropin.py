@@ -107,6 +107,8 @@ def test_every_kube_proxy_flag_is_accepted_and_one_without_meaning_is_one_line()
             "metrics-port": "10249",
             "conntrack-max-per-core": "0",
             "conntrack-min": "0",
+            "kube-api-qps": "20",
+            "kube-api-burst": "30",
         }.get(name, "1s" if "timeout" in name or "period" in name else "x")
         argv.append(f"--{name}={value}" if takes_value else f"--{name}")
     args, res = run_args(*argv)
@@ -440,12 +442,111 @@ def test_init_only_and_write_config_to_are_taken():
     assert res.write_config_to == "/tmp/x.yaml" and res.notes == []
 
 
-def test_a_zero_port_is_a_warning_not_a_refusal():
+def test_a_zero_port_or_an_empty_address_turns_that_server_off():
+    # kube-proxy's deprecated --healthz-port/--metrics-port: 0 is off (addressFromDeprecatedFlags).
     args, res = run_args("--healthz-port=0")
-    assert args.healthz_bind_address == "0.0.0.0:10256"
-    assert notes(res, logging.WARNING) == [
-        "--healthz-port=0: kproxy cannot turn the server off, it serves on 0.0.0.0:10256"
-    ]
+    assert args.healthz_bind_address == "" and args.metrics_bind_address == "127.0.0.1:10249"
+    assert res.notes == []
+    args, res = run_args("--metrics-port=0", "--healthz-port=10300")
+    assert (args.healthz_bind_address, args.metrics_bind_address) == ("0.0.0.0:10300", "")
+    # --*-bind-address "" ("Set empty to disable"), with a space or =, as a shell passes it.
+    args, _ = run_args("--healthz-bind-address", "", "--metrics-bind-address=")
+    assert (args.healthz_bind_address, args.metrics_bind_address) == ("", "")
+    # kproxy's own bind addresses with port 0 stay an ephemeral port, not off.
+    args, _ = run_args("--healthz-bind-address=127.0.0.1:0", "--metrics-bind-address=127.0.0.1:0")
+    assert (args.healthz_bind_address, args.metrics_bind_address) == ("127.0.0.1:0",) * 2
+    # `kproxy doctor` takes the daemon's "" too.
+    doctor = build_parser().parse_args(["doctor", "--healthz-bind-address", ""])
+    assert doctor.healthz_bind_address == ""
+
+
+def test_a_file_cannot_turn_the_servers_off(config):
+    # Upstream's defaulting fills an empty address: the file cannot turn them off.
+    path = config('healthzBindAddress: ""\nmetricsBindAddress: ""\n')
+    args, _ = run_args(f"--config={path}", "--healthz-port=0")
+    assert (args.healthz_bind_address, args.metrics_bind_address) == (
+        "0.0.0.0:10256",
+        "127.0.0.1:10249",
+    )
+
+
+def test_api_rate_limit_none_by_default_the_files_or_the_flags():
+    args, _ = run_args()
+    assert (args.api_qps, args.api_burst) == (0.0, 10)  # kproxy's own default: no limit
+    args, res = run_args("--kube-api-qps=20", "--kube-api-burst=40")
+    assert (args.api_qps, args.api_burst) == (20.0, 40) and res.notes == []
+    args, _ = run_args("--kube-api-qps=2.5")
+    assert (args.api_qps, args.api_burst) == (2.5, 10)  # upstream's flag default for burst
+    args, _ = run_args("--kube-api-burst=3")
+    assert (args.api_qps, args.api_burst) == (5.0, 3)
+    args, _ = run_args("--kube-api-qps=0", "--kube-api-burst=0")
+    assert (args.api_qps, args.api_burst) == (5.0, 10)  # client-go's: zero is its default
+    args, _ = run_args("--kube-api-qps=-1")
+    assert args.api_qps == -1.0  # client-go: no limiter
+    for argv, named in (
+        (["--kube-api-qps=fast"], "--kube-api-qps"),
+        (["--kube-api-burst=1.5"], "--kube-api-burst"),
+        (["--kube-api-burst=-1"], "--kube-api-burst"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{named}: "):
+            run_args(*argv)
+
+
+def test_with_config_the_files_rate_limit_wins(config):
+    args, res = run_args(f"--config={config('')}", "--kube-api-qps=100")
+    assert (args.api_qps, args.api_burst) == (5.0, 10)  # upstream's defaults for the file
+    assert "--kube-api-qps ignored: --config is given, its value is used" in notes(res)
+    path = config("clientConnection: {qps: 3, burst: 4, kubeconfig: /k}\n")
+    args, res = run_args(f"--config={path}")
+    assert (args.api_qps, args.api_burst) == (3.0, 4)
+    assert not [n for n in notes(res) if "qps" in n or "burst" in n]
+
+
+def test_the_rate_limit_reaches_the_daemons_source(config, monkeypatch):
+    """What resolve() took reaches DaemonOptions and the KubeSource's token bucket."""
+    from kproxy.cli import commands
+    from kproxy.daemon import daemon as daemon_mod
+    from kproxy.sources.kube import SourceUnavailable
+
+    seen = {}
+
+    class FakeDaemon:
+        def __init__(self, opts):
+            seen["opts"] = opts
+            raise SourceUnavailable("stop here")
+
+    monkeypatch.setattr(daemon_mod, "Daemon", FakeDaemon)
+    monkeypatch.setattr(commands, "node_config", lambda *a, **k: None)
+    monkeypatch.setattr(dropin, "prepare", lambda *a, **k: None)
+    path = config("clientConnection: {qps: 3, burst: 4}\n")
+    argv = ["run", f"--config={path}", "--lock-file="]
+    args = build_parser().parse_args(argv)
+    args.dropin = dropin.resolve(args, argv)
+    assert commands.run_daemon(args) == commands.EXIT_ERROR
+    assert (seen["opts"].api_qps, seen["opts"].api_burst) == (3.0, 4)
+
+    # ...and the Daemon built from them hands them to its source, whose every client (and the
+    # node checks' API request) waits on that one bucket.
+    import dataclasses
+
+    from kproxy.model import NodeConfig
+
+    monkeypatch.undo()
+    opts = dataclasses.replace(
+        seen["opts"],
+        config=NodeConfig(node_name="n"),
+        servers=["http://127.0.0.1:1"],
+        mode="nftables",  # no iptables detection: nothing runs at construction
+    )
+    daemon = daemon_mod.Daemon(opts)
+    try:
+        limiter = daemon.source.limiter
+        assert (limiter.qps, limiter.burst) == (3.0, 4)
+        assert all(c.limiter is limiter for _, c in daemon.source._clients)
+        assert daemon.node_checks.ctx.api_limiter is limiter
+    finally:
+        daemon.events.stop()
+        daemon.source.stop()
 
 
 @pytest.mark.parametrize(

@@ -418,6 +418,56 @@ def test_metrics_and_health_endpoints(env):
     assert netns.http_get(topo.node, f"{HEALTH}/livez")[0] == 200
 
 
+def listening_ports(topo) -> set[int]:
+    """The TCP ports something listens on in the node namespace."""
+    out = netns.run(topo.node, ["ss", "-Hltn"]).stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
+def test_health_and_metrics_servers_turned_off_as_kube_proxy_allows(env):
+    """`--healthz-port 0` and `--metrics-bind-address ""` (kube-proxy: "Set empty to
+    disable"): no listener on either port, the rules programmed as ever, the Services' health
+    check node ports still served; and --kube-api-qps/--kube-api-burst said once at start."""
+    topo, api, daemon = env
+    api.apply(service("web", WEB_IP))
+    api.apply(slice_("web-1", "web", POD_A))
+    lb = service(
+        "lb",
+        "10.96.0.20",
+        type="LoadBalancer",
+        externalTrafficPolicy="Local",
+        healthCheckNodePort=32100,
+    )
+    lb["spec"]["ports"][0]["nodePort"] = 30100
+    api.apply(lb)
+    api.apply(slice_("lb-1", "lb", POD_A))
+    daemon.start(
+        "--healthz-port=0",
+        "--metrics-bind-address=",
+        "--kube-api-qps=50",
+        "--kube-api-burst=60",
+    )
+    wait_for(
+        "pod a reached through the ClusterIP", lambda: pods_reached(topo) == {"a"}, daemon=daemon
+    )
+    wait_for(
+        "service health check",
+        lambda: status_of(topo, "http://127.0.0.1:32100/") == 200,
+        daemon=daemon,
+    )
+    assert daemon.proc.poll() is None, daemon.log()[-3000:]
+    ports = listening_ports(topo)
+    assert 32100 in ports  # ss sees the daemon's sockets...
+    assert not ports & {10256, 10249}, ports  # ...and none on the health or metrics port
+    assert status_of(topo, f"{HEALTH}/healthz") is None
+    log = daemon.log()
+    assert "health server off" in log and "metrics server off" in log
+    assert log.count("client-side rate limit 50 requests/s, bursts of 60") == 1
+    # A change still lands.
+    api.apply(slice_("web-1", "web", POD_B))
+    wait_for("only b", lambda: pods_reached(topo, count=10) == {"b"}, daemon=daemon)
+
+
 def test_nothing_written_before_the_first_complete_list(env, tmp_path):
     topo, api, daemon = env
     # Rules already on the node (an earlier kproxy or kube-proxy).

@@ -497,3 +497,42 @@ def test_api_client_is_the_current_servers(
     assert src.api_client().configuration.host == first
     src._server_failed(0, "test")  # what a failed request does: fail over
     assert src.api_client().configuration.host == second == src.current_server
+
+
+def test_rate_limit_spaces_every_request_beyond_the_burst(
+    server: FakeApiServer, make_source: Callable[..., tuple[KubeSource, Recorder]]
+) -> None:
+    """qps 4, burst 2 (kube-proxy's clientConnection.qps/burst): list pages, watch starts and
+    an Event post all wait on one token bucket, so beyond the first two, requests reach the
+    server no faster than 4 a second. Arrival times give lower bounds only (a noisy machine
+    only delays a request), and only cumulative ones: one request's latency may close the gap
+    to the next."""
+    from kproxy.daemon.nodeevents import NodeEventPoster
+
+    qps, burst = 4.0, 2
+    for i in range(5):
+        server.apply(service(f"s{i}"))
+    server.apply(endpoint_slice("s0-abc", "s0"))
+    # No node: Services (5 pages of 1) and EndpointSlices (1 page) listed, then 2 watches;
+    # and an Event posted through the source's client meanwhile.
+    src, rec = make_source([server.url], node_name="", page_size=1, qps=qps, burst=burst)
+    events = NodeEventPoster("n1", src.api_client)
+    try:
+        events.post("RulesRepaired", "a test note")
+        src.start()
+        wait_for(lambda: server.watch_count() == 2 and events.posted == 1, timeout=10)
+    finally:
+        events.stop()
+    api = [r for r in server.requests if r.path.startswith(("/api/", "/apis/"))]
+    lists = [r for r in api if r.method == "GET" and r.query.get("watch") != "true"]
+    watches = [r for r in api if r.query.get("watch") == "true"]
+    posts = [r for r in api if r.method == "POST"]
+    assert (len(lists), len(watches), len(posts)) == (6, 2, 1), api
+    times = sorted(r.at for r in api)
+    # Unlimited, all 9 arrive within a few ms. Limited: the i-th request (from 0) needs i + 1
+    # tokens, `burst` of which were there at the start, the others coming 1/qps apart; had any
+    # of the 9 not waited, the last would come 1/qps early.
+    tolerance = 0.1
+    for i in range(burst, len(times)):
+        assert times[i] - times[0] >= (i + 1 - burst) / qps - tolerance, (i, times)
+    assert {kind for kind, _ in rec.resyncs} == {"Service", "EndpointSlice"}

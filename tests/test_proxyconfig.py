@@ -138,14 +138,32 @@ logging: {format: json, verbosity: 4}
     assert got.feature_gates == {"SomeGate": True}
     assert got.show_hidden_metrics_for_version == "1.30"
     # Read, and said to do nothing: one note each, naming the field.
-    for path in (
-        "clientConnection.qps",
-        "clientConnection.burst",
-        "clientConnection.contentType",
-        "featureGates",
-        "showHiddenMetricsForVersion",
-    ):
+    for path in ("featureGates", "showHiddenMetricsForVersion"):
         assert sum(n.startswith(path + ":") for n in got.notes) == 1, (path, got.notes)
+    # Applied (the client-side rate limit), or what kproxy does anyway (JSON): no note.
+    assert not [n for n in got.notes if n.startswith("clientConnection")], got.notes
+
+
+def test_client_rate_limit_takes_upstreams_defaults_and_a_negative_burst_stops():
+    assert (conf().qps, conf().burst) == (5.0, 10)
+    zeros = conf("clientConnection: {qps: 0, burst: 0}\n")
+    assert (zeros.qps, zeros.burst) == (5.0, 10)  # upstream's defaulting: zero is unset
+    got = conf("clientConnection: {qps: 2.5, burst: 3}\n")
+    assert (got.qps, got.burst) == (2.5, 3)
+    assert conf("clientConnection: {qps: -1}\n").qps == -1.0  # client-go: no limit
+    assert error("clientConnection: {burst: -1}\n") == (
+        '--config /etc/kp.yaml: field "clientConnection.burst" is -1, not 0 or more'
+    )
+
+
+def test_asking_for_protobuf_is_one_info_note_json_none():
+    got = conf("clientConnection: {contentType: application/vnd.kubernetes.protobuf}\n")
+    assert got.notes == (
+        "clientConnection.contentType application/vnd.kubernetes.protobuf: not used, "
+        "kproxy's client speaks JSON only",
+    )
+    assert conf("clientConnection: {contentType: application/json}\n").notes == ()
+    assert conf('clientConnection: {contentType: ""}\n').notes == ()  # kubeadm's: silent
 
 
 def test_conntrack_zero_leaves_the_sysctls_alone():

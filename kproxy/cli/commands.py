@@ -210,6 +210,8 @@ def run_daemon(args: argparse.Namespace) -> int:
         canary_interval=args.canary_interval,
         metrics_bind=args.metrics_bind_address,
         healthz_bind=args.healthz_bind_address,
+        api_qps=args.api_qps,
+        api_burst=args.api_burst,
         conntrack=args.conntrack_cleanup,
         snapshot_dir=args.snapshot_dir or None,
         snapshot_keep=args.snapshot_keep,

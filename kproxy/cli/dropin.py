@@ -17,7 +17,14 @@ command line is what upstream keeps outside that configuration or copies over it
   - and kproxy's own flags, which have no field in the file (--state-cache, --snapshot-dir,
     --lock-file, --node-ip, --iptables-backend, --api-wait, ...).
 --healthz-port and --metrics-port count only without --config, as upstream's
-`addressFromDeprecatedFlags`. kproxy logs each flag --config made it ignore (upstream is silent).
+`addressFromDeprecatedFlags` (0 turns that server off, as an empty --*-bind-address does).
+kproxy logs each flag --config made it ignore (upstream is silent).
+
+The client-side rate limit on API requests (`args.api_qps`, `args.api_burst`): with --config,
+the file's clientConnection.qps/burst (upstream's 5 and 10 when left out); without it,
+--kube-api-qps/--kube-api-burst when either is given (client-go's 5 and 10 for the other);
+with neither, none: kproxy's own default (its few requests are one list and one watch per
+resource, and Event posts).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from kproxy.cli import proxyconfig
 from kproxy.cli.flags import KUBE_PROXY_FLAGS, kube_proxy_dest
 from kproxy.recovery.restore import DEFAULT_SNAPSHOT_DIR
 from kproxy.sources.cache import DEFAULT_STATE_CACHE
+from kproxy.sources.ratelimit import client_go_limits
 
 log = logging.getLogger("kproxy")
 
@@ -240,6 +248,7 @@ def _apply_file(
     args.detect_local_mode = conf.detect_local_mode
     args.bridge_interface = conf.bridge_interface
     args.interface_name_prefix = conf.interface_name_prefix
+    args.api_qps, args.api_burst = client_go_limits(conf.qps, conf.burst)
     if conf.node_ip and not args.node_ip:
         args.node_ip = [conf.node_ip]
     if not ({"--hostname-override", "--node-name"} & on_line) and conf.hostname_override:
@@ -275,16 +284,9 @@ def _apply_flags(args: argparse.Namespace, kp: dict, out: Resolved, ncpu: int) -
             continue
         if not port.isdigit() or not 0 <= int(port) < 65536:
             raise proxyconfig.ConfigError(f"--{name}: {port!r} is not a port (0-65535)")
-        if int(port) == 0:  # upstream: the server is off; kproxy always serves both
-            out.notes.append(
-                (
-                    logging.WARNING,
-                    f"--{name}=0: kproxy cannot turn the server off, it serves "
-                    f"on {getattr(args, dest)}",
-                )
-            )
-            continue
-        setattr(args, dest, _with_port(getattr(args, dest), port))
+        # upstream's addressFromDeprecatedFlags: 0 turns the server off (an empty address).
+        setattr(args, dest, "" if int(port) == 0 else _with_port(getattr(args, dest), port))
+    _apply_api_limits(args, kp)
     # The conntrack flags: the sysctls kube-proxy would set, from its defaults and these.
     fields = {}
     for name, key in _CONNTRACK_FLAGS.items():
@@ -305,6 +307,25 @@ def _apply_flags(args: argparse.Namespace, kp: dict, out: Resolved, ncpu: int) -
             fields[key] = value
     if fields:
         out.conntrack_sysctls = proxyconfig.conntrack_sysctls({"conntrack": fields}, ncpu)
+
+
+def _apply_api_limits(args: argparse.Namespace, kp: dict) -> None:
+    """--kube-api-qps/--kube-api-burst without --config: either one given sets the limit, the
+    other taking upstream's flag default (5, 10); 0 is client-go's default, a negative qps no
+    limit; a negative burst is refused, as upstream's validation does."""
+    qps_text, burst_text = kp["kube-api-qps"], kp["kube-api-burst"]
+    if qps_text is None and burst_text is None:
+        return  # kproxy's own default: no limit
+    try:
+        qps = float(qps_text) if qps_text is not None else 5.0
+    except ValueError:
+        raise proxyconfig.ConfigError(f"--kube-api-qps: {qps_text!r} is not a number") from None
+    if burst_text is not None and not burst_text.lstrip("-").isdigit():
+        raise proxyconfig.ConfigError(f"--kube-api-burst: {burst_text!r} is not an integer")
+    burst = int(burst_text) if burst_text is not None else 10
+    if burst < 0:
+        raise proxyconfig.ConfigError(f"--kube-api-burst: {burst} is not 0 or more")
+    args.api_qps, args.api_burst = client_go_limits(qps, burst)
 
 
 # -- at the daemon's start
@@ -427,7 +448,13 @@ def config_text(args: argparse.Namespace) -> str:
         "healthzBindAddress": args.healthz_bind_address,
         "metricsBindAddress": args.metrics_bind_address,
         "nodePortAddresses": list(args.nodeport_addresses) or None,
-        "clientConnection": {"kubeconfig": args.kubeconfig or ""},
+        "clientConnection": {
+            "kubeconfig": args.kubeconfig or "",
+            # kproxy's client speaks JSON; no limit is a negative qps (0 would be upstream's 5).
+            "contentType": "application/json",
+            "qps": args.api_qps if args.api_qps > 0 else -1,
+            "burst": args.api_burst,
+        },
         "iptables": {**section, "localhostNodePorts": args.localhost_nodeports},
         "nftables": section,
         "logging": {"format": args.log_format, "verbosity": 4 if args.verbose else 0},

@@ -76,11 +76,14 @@ def _cidrs(text: str) -> list[str]:
 
 
 def _bind(default_port: int):
-    """host:port for a listening address, checked as the daemon will read it."""
+    """host:port for a listening address, checked as the daemon will read it; "" (kube-proxy's
+    "Set empty to disable") turns that server off."""
 
     def check(text: str) -> str:
         from kproxy.daemon.metrics import split_host_port  # pure, but its module is not light
 
+        if not text.strip():
+            return ""
         try:
             split_host_port(text, default_port)
         except ValueError as err:
@@ -345,14 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         default="127.0.0.1:10249",
         type=_bind(10249),
-        help="host:port for /metrics (default 127.0.0.1:10249)",
+        help="host:port for /metrics; empty: no metrics server (default 127.0.0.1:10249)",
     )
     run("serve").add_argument(
         "--healthz-bind-address",
         metavar="HOST:PORT",
         default="0.0.0.0:10256",
         type=_bind(10256),
-        help="host:port for /healthz, /livez and /readyz (default 0.0.0.0:10256)",
+        help="host:port for /healthz, /livez and /readyz; empty: no health server (the "
+        "Services' health check node ports stay) (default 0.0.0.0:10256)",
     )
     run("proxy").add_argument(
         "--conntrack-cleanup",
@@ -369,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_kube_proxy_flags(run)
+    # The client-side rate limit on API requests: none unless kube-proxy's --config or
+    # --kube-api-qps/--kube-api-burst set one (cli/dropin.py).
+    p_run.set_defaults(api_qps=0.0, api_burst=10)
 
     p_snap = sub.add_parser(
         "snapshot",
@@ -440,9 +447,9 @@ KUBE_PROXY_FLAGS: dict[str, tuple[bool, str]] = {
     "conntrack-udp-timeout-stream": (True, ""),
     "feature-gates": (True, "no feature gate changes what kproxy does"),
     "oom-score-adj": (True, "set it in the pod: kproxy does not change its own OOM score"),
-    "kube-api-qps": (True, "kproxy's client does one list and one watch per resource"),
-    "kube-api-burst": (True, "kproxy's client does one list and one watch per resource"),
-    "kube-api-content-type": (True, "kproxy's client always asks for JSON"),
+    "kube-api-qps": (True, ""),
+    "kube-api-burst": (True, ""),
+    "kube-api-content-type": (True, "kproxy's client speaks JSON only (no protobuf decoder)"),
     "bind-address-hard-fail": (False, "kproxy always exits 2 when it cannot listen"),
     "profiling": (False, "kproxy serves no /debug/pprof"),
     "show-hidden-metrics-for-version": (True, "kproxy hides no metric"),
@@ -515,8 +522,11 @@ _KUBE_PROXY_HELP = {
     "cleanup": "remove the rules of every mode and exit: `kproxy cleanup`",
     "init-only": "set the sysctls kube-proxy's privileged start sets, then exit",
     "write-config-to": "write the configuration in use as a KubeProxyConfiguration, then exit",
-    "healthz-port": "the port of --healthz-bind-address",
-    "metrics-port": "the port of --metrics-bind-address",
+    "healthz-port": "the port of --healthz-bind-address; 0: no health server",
+    "metrics-port": "the port of --metrics-bind-address; 0: no metrics server",
+    "kube-api-qps": "requests per second to the API server, client-go's token bucket (0: "
+    "client-go's 5, negative: no limit; kproxy's own default without it or --config: no limit)",
+    "kube-api-burst": "requests at once above --kube-api-qps (0: client-go's 10)",
 }
 
 

@@ -104,10 +104,10 @@ SCHEMA: dict[str, Any] = {
 
 # Fields read and accepted but with nothing for kproxy to do: logged once each when set.
 NO_EFFECT = {
-    "clientConnection.acceptContentTypes": "kproxy's client always asks for JSON",
-    "clientConnection.contentType": "kproxy's client always asks for JSON",
-    "clientConnection.qps": "kproxy's client does one list and one watch per resource",
-    "clientConnection.burst": "kproxy's client does one list and one watch per resource",
+    # kproxy's client (the Python `kubernetes` client) speaks JSON only: it has no protobuf
+    # decoder. Said only when the file asks for something other than JSON.
+    "clientConnection.acceptContentTypes": "kproxy's client speaks JSON only",
+    "clientConnection.contentType": "kproxy's client speaks JSON only",
     "bindAddressHardFail": "kproxy always exits 2 when it cannot listen",
     "enableProfiling": "kproxy serves no /debug/pprof",
     "showHiddenMetricsForVersion": "kproxy hides no metric",
@@ -122,6 +122,8 @@ NO_EFFECT = {
     "winkernel": "Windows only",
     "windowsRunAsService": "Windows only",
 }
+
+_JSON = "application/json"
 
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 _GO_UNITS["h"] = 3600.0
@@ -379,7 +381,16 @@ def _interpret(doc: dict, source: str, ncpu: int) -> ProxyConfig:
     if verbosity < 0:
         raise bad("logging.verbosity", f"is {verbosity}, not 0 or more")
 
+    burst = _get(doc, "clientConnection.burst")
+    if burst is not None and burst < 0:  # upstream's validation: ValidateNonnegativeField
+        raise bad("clientConnection.burst", f"is {burst}, not 0 or more")
+
     for path, why in NO_EFFECT.items():
+        if path.startswith("clientConnection."):  # the content types: JSON is no news
+            value = _get(doc, path)
+            if value and value.strip() != _JSON:
+                notes.append(f"{path} {value}: not used, {why}")
+            continue
         if _set(doc, path):
             notes.append(f"{path}: read, no effect ({why})")
     if mode == "nftables":

@@ -126,8 +126,14 @@ class DaemonOptions:
     min_sync_period: float = 1.0
     sync_period: float = 30.0
     canary_interval: float = 5.0
+    # "" turns the server off (kube-proxy's `--healthz-bind-address ""`, `--healthz-port 0`);
+    # a port 0 is an ephemeral port.
     metrics_bind: str = "127.0.0.1:10249"
     healthz_bind: str = "0.0.0.0:10256"
+    # The client-side rate limit on requests to the API server (kube-proxy's
+    # clientConnection.qps/burst); qps <= 0: none, kproxy's own default.
+    api_qps: float = 0.0
+    api_burst: int = 10
     conntrack: bool = True
     snapshot_dir: str | None = None
     snapshot_keep: int = 5
@@ -204,13 +210,18 @@ class Daemon:
             # is back, and the changes made meanwhile must land within a sync period (the
             # source's own 30s cap plus the relist and the sync overshot a 30s sync period).
             backoff_max=max(1.0, min(30.0, 0.8 * opts.sync_period)),
+            qps=opts.api_qps,
+            burst=opts.api_burst,
         )
         # Repairs of other processes' changes are posted as Events on this Node.
         self.events = NodeEventPoster(opts.node_name, self.source.api_client)
         observer.events = self.events
         self.drift_watch = DriftWatch(self.reconciler, families)
         self.node_checks = NodeChecker(
-            node_check_context(opts), self.metrics, opts.sync_period, lambda: self.health.ready
+            node_check_context(opts, self.source.limiter),
+            self.metrics,
+            opts.sync_period,
+            lambda: self.health.ready,
         )
         self.metrics.start_at_zero(
             tables=families[0].tables,
@@ -349,18 +360,31 @@ class Daemon:
 
     def run(self) -> int:
         opts = self.opts
-        try:
-            metrics_server = self.metrics.serve(opts.metrics_bind)
-        except OSError as err:
-            log.error("cannot serve /metrics on %s: %s", opts.metrics_bind, err.strerror or err)
-            return 2
-        health_server = HealthServer(self.health, opts.healthz_bind, metrics=self.metrics)
-        try:
-            health_server.start()
-        except OSError as err:
-            metrics_server.stop()
-            log.error("cannot serve /healthz on %s: %s", opts.healthz_bind, err.strerror or err)
-            return 2
+        # An empty address turns that server off, as kube-proxy's "Set empty to disable"; the
+        # Services' health check node ports are servers of their own and stay.
+        metrics_server = health_server = None
+        if opts.metrics_bind:
+            try:
+                metrics_server = self.metrics.serve(opts.metrics_bind)
+            except OSError as err:
+                log.error("cannot serve /metrics on %s: %s", opts.metrics_bind, err.strerror or err)
+                return 2
+        else:
+            log.info("metrics server off (--metrics-bind-address is empty): no /metrics")
+        if opts.healthz_bind:
+            health_server = HealthServer(self.health, opts.healthz_bind, metrics=self.metrics)
+            try:
+                health_server.start()
+            except OSError as err:
+                if metrics_server is not None:
+                    metrics_server.stop()
+                log.error("cannot serve /healthz on %s: %s", opts.healthz_bind, err.strerror or err)
+                return 2
+        else:
+            log.info(
+                "health server off (--healthz-bind-address is empty): no /healthz, /livez, "
+                "/readyz; Services' health check node ports are still served"
+            )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
         log.info(
@@ -368,8 +392,8 @@ class Daemon:
             opts.node_name,
             opts.mode,
             " and ".join(fam.name for fam in self.reconciler.families),
-            opts.metrics_bind,
-            opts.healthz_bind,
+            opts.metrics_bind or "off",
+            opts.healthz_bind or "off",
         )
         self.source.start()
         self.drift_watch.start()
@@ -386,7 +410,9 @@ class Daemon:
             if self.cache_writer is not None:
                 self.cache_writer.stop()
             self.service_health.stop()
-            health_server.stop()
-            metrics_server.stop()
+            if health_server is not None:
+                health_server.stop()
+            if metrics_server is not None:
+                metrics_server.stop()
         log.info("kproxy stopped; rules left in place")
         return 0

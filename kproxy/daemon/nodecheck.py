@@ -84,9 +84,11 @@ class NodeChecker:
         return results
 
 
-def node_check_context(opts: Any) -> Context:
+def node_check_context(opts: Any, api_limiter: Any = None) -> Context:
     """The checks' settings from the daemon's own (DaemonOptions): its mode, backend,
-    addresses, API server and state cache; its own listeners are kproxy's."""
+    addresses, API server and state cache; its own listeners are kproxy's. `api_limiter`: the
+    daemon's client-side rate limit (its KubeSource's), which the apiserver check's request
+    waits on too."""
     return Context(
         mode=opts.mode,
         iptables_backend=opts.backend,
@@ -98,4 +100,5 @@ def node_check_context(opts: Any) -> Context:
         state_cache_max_age=opts.state_cache_max_age,
         sync_period=opts.sync_period,
         own_pid=os.getpid(),
+        api_limiter=api_limiter,
     )

@@ -61,6 +61,8 @@ def apiserver(ctx: Context) -> Result:
         return Result(name, FAIL, str(err), "apiserver")
     notes, status = [], OK
     for cfg in configs:
+        if ctx.api_limiter is not None:
+            ctx.api_limiter.take()
         try:
             with client.ApiClient(cfg) as api:
                 # What the daemon does first, with its credentials: list Services (one).

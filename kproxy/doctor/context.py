@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Context:
     mode: str = "iptables"  # the mode kproxy runs (or is to run) in
     iptables_backend: str = "auto"
-    # The running daemon's /healthz and /metrics (host:port, as `kproxy run` takes them).
+    # The running daemon's /healthz and /metrics (host:port, as `kproxy run` takes them; "":
+    # that server is off).
     healthz_bind: str = "0.0.0.0:10256"
     metrics_bind: str = "127.0.0.1:10249"
     servers: list[str] = field(default_factory=list)  # --master
@@ -26,3 +28,6 @@ class Context:
     ufw_conf: str = "/etc/ufw/ufw.conf"
     # The pid of the process running the checks (the daemon's own listeners are kproxy's).
     own_pid: int | None = None
+    # In the daemon: its client-side rate limit (sources/ratelimit.TokenBucket), taken before
+    # each request the apiserver check sends, as every other request of the daemon's.
+    api_limiter: Any = None

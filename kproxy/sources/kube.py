@@ -47,6 +47,8 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
+from kproxy.sources.ratelimit import DEFAULT_BURST, TokenBucket
+
 log = logging.getLogger(__name__)
 
 SYNC_KINDS = frozenset({"Service", "EndpointSlice"})  # `synced` waits for these two lists
@@ -129,6 +131,33 @@ def wait_strategy(initial: float, maximum: float) -> tenacity.wait.wait_base:
     )
 
 
+class LimitedApiClient(client.ApiClient):
+    """An ApiClient whose every request first takes a token of `limiter` (client-go's
+    client-side rate limit, kube-proxy's clientConnection.qps/burst). `call_api` is where
+    every generated API method sends its request, a list page, a watch's start and an
+    Event's post alike; a watch's stream, read afterwards, costs nothing more."""
+
+    def __init__(
+        self, configuration: client.Configuration, limiter: TokenBucket | None = None
+    ) -> None:
+        super().__init__(configuration=configuration)
+        self.limiter = limiter
+
+    def call_api(self, *args: Any, **kwargs: Any) -> Any:
+        if self.limiter is not None:
+            waited = self.limiter.take()
+            # client-go's thresholds: a wait over 1s is said at its default verbosity.
+            if waited > 1.0:
+                log.info(
+                    "waited %.2fs for the client-side rate limit (%s)",
+                    waited,
+                    self.limiter.describe(),
+                )
+            elif waited > 0.05:
+                log.debug("waited %.3fs for the client-side rate limit", waited)
+        return super().call_api(*args, **kwargs)
+
+
 class _Backoff:
     """Exponential backoff with jitter (see wait_strategy), reset by the loop
     whenever a watch delivers an event, so a healthy stream starts again from `initial`."""
@@ -170,8 +199,12 @@ class KubeSource:
         backoff_max: float = 30.0,
         page_size: int = 500,
         list_attempts: int = 5,
+        qps: float = 0.0,
+        burst: int = DEFAULT_BURST,
     ) -> None:
-        """Raises SourceUnavailable when no client configuration can be loaded."""
+        """Raises SourceUnavailable when no client configuration can be loaded. `qps` and
+        `burst`: the client-side rate limit every request to the API server waits on, shared
+        by the clients of every server (one client at a time is in use); qps <= 0: none."""
         self.node_name = node_name
         self._on_event = on_event
         self._on_resync = on_resync
@@ -185,15 +218,17 @@ class KubeSource:
         self.list_attempts = list_attempts
         self.synced = threading.Event()
         self.failovers = 0
+        self._stopping = threading.Event()
+        # Its waits end early at stop(), so a thread waiting out a low qps does not hold it up.
+        self.limiter = TokenBucket(qps, burst, sleep=self._stopping.wait)
         self._clients = [
-            (cfg.host, client.ApiClient(configuration=cfg))
+            (cfg.host, LimitedApiClient(cfg, self.limiter))
             for cfg in _configurations(servers, kubeconfig)
         ]
         self._current = 0
         self._lock = threading.Lock()  # guards _current, _listed, _open and failovers
         self._listed: set[str] = set()
         self._open: set[Any] = set()  # watch responses being read, shut down by stop()
-        self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.resources = [
             _Resource("Service", "v1", "core", "list_service_for_all_namespaces"),
@@ -227,6 +262,7 @@ class KubeSource:
     # --- daemon mode ---
 
     def start(self) -> None:
+        log.info("API server requests: client-side rate limit %s", self.limiter.describe())
         for res in self.resources:
             thread = threading.Thread(
                 target=self._run, args=(res,), name=f"kube-{res.kind}", daemon=True
