@@ -141,3 +141,18 @@ def test_a_daemon_without_health_or_metrics_server(tmp_path):
         assert inside.status == OK and seen["ports"] == {10256, 10249}
         # From the command line, a canary chain with nothing listening is still worth a warn.
         assert processes.other_proxy(Context(healthz_bind="", metrics_bind="")).status != OK
+
+
+def test_a_fight_over_kproxys_rules_names_another_proxy():
+    """In the daemon: the drift limiter's fights. A proxy's tools (iptables-restore, nft)
+    rewriting kproxy's rules is another proxy; another program fighting is a warning."""
+    from kproxy.doctor.context import Context
+    from kproxy.doctor.processes import other_proxy
+    from kproxy.doctor.result import FAIL, WARN
+
+    got = other_proxy(Context(fought_by=lambda: ["iptables-restor (pid 4242)"]))
+    assert (got.status, got.remedy) == (FAIL, "another-proxy")
+    assert "iptables-restor (pid 4242)" in got.saw
+    assert other_proxy(Context(fought_by=lambda: ["nft (pid 7)"])).status == FAIL
+    got = other_proxy(Context(fought_by=lambda: ["firewall-cmd (pid 9)"]))
+    assert (got.status, got.remedy) == (WARN, "another-proxy")

@@ -235,6 +235,8 @@ def test_a_fight_is_backed_off_with_the_fighter_named(caplog):
             rec.foreign_change(flush_x(999_999, "firewall-cmd"))
             wait(lambda n=n: len(fam.repairs) == n)
         assert seen.backoffs == ["firewall-cmd"]
+        assert rec.fought_by() == ["firewall-cmd (pid 999999)"]  # for the node checks
+        assert rec.fought_by(within=0) == []
         assert "fighting kproxy" in caplog.text and "firewall-cmd (pid 999999)" in caplog.text
         assert any(reason == "RulesFought" for reason, _ in seen.events)
         rec.foreign_change(flush_x(999_999, "firewall-cmd"))

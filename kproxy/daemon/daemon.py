@@ -218,7 +218,7 @@ class Daemon:
         observer.events = self.events
         self.drift_watch = DriftWatch(self.reconciler, families)
         self.node_checks = NodeChecker(
-            node_check_context(opts, self.source.limiter),
+            node_check_context(opts, self.source.limiter, self.reconciler.fought_by),
             self.metrics,
             opts.sync_period,
             lambda: self.health.ready,

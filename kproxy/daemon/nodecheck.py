@@ -84,7 +84,9 @@ class NodeChecker:
         return results
 
 
-def node_check_context(opts: Any, api_limiter: Any = None) -> Context:
+def node_check_context(
+    opts: Any, api_limiter: Any = None, fought_by: Callable[[], list[str]] | None = None
+) -> Context:
     """The checks' settings from the daemon's own (DaemonOptions): its mode, backend,
     addresses, API server and state cache; its own listeners are kproxy's. `api_limiter`: the
     daemon's client-side rate limit (its KubeSource's), which the apiserver check's request
@@ -101,4 +103,5 @@ def node_check_context(opts: Any, api_limiter: Any = None) -> Context:
         sync_period=opts.sync_period,
         own_pid=os.getpid(),
         api_limiter=api_limiter,
+        fought_by=fought_by,
     )

@@ -102,6 +102,9 @@ DRIFT_REASONS = (FLUSH, PERIODIC, RETRY, FOREIGN, EVENTS_LOST)
 # Events of other processes' changes are gathered this long after the first before the repair
 # (a tool often commits a few transactions in a row: one repair for all of them).
 DRIFT_SETTLE = 0.03
+# How long a fight (the limiter stepping in) is remembered for the node checks: the longest
+# backoff, so a fight that goes on is never forgotten between two of its rounds.
+FIGHTS_KEPT = 900.0
 WHOLE: Object = ("", "all of its rules")  # the limiter's key for a family verified whole
 LOST = ("", "events lost")  # and for the verifies after lost events
 
@@ -164,6 +167,8 @@ class Reconciler:
         self._verify_cause = ""
         self.limiter = RepairLimiter()
         self.repairs = 0  # drift repairs done, for tests
+        self._fights: list[tuple[float, str]] = []  # (monotonic time, who) of each backoff
+        self._lock_fights = threading.Lock()  # the node checks' thread reads them
 
     # --- called from other threads ---
 
@@ -505,11 +510,21 @@ class Reconciler:
             backoff,
         )
         self.observer.drift_backoff(_process_of(author))
+        with self._lock_fights:
+            self._fights = [f for f in self._fights if f[0] > time.monotonic() - FIGHTS_KEPT]
+            self._fights.append((time.monotonic(), author))
         self.observer.node_event(
             "RulesFought",
             f"{fam.name} {fam.mode} rules: {label(obj)} keeps being changed by {author}; "
             f"kproxy backs off for {backoff:.0f} s",
         )
+
+    def fought_by(self, within: float = FIGHTS_KEPT) -> list[str]:
+        """Who fought kproxy over its rules (the limiter stepped in) in the last `within`
+        seconds, each once: for the node check that looks for another proxy."""
+        since = time.monotonic() - within
+        with self._lock_fights:
+            return sorted({who for at, who in self._fights if at > since})
 
     def missing_canaries(self) -> list[str]:
         """What the canary check of each family found missing. A check that fails says

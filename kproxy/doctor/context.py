@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,9 @@ class Context:
     ufw_conf: str = "/etc/ufw/ufw.conf"
     # The pid of the process running the checks (the daemon's own listeners are kproxy's).
     own_pid: int | None = None
+    # In the daemon: who fought kproxy over its rules lately (its drift repairs' limiter
+    # stepped in), each "process (pid N)"; another proxy writes the same chains.
+    fought_by: Callable[[], list[str]] | None = None
     # In the daemon: its client-side rate limit (sources/ratelimit.TokenBucket), taken before
     # each request the apiserver check sends, as every other request of the daemon's.
     api_limiter: Any = None

@@ -4,6 +4,7 @@ managers that flush rules on reload."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from kproxy.doctor.context import Context
 from kproxy.doctor.result import FAIL, OK, WARN, Result
 
 TCP_LISTEN = "0A"
+# The process names (the kernel's comm, 15 characters) a proxy's rule writes come from:
+# iptables-restore and its variants, nft, kube-proxy itself (its nftables mode's netlink).
+PROXY_WRITER = re.compile(r"(ip6?tables(-nft|-legacy)?-re|nft\b|kube-proxy|kproxy)")
 CANARY = "KUBE-PROXY-CANARY"
 
 
@@ -112,6 +116,23 @@ def other_proxy(ctx: Context) -> Result:
     health or metrics port (kube-proxy's 10256 and 10249), or kube-proxy's canary chain on a
     node where no kproxy serves health."""
     name = "other_proxy"
+    fights = ctx.fought_by() if ctx.fought_by is not None else []
+    writers = [who for who in fights if PROXY_WRITER.match(who)]
+    if writers:
+        return Result(
+            name,
+            FAIL,
+            "kproxy's rules keep being rewritten by " + ", ".join(writers) + ": the tools a "
+            "proxy writes its rules with (another kube-proxy or kproxy?)",
+            "another-proxy",
+        )
+    if fights:
+        return Result(
+            name,
+            WARN,
+            "kproxy's rules keep being changed by " + ", ".join(fights),
+            "another-proxy",
+        )
     ports = _ports(ctx)
     found = listeners(ports)
     others = [x for x in found if not x.is_kproxy and x.pid != ctx.own_pid and x.pid is not None]
