@@ -502,9 +502,10 @@ def test_api_client_is_the_current_servers(
 def test_rate_limit_spaces_every_request_beyond_the_burst(
     server: FakeApiServer, make_source: Callable[..., tuple[KubeSource, Recorder]]
 ) -> None:
-    """qps 4, burst 2 (kube-proxy's clientConnection.qps/burst): list pages, watch starts and
+    """qps 4, burst 2 (kube-proxy's clientConnection.qps/burst): lists, watch starts and
     an Event post all wait on one token bucket, so beyond the first two, requests reach the
-    server no faster than 4 a second. Arrival times give lower bounds only (a noisy machine
+    server no faster than 4 a second. A list's next pages do not (upstream's informers list
+    once, from the API server's cache). Arrival times give lower bounds only (a noisy machine
     only delays a request), and only cumulative ones: one request's latency may close the gap
     to the next."""
     from kproxy.daemon.nodeevents import NodeEventPoster
@@ -528,10 +529,12 @@ def test_rate_limit_spaces_every_request_beyond_the_burst(
     watches = [r for r in api if r.query.get("watch") == "true"]
     posts = [r for r in api if r.method == "POST"]
     assert (len(lists), len(watches), len(posts)) == (6, 2, 1), api
-    times = sorted(r.at for r in api)
-    # Unlimited, all 9 arrive within a few ms. Limited: the i-th request (from 0) needs i + 1
+    pages = [r for r in lists if r.query.get("continue")]
+    assert len(pages) == 4  # the Services' pages after the first
+    times = sorted(r.at for r in api if not r.query.get("continue"))
+    # Unlimited, all 5 arrive within a few ms. Limited: the i-th request (from 0) needs i + 1
     # tokens, `burst` of which were there at the start, the others coming 1/qps apart; had any
-    # of the 9 not waited, the last would come 1/qps early.
+    # of the 5 not waited, the last would come 1/qps early.
     tolerance = 0.1
     for i in range(burst, len(times)):
         assert times[i] - times[0] >= (i + 1 - burst) / qps - tolerance, (i, times)

@@ -99,3 +99,27 @@ def test_client_go_limits():
     assert client_go_limits(20, 30) == (20.0, 30)
     assert client_go_limits(-1, 7) == (-1.0, 7)  # no limiter
     assert TokenBucket(2.5, 4).describe() == "2.5 requests/s, bursts of 4"
+
+
+def test_a_lists_next_pages_take_no_token(monkeypatch):
+    """kube-proxy's first list is one request per resource (served from the API server's
+    cache); kproxy's next pages of one list are free, its first page, watches and posts not."""
+    from kubernetes import client
+
+    from kproxy.sources.kube import LimitedApiClient
+
+    class Counting:
+        taken = 0
+
+        def take(self) -> float:
+            Counting.taken += 1
+            return 0.0
+
+    monkeypatch.setattr(client.ApiClient, "call_api", lambda self, *a, **k: None)
+    api = LimitedApiClient(client.Configuration(), Counting())  # type: ignore[arg-type]
+    base = "http://127.0.0.1:1/api/v1/services?limit=500"
+    api.call_api("GET", base)
+    api.call_api("GET", base + "&continue=abc")
+    api.call_api(method="GET", url=base + "&continue=def")
+    api.call_api("GET", "http://127.0.0.1:1/api/v1/services?watch=true")
+    assert Counting.taken == 2
