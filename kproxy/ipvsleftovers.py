@@ -173,7 +173,8 @@ def find_ipsets() -> list[str]:
 
 
 def remove_ipsets() -> tuple[list[str], list[str]]:
-    """Destroy kube-proxy's sets: (destroyed, still in use by a rule, left in place)."""
+    """Destroy kube-proxy's sets: (those destroyed, those that could not be: still named by
+    a rule, each said in a warning)."""
     from pyroute2.netlink.exceptions import NetlinkError
 
     ips = _ipset()
