@@ -2,15 +2,16 @@
 
 As upstream detects the node's families at start, a family whose tools or kernel support are
 missing (no ip6tables, IPv6 off in the kernel, nft refusing the ip6 family) is skipped, said
-once, and the node runs single-stack. Also: removing what the other mode left on a node that
-switched modes. Runs the tools' read-only checks (iptables -S, nft -c) of the namespace the
-process runs in.
+once, and the node runs single-stack. Also: removing what the other mode (and kube-proxy's
+IPVS mode) left on a node that switched modes. Runs the tools' read-only checks (iptables -S,
+nft -c) of the namespace the process runs in.
 """
 
 from __future__ import annotations
 
 import logging
 
+from kproxy import ipvsleftovers
 from kproxy.errors import NoFamilyError
 from kproxy.iptables.mode import IptablesMode
 from kproxy.iptables.restore import IptablesBackend, detect_variant
@@ -102,7 +103,11 @@ def other_mode(mode: str, iptables_backend: str = "auto") -> list[Mode]:
 
 def remove_other_mode(mode: str, iptables_backend: str = "auto") -> None:
     """After the first successful sync in `mode`, remove what the other mode left, so a node
-    switching modes never has a gap (the new rules are in place first)."""
+    switching modes never has a gap (the new rules are in place first); and what kube-proxy's
+    IPVS mode left (kproxy.ipvsleftovers), which kproxy never runs: its chains first (they
+    jump into chains the other mode's removal deletes), its ipsets last (once no rule names
+    them)."""
+    ipvsleftovers.remove_first(family_backends(iptables_backend, report=False))
     for other in other_mode(mode, iptables_backend):
         try:
             if other.present():
@@ -115,3 +120,4 @@ def remove_other_mode(mode: str, iptables_backend: str = "auto") -> None:
                 )
         except Exception as err:  # the other mode's tools may be missing: not fatal
             log.warning("could not remove %s mode's %s rules: %s", other.mode, other.name, err)
+    ipvsleftovers.remove_last()

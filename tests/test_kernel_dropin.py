@@ -27,6 +27,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netns  # noqa: E402
+import test_kernel_ipvs_leftovers as tkil  # noqa: E402
 import test_kernel_manifests as tkm  # noqa: E402
 import test_manifests as tm  # noqa: E402
 from fake_apiserver import FakeApiServer  # noqa: E402
@@ -45,8 +46,9 @@ MOUNTS = (
 )
 
 
-def kubeadm_dropin(tmp: Path, api_url: str) -> tuple[Path, list[str]]:
-    """kubeadm's config.conf with the test's addresses, and kubeadm's command line for it."""
+def kubeadm_dropin(tmp: Path, api_url: str, mode: str = "") -> tuple[Path, list[str]]:
+    """kubeadm's config.conf with the test's addresses (and `mode`, kubeadm's ""), and
+    kubeadm's command line for it."""
     objs = tm.load_docs(tm.KUBEADM)
     cm = tm.find(objs, "ConfigMap", "kube-proxy")
     ds = tm.find(objs, "DaemonSet", "kube-proxy")
@@ -56,6 +58,8 @@ def kubeadm_dropin(tmp: Path, api_url: str) -> tuple[Path, list[str]]:
     conf["clientConnection"]["kubeconfig"] = str(tkm.kubeconfig_for(api_url, tmp))
     assert conf["metricsBindAddress"] == conf["healthzBindAddress"] == ""
     conf["metricsBindAddress"], conf["healthzBindAddress"] = METRICS_BIND, HEALTHZ_BIND
+    assert conf["mode"] == ""
+    conf["mode"] = mode
     path = tmp / "config.conf"
     path.write_text(yaml.safe_dump(conf))
     command = tm.container(ds)["command"]
@@ -68,14 +72,13 @@ def kubeadm_dropin(tmp: Path, api_url: str) -> tuple[Path, list[str]]:
     return path, [a.replace("$(NODE_NAME)", "node-1") for a in args]
 
 
-def kube_proxy_binary(tmp: Path) -> Path:
+def kube_proxy_binary(tmp: Path, script: str | None = None) -> Path:
     """What the image's /usr/local/bin/kube-proxy is: kproxy's console script under the name
-    kube-proxy (the name alone makes it `kproxy run`)."""
+    kube-proxy (the name alone makes it `kproxy run`); `script` replaces its body."""
     path = tmp / "bin" / "kube-proxy"
     path.parent.mkdir()
-    path.write_text(
-        f"#!{sys.executable}\nimport sys\nfrom kproxy.cli import main\nsys.exit(main())\n"
-    )
+    body = script or "import sys\nfrom kproxy.cli import main\nsys.exit(main())\n"
+    path.write_text(f"#!{sys.executable}\n{body}")
     path.chmod(0o755)
     return path
 
@@ -199,6 +202,83 @@ def test_kubeadms_command_line_and_config_conf_serve_clusterip_nodeport_metrics_
         assert proc.wait(15) == 1
         assert "config.conf changed: exiting" in logged()
         assert "-A KUBE-SERVICES" in topo.iptables_save("nat")
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        if log is not None:
+            log.close()
+        if api is not None:
+            api.stop()
+        topo.close()
+
+
+def test_mode_ipvs_on_a_node_kube_proxy_ran_in_ipvs_mode_removes_its_leftovers(
+    kernel_support: None, tmp_path: Path
+):
+    """kubeadm's file with `mode: ipvs` on a node as kube-proxy in IPVS mode leaves it
+    (tests/test_kernel_ipvs_leftovers.py builds it: kube-ipvs0 holding the ClusterIP, the
+    ipsets, the IPVS-mode chains, a set and chain of someone else's): kproxy runs nftables
+    mode, and after its first full sync removes the leftovers, nothing else; the ClusterIP
+    and the NodePort answer through kproxy's table."""
+    if netns.which("unshare") is None:
+        pytest.skip("util-linux `unshare` is not installed")
+    topo = netns.build(pods=(("a", 2), ("b", 3)), clients=1)
+    api = proc = log = None
+    try:
+        topo.start_server(topo.pods["a"], tcp=[8080])
+        api = netns.call_in(topo.node, lambda: FakeApiServer(host="127.0.0.1").start())
+        cluster(api)
+        _, args = kubeadm_dropin(tmp_path, api.url, mode="ipvs")
+        # kube-ipvs0 is a bridge here (no dummy links in this kernel): allowed for the test.
+        binary = kube_proxy_binary(tmp_path, tkil.BRIDGE_AS_DUMMY)
+        tkil.build_ipvs_node(topo.node)
+        log = open(tmp_path / "kube-proxy.log", "wb")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(
+            [netns._ip(), "netns", "exec", topo.node]
+            + ["unshare", "--mount", "--propagation", "private", "sh", "-c", MOUNTS]
+            + [str(binary), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=netns.command_env(),
+        )
+
+        def logged() -> str:
+            return (tmp_path / "kube-proxy.log").read_text(errors="replace")
+
+        deadline = time.monotonic() + 30
+        while "kube-ipvs0" in netns.ip(topo.node, "link", "show").stdout:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"kube-ipvs0 still there\n--- log ---\n{logged()[-3000:]}")
+            time.sleep(0.2)
+        # Removed after the first full sync: kproxy's table was in place before.
+        assert (tkm.get(topo, f"http://{HEALTHZ_BIND}/healthz") or (0,))[0] == 200
+        text = logged()
+        assert text.index("removed kube-proxy's IPVS-mode") > text.index("synced IPv4")
+        # Wait for the ipsets: the last thing removed.
+        while tkil.sets_present(topo.node) != {tkil.FOREIGN_SET}:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ipsets still there\n--- log ---\n{logged()[-3000:]}")
+            time.sleep(0.2)
+        tkil.assert_ipvs_gone(topo.node)
+        # nftables mode: kube-proxy's chains shared with iptables mode went too.
+        assert netns.nft_table(topo.node) is not None
+        assert "KUBE-SERVICES" not in topo.iptables_save("nat")
+        text = logged()
+        assert text.count("removed kube-proxy's IPVS-mode interface kube-ipvs0") == 1, text
+        assert text.count("removed kube-proxy's IPVS-mode ipsets") == 1, text
+        assert "runs its nftables mode instead" in text
+        # The ClusterIP, pod to pod; the NodePort, external client to the node's address.
+        replies = topo.tcp(topo.pods["b"].ns, WEB_IP, 80, count=3, timeout=1.0)
+        assert {r.pod for r in replies if r.ok} == {"a"}, replies
+        client = topo.clients["client"]
+        replies = netns.tcp(client.ns, netns.NODE_EXTERNAL_IP, NP_PORT, count=3, timeout=1.0)
+        assert {r.pod for r in replies if r.ok} == {"a"}, replies
     finally:
         if proc is not None and proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)

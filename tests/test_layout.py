@@ -37,6 +37,7 @@ PURE = SHARED + (
     "kproxy.iptables.render",
     "kproxy.iptables.rules",
     "kproxy.iptables.plan",
+    "kproxy.iptables.ipvs",
     "kproxy.iptables.trace",
     "kproxy.nftables.render",
     "kproxy.nftables.table",

@@ -339,9 +339,11 @@ def run_cleanup(args: argparse.Namespace) -> int:
         # nftables mode's tables are looked for on any node that can have them; one that
         # cannot has none to remove, which is no news.
         families += modes_for("nftables", report=False, require=False, dry_run=args.dry_run)
+    # kube-proxy's IPVS-mode leftovers go in every mode, as `kube-proxy --cleanup` removes them.
+    ipvs_backends = family_backends(args.iptables_backend, report=False)
     try:
         with _locked(args, "cleanup"):
-            results = cleanup(families)
+            results = cleanup(families, ipvs_backends, dry_run=args.dry_run)
     except LockError as err:
         log.error("%s", err)
         return EXIT_ERROR

@@ -1,5 +1,5 @@
 """Checks of the rules other tools see: iptables backends, the FORWARD policy, the martian
-rule of route_localnet, and the other mode's leftovers."""
+rule of route_localnet, and the other mode's (and kube-proxy's IPVS mode's) leftovers."""
 
 from __future__ import annotations
 
@@ -155,8 +155,11 @@ def route_localnet(ctx: Context) -> Result:
 
 def other_mode_leftovers(ctx: Context) -> Result:
     """The other mode's rules still on the node: kproxy's `kproxy` nft table in iptables mode,
-    or its KUBE- chains in nftables mode; both sets of rules then see Service traffic."""
-    from kproxy.families import other_mode
+    or its KUBE- chains in nftables mode; both sets of rules then see Service traffic. And
+    kube-proxy's IPVS-mode leftovers, in either mode (kproxy never runs IPVS): kube-ipvs0
+    makes every ClusterIP a local address of the node, answering on ports no Service has."""
+    from kproxy import ipvsleftovers
+    from kproxy.families import family_backends, other_mode
 
     name = "other_mode_leftovers"
     left = []
@@ -167,11 +170,14 @@ def other_mode_leftovers(ctx: Context) -> Result:
         except Exception as err:  # the other mode's tools may be missing
             return Result(name, SKIPPED, f"cannot read {other.mode} mode's rules: {err}")
     other_name = "iptables" if ctx.mode == "nftables" else "nftables"
+    saw = []
     if left:
-        return Result(
-            name,
-            WARN,
-            f"running {ctx.mode} mode and {other_name} mode's rules are here ({', '.join(left)})",
-            "other-mode-leftovers",
+        saw.append(
+            f"running {ctx.mode} mode and {other_name} mode's rules are here ({', '.join(left)})"
         )
-    return Result(name, OK, f"no {other_name} mode rules (kproxy runs {ctx.mode} mode)")
+    ipvs = ipvsleftovers.find(family_backends(ctx.iptables_backend, report=False))
+    if not ipvs.empty():
+        saw.append("kube-proxy's IPVS mode left " + "; ".join(ipvs.describe()))
+    if saw:
+        return Result(name, WARN, "; ".join(saw), "other-mode-leftovers")
+    return Result(name, OK, f"no {other_name} or IPVS mode leftovers (kproxy runs {ctx.mode} mode)")
