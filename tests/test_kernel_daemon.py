@@ -334,8 +334,9 @@ def test_flush_that_keeps_the_chains_is_caught_by_the_canary_check(env, table):
     assert daemon.metric("kproxy_drift_repairs_total", reason="flush") >= 1
 
 
-def test_metrics_and_health_endpoints(env):
-    topo, api, daemon = env
+def apply_web_and_lb(api, *lb_endpoints: str) -> None:
+    """Service web (WEB_IP, pod a) and a LoadBalancer lb with externalTrafficPolicy Local,
+    NodePort 30100 and health check node port 32100, served by `lb_endpoints`."""
     api.apply(service("web", WEB_IP))
     api.apply(slice_("web-1", "web", POD_A))
     lb = service(
@@ -347,7 +348,12 @@ def test_metrics_and_health_endpoints(env):
     )
     lb["spec"]["ports"][0]["nodePort"] = 30100
     api.apply(lb)
-    api.apply(slice_("lb-1", "lb", POD_A, POD_B))
+    api.apply(slice_("lb-1", "lb", *lb_endpoints))
+
+
+def test_metrics_and_health_endpoints(env):
+    topo, api, daemon = env
+    apply_web_and_lb(api, POD_A, POD_B)
     daemon.start()
     wait_for("ready", lambda: status_of(topo, f"{HEALTH}/readyz") == 200, daemon=daemon)
     status, _, body = netns.http_get(topo.node, f"{HEALTH}/healthz")
@@ -429,18 +435,7 @@ def test_health_and_metrics_servers_turned_off_as_kube_proxy_allows(env):
     disable"): no listener on either port, the rules programmed as ever, the Services' health
     check node ports still served; and --kube-api-qps/--kube-api-burst said once at start."""
     topo, api, daemon = env
-    api.apply(service("web", WEB_IP))
-    api.apply(slice_("web-1", "web", POD_A))
-    lb = service(
-        "lb",
-        "10.96.0.20",
-        type="LoadBalancer",
-        externalTrafficPolicy="Local",
-        healthCheckNodePort=32100,
-    )
-    lb["spec"]["ports"][0]["nodePort"] = 30100
-    api.apply(lb)
-    api.apply(slice_("lb-1", "lb", POD_A))
+    apply_web_and_lb(api, POD_A)
     daemon.start(
         "--healthz-port=0",
         "--metrics-bind-address=",

@@ -19,7 +19,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 import yaml
@@ -83,6 +85,38 @@ def kube_proxy_binary(tmp: Path, script: str | None = None) -> Path:
     return path
 
 
+def start_kube_proxy(
+    topo: netns.Topology, tmp: Path, binary: Path, args: list[str]
+) -> tuple[subprocess.Popen, IO[bytes], Callable[[], str]]:
+    """kproxy started as kube-proxy's DaemonSet starts it (`binary ARGS`), in node-1 with a
+    mount namespace of its own for MOUNTS: the process, its log file, and its log so far."""
+    path = tmp / "kube-proxy.log"
+    log = open(path, "wb")  # noqa: SIM115 - closed by stop_kube_proxy
+    proc = subprocess.Popen(
+        [netns._ip(), "netns", "exec", topo.node]
+        + ["unshare", "--mount", "--propagation", "private", "sh", "-c", MOUNTS]
+        + [str(binary), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=netns.command_env(),
+    )
+    return proc, log, lambda: path.read_text(errors="replace")
+
+
+def stop_kube_proxy(proc: subprocess.Popen | None, log: IO[bytes] | None) -> None:
+    """Stop it by its pid (SIGTERM, then SIGKILL), and close its log."""
+    if proc is not None and proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    if log is not None:
+        log.close()
+
+
 def cluster(api: FakeApiServer) -> None:
     api.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}})
     api.apply(
@@ -135,19 +169,7 @@ def test_kubeadms_command_line_and_config_conf_serve_clusterip_nodeport_metrics_
             netns.run(topo.node, ["nft", f"add table {family} kube-proxy"])
             netns.run(topo.node, ["nft", f"add chain {family} kube-proxy services"])
         netns.run(topo.node, ["nft", "add table ip someone-else"])
-        log = open(tmp_path / "kube-proxy.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(
-            [netns._ip(), "netns", "exec", topo.node]
-            + ["unshare", "--mount", "--propagation", "private", "sh", "-c", MOUNTS]
-            + [str(binary), *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=netns.command_env(),
-        )
-
-        def logged() -> str:
-            return (tmp_path / "kube-proxy.log").read_text(errors="replace")
+        proc, log, logged = start_kube_proxy(topo, tmp_path, binary, args)
 
         def wait_for(what, check, timeout=30.0):
             deadline = time.monotonic() + timeout
@@ -203,15 +225,7 @@ def test_kubeadms_command_line_and_config_conf_serve_clusterip_nodeport_metrics_
         assert "config.conf changed: exiting" in logged()
         assert "-A KUBE-SERVICES" in topo.iptables_save("nat")
     finally:
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        if log is not None:
-            log.close()
+        stop_kube_proxy(proc, log)
         if api is not None:
             api.stop()
         topo.close()
@@ -237,19 +251,7 @@ def test_mode_ipvs_on_a_node_kube_proxy_ran_in_ipvs_mode_removes_its_leftovers(
         # kube-ipvs0 is a bridge here (no dummy links in this kernel): allowed for the test.
         binary = kube_proxy_binary(tmp_path, tkil.BRIDGE_AS_DUMMY)
         tkil.build_ipvs_node(topo.node)
-        log = open(tmp_path / "kube-proxy.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(
-            [netns._ip(), "netns", "exec", topo.node]
-            + ["unshare", "--mount", "--propagation", "private", "sh", "-c", MOUNTS]
-            + [str(binary), *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=netns.command_env(),
-        )
-
-        def logged() -> str:
-            return (tmp_path / "kube-proxy.log").read_text(errors="replace")
+        proc, log, logged = start_kube_proxy(topo, tmp_path, binary, args)
 
         deadline = time.monotonic() + 30
         while "kube-ipvs0" in netns.ip(topo.node, "link", "show").stdout:
@@ -280,15 +282,7 @@ def test_mode_ipvs_on_a_node_kube_proxy_ran_in_ipvs_mode_removes_its_leftovers(
         replies = netns.tcp(client.ns, netns.NODE_EXTERNAL_IP, NP_PORT, count=3, timeout=1.0)
         assert {r.pod for r in replies if r.ok} == {"a"}, replies
     finally:
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        if log is not None:
-            log.close()
+        stop_kube_proxy(proc, log)
         if api is not None:
             api.stop()
         topo.close()
