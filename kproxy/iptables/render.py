@@ -240,8 +240,7 @@ def render(
         out.jumps.append(Jump("filter", "INPUT", "-j KUBE-FIREWALL"))
         out.jumps.append(Jump("filter", "OUTPUT", "-j KUBE-FIREWALL"))
 
-    local_match(config, state.node, family.version, result.warnings)  # several CIDRs: warns
-    ctx = _context(state, config, family)
+    ctx = _context(state, config, family, result.warnings)
     index = service_ports(state, family.version, cache, result.warnings)
     ctx.large = index.total > LARGE_CLUSTER_ENDPOINTS
     result.index, result.ctx = index, ctx
@@ -306,11 +305,13 @@ def _fragment(cache: RenderCache, ctx: _Context, job: PortJob) -> _Fragment:
     )
 
 
-def _context(state: ClusterState, config: NodeConfig, family: Family) -> _Context:
+def _context(
+    state: ClusterState, config: NodeConfig, family: Family, warnings: list[str] | None = None
+) -> _Context:
     return _Context(
         family=family,
         config=config,
-        local=local_match(config, state.node, family.version),
+        local=local_match(config, state.node, family.version, warnings),
         zone=(state.node.labels.get(ZONE_LABEL, "") if state.node else ""),
         node_ips=tuple(family_ips(config.node_ips, family.version)),
     )

@@ -125,8 +125,7 @@ def render_nft(
     ip = fam.ip
     addr = fam.addr
     mark = f"0x{1 << config.masquerade_bit:08x}"
-    ctx = _context(state, config, fam)
-    local_match(config, state.node, fam.version, result.warnings)  # several CIDRs: warns
+    ctx = _context(state, config, fam, result.warnings)
 
     def vmap(name: str, key_type: str, comment: str) -> None:
         table.sets[name] = NftSet("map", f"{key_type} : verdict", comment=comment)
@@ -256,11 +255,13 @@ def _merge(table: NftTable, fragment: _Fragment, warnings: list[str], job: PortJ
             elements[key] = value
 
 
-def _context(state: ClusterState, config: NodeConfig, fam: NftFamily) -> _Context:
+def _context(
+    state: ClusterState, config: NodeConfig, fam: NftFamily, warnings: list[str] | None = None
+) -> _Context:
     return _Context(
         fam=fam,
         config=config,
-        local=local_match(config, state.node, fam.version),
+        local=local_match(config, state.node, fam.version, warnings),
         zone=state.node.labels.get(ZONE_LABEL, "") if state.node else "",
         node_ips=tuple(family_ips(config.node_ips, fam.version)),
     )
