@@ -19,6 +19,7 @@ from kproxy.mode import Mode
 from kproxy.nftables.mode import NftablesMode
 from kproxy.nftables.netlink import NetlinkBackend
 from kproxy.nftables.nft import NftBackend
+from kproxy.nftables.table import KUBE_PROXY_TABLE, TABLE, TABLE_COMMENT
 from kproxy.nodeinfo import ipv6_off
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,40 @@ def family_backends(variant: str = "auto", *, report: bool = True) -> list[Iptab
     return out
 
 
-def nft_backends(datapath: str = "netlink", *, report: bool = True) -> list[NftBackend]:
+def kproxy_tables(family: str) -> list[str]:
+    """The names kproxy's nftables tables of `family` ("ip", "ip6") have on this node: its own
+    `kproxy`, and `kube-proxy` where kproxy made that one (it ran in kube-proxy's place; its
+    comment says so). A node without nf_tables has none."""
+    from kproxy.nftables.netlink import table_comment
+
+    try:
+        found = [TABLE] if table_comment(family, TABLE) is not None else []
+        if table_comment(family, KUBE_PROXY_TABLE) == TABLE_COMMENT:
+            found.append(KUBE_PROXY_TABLE)
+    except OSError:
+        return []
+    return found
+
+
+def nft_table_here(family: str) -> str:
+    """The table a one-shot command (sync, diff, trace, cleanup, snapshot, doctor) works on
+    when not told: the one kproxy's daemon writes on this node (kproxy_tables), else
+    `kproxy`."""
+    return (kproxy_tables(family) or [TABLE])[0]
+
+
+def nft_backends(
+    datapath: str = "netlink", *, report: bool = True, table: str | None = None
+) -> list[NftBackend]:
     """The nft families ("ip", "ip6") that can be programmed on this node; as family_backends.
-    `datapath`: "netlink" (kproxy.nftables.netlink) or "nft" (the nft binary)."""
+    `datapath`: "netlink" (kproxy.nftables.netlink) or "nft" (the nft binary); `table`: the
+    table's name (None: nft_table_here)."""
     out = []
     for name in ("ip", "ip6"):
-        backend = NetlinkBackend(name) if datapath == "netlink" else NftBackend(name)
+        chosen = table or nft_table_here(name)
+        backend = (
+            NetlinkBackend(name, chosen) if datapath == "netlink" else NftBackend(name, chosen)
+        )
         problem = (ipv6_off() if backend.version == 6 else None) or backend.problem()
         if problem is not None:
             family_skipped("nftables", backend.version, problem, report)
@@ -77,6 +106,7 @@ def modes_for(
     require: bool = True,
     dry_run: bool = False,
     nft_datapath: str = "netlink",
+    nft_table: str | None = None,
 ) -> list[Mode]:
     """One Mode per IP family that can be programmed on this node in `mode` ("iptables" or
     "nftables", through `nft_datapath`); `report` logs the families skipped. Raises
@@ -84,7 +114,7 @@ def modes_for(
     never change the kernel."""
     families: list[Mode]
     if mode == "nftables":
-        backends = nft_backends(nft_datapath, report=report)
+        backends = nft_backends(nft_datapath, report=report, table=nft_table)
         families = [NftablesMode(b, dry_run) for b in backends]
     else:
         families = [
@@ -95,10 +125,22 @@ def modes_for(
     return families
 
 
+def all_nft_tables(dry_run: bool = False) -> list[Mode]:
+    """nftables mode over every table of kproxy's this node can have: `kproxy` in each family
+    that can be programmed, and the `kube-proxy` tables kproxy made (kproxy_tables)."""
+    out: list[Mode] = []
+    for backend in nft_backends(report=False, table=TABLE):
+        out.append(NftablesMode(backend, dry_run))
+        if KUBE_PROXY_TABLE in kproxy_tables(backend.family):
+            out.append(NftablesMode(NetlinkBackend(backend.family, KUBE_PROXY_TABLE), dry_run))
+    return out
+
+
 def other_mode(mode: str, iptables_backend: str = "auto") -> list[Mode]:
-    other = "iptables" if mode == "nftables" else "nftables"
     # What the other mode cannot program it cannot have left either: nothing to report.
-    return modes_for(other, iptables_backend, report=False, require=False)
+    if mode == "iptables":
+        return all_nft_tables()
+    return modes_for("iptables", iptables_backend, report=False, require=False)
 
 
 def remove_other_mode(mode: str, iptables_backend: str = "auto") -> None:

@@ -65,10 +65,14 @@ def test_nftables_scope_is_everything_in_the_kproxy_table_of_the_family():
         Change("add", "rule", "ip", "calico", "cali-x"),
         Change("delete", "rule", "ip", "nat", "KUBE-SERVICES"),
     ]
-    scope = nft_repair.scope_of(changes, "ip")
+    scope = nft_repair.scope_of(changes, "ip", "kproxy")
     assert set(scope.objects) == {("chain", "services"), ("set", "service-ips"), ("chain", "foo")}
-    assert nft_repair.scope_of([Change("delete", "table", "ip", "kproxy")], "ip").whole
-    assert not nft_repair.scope_of(changes[4:], "ip")
+    assert nft_repair.scope_of([Change("delete", "table", "ip", "kproxy")], "ip", "kproxy").whole
+    assert not nft_repair.scope_of(changes[4:], "ip", "kproxy")
+    # In kube-proxy's place kproxy's table is `kube-proxy`: `kproxy` is then another's.
+    assert not nft_repair.scope_of(changes, "ip", "kube-proxy")
+    moved = [Change(c.verb, c.kind, c.family, "kube-proxy", c.name) for c in changes[:4]]
+    assert nft_repair.scope_of(moved, "ip", "kube-proxy").objects == scope.objects
 
 
 def test_a_repair_is_summed_up_in_one_phrase():

@@ -15,6 +15,8 @@ from kproxy import nodeinfo
 from kproxy.cli import dropin
 from kproxy.cli.flags import KUBE_PROXY_FLAGS, build_parser
 from kproxy.cli.proxyconfig import NF_CONNTRACK_MAX, ConfigError
+from kproxy.nftables.mode import NftablesMode
+from kproxy.nftables.nft import NftBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
@@ -613,29 +615,41 @@ def test_a_changed_config_file_stops_the_daemon_as_kube_proxys_does(tmp_path):
     assert not watch.changed
 
 
-def fake_nft(tmp_path: Path, present: str) -> tuple[str, Path]:
-    """An `nft` that has `table <present> kube-proxy` only and records its calls."""
+def fake_nft(tmp_path: Path, present: set[str]) -> tuple[str, Path]:
+    """An `nft` that has only the tables `present` ("ip6 kube-proxy", ...) and records its
+    calls."""
     calls = tmp_path / "calls"
     nft = tmp_path / "nft"
+    cases = " | ".join(f'"list table {t}"' for t in sorted(present)) or '"none"'
     nft.write_text(
         "#!/bin/sh\n"
         f'echo "$*" >> {calls}\n'
-        f'[ "$1" = list ] && [ "$3" != {present} ] && exit 1\n'
+        f'case "$*" in {cases}) exit 0 ;; list*) exit 1 ;; esac\n'
         "exit 0\n"
     )
     nft.chmod(0o755)
     return str(nft), calls
 
 
-def test_kube_proxys_nftables_tables_are_removed_and_nothing_else(tmp_path):
-    nft, calls = fake_nft(tmp_path, "ip6")
-    assert dropin.remove_kube_proxy_tables(nft) == ["ip6"]
+def test_the_nftables_tables_the_proxy_before_left_are_removed_and_nothing_else(tmp_path):
+    nft, calls = fake_nft(tmp_path, {"ip6 kube-proxy", "ip kproxy", "ip other"})
+    assert dropin.remove_nft_tables(nft) == ["ip kproxy", "ip6 kube-proxy"]
     assert calls.read_text().splitlines() == [
         "list table ip kube-proxy",
+        "list table ip kproxy",
+        "delete table ip kproxy",
         "list table ip6 kube-proxy",
         "delete table ip6 kube-proxy",
+        "list table ip6 kproxy",
     ]
-    assert dropin.remove_kube_proxy_tables(str(tmp_path / "no-nft")) == []
+    assert dropin.remove_nft_tables(str(tmp_path / "no-nft")) == []
+
+
+def test_the_table_the_daemon_writes_in_kube_proxys_place_stays(tmp_path):
+    nft, calls = fake_nft(tmp_path, {"ip kube-proxy", "ip kproxy"})
+    keep = frozenset({("ip", "kube-proxy"), ("ip6", "kube-proxy")})
+    assert dropin.remove_nft_tables(nft, keep) == ["ip kproxy"]
+    assert "delete table ip kube-proxy" not in calls.read_text()
 
 
 def test_kube_proxys_tables_wait_for_the_first_full_sync(tmp_path, monkeypatch):
@@ -643,22 +657,27 @@ def test_kube_proxys_tables_wait_for_the_first_full_sync(tmp_path, monkeypatch):
     import time
 
     removed = threading.Event()
-    monkeypatch.setattr(dropin, "remove_kube_proxy_tables", lambda: removed.set())
+    kept = []
+    monkeypatch.setattr(
+        dropin, "remove_nft_tables", lambda keep: (kept.append(keep), removed.set())
+    )
 
     class Health:
         ready = False
 
     health, stop = Health(), threading.Event()
-    thread = dropin.after_first_sync(health, stop, interval=0.02)
+    mode = NftablesMode(NftBackend("ip", "kube-proxy"))
+    thread = dropin.after_first_sync(health, stop, [mode], interval=0.02)
     time.sleep(0.2)
     assert not removed.is_set()  # no sync yet: kube-proxy's rules still serve
     health.ready = True
     assert removed.wait(5)
     thread.join(5)
+    assert kept == [frozenset({("ip", "kube-proxy")})]  # its own table is not a leftover
     # Stopped before any sync: nothing removed.
     removed.clear()
     health.ready = False
-    thread = dropin.after_first_sync(health, stop, interval=0.02)
+    thread = dropin.after_first_sync(health, stop, [], interval=0.02)
     stop.set()
     thread.join(5)
     assert not thread.is_alive() and not removed.is_set()

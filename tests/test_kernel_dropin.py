@@ -34,6 +34,8 @@ import test_kernel_manifests as tkm  # noqa: E402
 import test_manifests as tm  # noqa: E402
 from fake_apiserver import FakeApiServer  # noqa: E402
 
+from kproxy.nftables.render import hash_name  # noqa: E402
+
 pytestmark = pytest.mark.kernel
 
 WEB_IP, NP_PORT = "10.96.0.10", 30080
@@ -269,7 +271,7 @@ def test_mode_ipvs_on_a_node_kube_proxy_ran_in_ipvs_mode_removes_its_leftovers(
             time.sleep(0.2)
         tkil.assert_ipvs_gone(topo.node)
         # nftables mode: kube-proxy's chains shared with iptables mode went too.
-        assert netns.nft_table(topo.node) is not None
+        assert netns.nft_table(topo.node, table="kube-proxy") is not None  # kproxy's
         assert "KUBE-SERVICES" not in topo.iptables_save("nat")
         text = logged()
         assert text.count("removed kube-proxy's IPVS-mode interface kube-ipvs0") == 1, text
@@ -334,4 +336,91 @@ def test_init_only_sets_the_sysctls_and_exits_and_cleanup_removes_the_rules(
         assert res.returncode == 0, res.stdout + res.stderr
         assert "KUBE-SERVICES" not in topo.iptables_save("nat")
     finally:
+        topo.close()
+
+
+# What kube-proxy's nftables mode left on the node, as it writes it: its comment, its base
+# chain, a Service chain sending the ClusterIP to pod b (stale: the Service's endpoint is pod
+# a now), and an affinity set.
+SVC_CHAIN = "service-" + hash_name("default/web/tcp/http")
+AFFINITY = "affinity-" + hash_name("default/web/tcp/http__10.244.1.3/8080")
+KUBE_PROXY_NFTABLES = f"""
+add table ip kube-proxy {{ comment "rules for kube-proxy" ; }}
+add chain ip kube-proxy nat-prerouting {{ type nat hook prerouting priority -100 ; }}
+add chain ip kube-proxy services
+add chain ip kube-proxy {SVC_CHAIN}
+add set ip kube-proxy {AFFINITY} {{ type ipv4_addr ; flags dynamic,timeout ; timeout 3h ; }}
+add rule ip kube-proxy nat-prerouting jump services
+add rule ip kube-proxy services ip daddr {WEB_IP} tcp dport 80 goto {SVC_CHAIN}
+add rule ip kube-proxy {SVC_CHAIN} meta l4proto tcp dnat to 10.244.1.3:8080
+"""
+
+
+def test_in_kube_proxys_place_nftables_mode_writes_kube_proxys_table_for_a_one_command_way_back(
+    kernel_support: None, tmp_path: Path
+):
+    """kubeadm's file with `mode: nftables` on a node whose kube-proxy ran nftables mode (its
+    `kube-proxy` table, with a stale Service chain) and where an earlier kproxy left its
+    `kproxy` table: kproxy takes kube-proxy's table over in one transaction (made anew, with
+    kproxy's comment; nothing of the old left), removes its own old table after the first
+    sync, and serves. Then the way back, one image swap: kproxy stops (the rules stay and
+    serve), and kube-proxy's start in iptables mode deletes the `kube-proxy` tables
+    (upstream's platformCleanup -> nftables.CleanupLeftovers): nothing of kproxy's is left.
+    (Its nftables mode takes the table over instead: tests/test_nft.py checks the table
+    holds only what upstream's sync rewrites or removes.)"""
+    if netns.which("unshare") is None:
+        pytest.skip("util-linux `unshare` is not installed")
+    topo = netns.build(pods=(("a", 2), ("b", 3), ("c", 4)), clients=1)
+    api = proc = log = None
+    try:
+        topo.start_server(topo.pods["a"], tcp=[8080])
+        topo.start_server(topo.pods["c"], tcp=[8080])
+        api = netns.call_in(topo.node, lambda: FakeApiServer(host="127.0.0.1").start())
+        cluster(api)
+        _, args = kubeadm_dropin(tmp_path, api.url, mode="nftables")
+        netns.run(topo.node, ["nft", "-f", "-"], input=KUBE_PROXY_NFTABLES)
+        netns.run(topo.node, ["nft", 'add table ip kproxy { comment "rules for kproxy" ; }'])
+        netns.run(topo.node, ["nft", "add chain ip kproxy services"])
+        # Before: kube-proxy's stale rules send the ClusterIP to pod b (nothing listens).
+        replies = topo.tcp(topo.pods["c"].ns, WEB_IP, 80, count=1, timeout=1.0)
+        assert not any(r.ok for r in replies), replies
+        proc, log, logged = start_kube_proxy(topo, tmp_path, kube_proxy_binary(tmp_path), args)
+        deadline = time.monotonic() + 30
+        while "ip kproxy" in netns.nft_tables(topo.node):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the old kproxy table is still there\n{logged()[-3000:]}")
+            time.sleep(0.2)
+        # Both families (the test's namespaces have IPv6): kube-proxy's name only.
+        assert sorted(netns.nft_tables(topo.node)) == ["ip kube-proxy", "ip6 kube-proxy"]
+        table = netns.nft_table(topo.node, table="kube-proxy")
+        assert 'comment "rules for kproxy"' in table
+        assert "10.244.1.3" not in table and "affinity-" not in table  # nothing stale stayed
+        assert SVC_CHAIN in table  # upstream's names, kproxy's rules
+        replies = topo.tcp(topo.pods["c"].ns, WEB_IP, 80, count=3, timeout=1.0)
+        assert {r.pod for r in replies if r.ok} == {"a"}, replies
+        client = topo.clients["client"]
+        replies = netns.tcp(client.ns, netns.NODE_EXTERNAL_IP, NP_PORT, count=3, timeout=1.0)
+        assert {r.pod for r in replies if r.ok} == {"a"}, replies
+        # A one-shot command on the node finds the table kproxy writes there.
+        diff = netns.run(
+            topo.node,
+            [sys.executable, "-m", "kproxy", "diff", "--mode", "nftables", "--master", api.url]
+            + ["--node-name", "node-1", "--cluster-cidr", "10.244.0.0/16"]
+            + ["--lock-file", str(tmp_path / "diff.lock")],
+            check=False,
+        )
+        assert diff.returncode == 0, diff.stdout + diff.stderr
+        # The way back: the image swapped back, kproxy's pod stops; its rules stay and serve.
+        stop_kube_proxy(proc, log)
+        proc = log = None
+        replies = topo.tcp(topo.pods["c"].ns, WEB_IP, 80, count=3, timeout=1.0)
+        assert {r.pod for r in replies if r.ok} == {"a"}, replies
+        # kube-proxy starts in iptables mode: its cleanup of nftables mode's rules.
+        for family in ("ip", "ip6"):
+            netns.run(topo.node, ["nft", f"delete table {family} kube-proxy"], check=False)
+        assert netns.nft_tables(topo.node) == []
+    finally:
+        stop_kube_proxy(proc, log)
+        if api is not None:
+            api.stop()
         topo.close()

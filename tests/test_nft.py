@@ -88,6 +88,29 @@ def test_plan_from_nothing_then_nothing_to_do():
     assert plan_table(table, copy.deepcopy(table)).empty()
 
 
+def test_a_table_another_program_made_is_made_anew_in_the_same_transaction():
+    """kube-proxy's own `kube-proxy` table, taken over in its place: its comment is not
+    kproxy's, and the kernel never changes a table's comment, so the plan deletes the table
+    and makes it whole, in one transaction; afterwards nothing is left to do."""
+    table = render(generate(20, 3)).table
+    theirs = copy.deepcopy(table)
+    theirs.comment = "rules for kube-proxy"
+    theirs.chains["service-OLD-default/gone/tcp/http"] = NftChain(
+        ["meta l4proto tcp dnat to 1.2.3.4"]
+    )
+    p = plan_table(table, theirs, "kube-proxy")
+    assert p.lines[:2] == [
+        "delete table ip kube-proxy",
+        'add table ip kube-proxy { comment "rules for kproxy" ; }',
+    ]
+    assert p.created == len(table.chains) and "gone" not in p.text()
+    assert all(line.split()[2:4] == ["ip", "kube-proxy"] for line in p.lines)  # its name
+    # A table kproxy made (its comment) is planned in place as ever, under either name.
+    assert plan_table(table, copy.deepcopy(table), "kube-proxy").empty()
+    assert plan_table(table, theirs)  # not empty: `kproxy`, the default name, likewise
+    assert not plan_table(table, None, "kube-proxy").ops[0] == ("deltable",)
+
+
 def test_one_endpoint_change_sends_only_that_service():
     objects = generate(200, 5)
     before = render(objects).table

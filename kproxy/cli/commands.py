@@ -13,7 +13,13 @@ from contextlib import AbstractContextManager
 
 from kproxy import nodeinfo
 from kproxy.errors import ApplyError, NoFamilyError
-from kproxy.families import family_backends, modes_for, remove_other_mode
+from kproxy.families import (
+    all_nft_tables,
+    family_backends,
+    modes_for,
+    nft_table_here,
+    remove_other_mode,
+)
 from kproxy.iptables.plan import full_table
 from kproxy.iptables.render import IPV4, IPV6, Family, render
 from kproxy.iptables.restore import IptablesBackend, IptablesError, detect_variant
@@ -24,7 +30,7 @@ from kproxy.mode import sync_families
 from kproxy.model import ClusterState, NodeConfig
 from kproxy.nftables.nft import NftBackend
 from kproxy.nftables.render import NFT_IPV4, NFT_IPV6, render_nft
-from kproxy.nftables.table import NftTable
+from kproxy.nftables.table import KUBE_PROXY_TABLE, TABLE, NftTable
 from kproxy.nftables.trace import NftTracer
 from kproxy.recovery import restore as recovery
 from kproxy.recovery.cleanup import cleanup
@@ -119,7 +125,11 @@ def _sync_once(
 
     try:
         families = modes_for(
-            args.mode, args.iptables_backend, dry_run=dry_run, nft_datapath=args.nftables_datapath
+            args.mode,
+            args.iptables_backend,
+            dry_run=dry_run,
+            nft_datapath=args.nftables_datapath,
+            nft_table=args.nft_table,
         )
     except NoFamilyError as err:
         log.error("%s", err)
@@ -196,6 +206,8 @@ def run_daemon(args: argparse.Namespace) -> int:
     if resolved.init_only:  # kube-proxy --init-only: the privileged part (sysctls), then exit
         node_config(args, ClusterState(), apply=True, resolve_nodeports=False)
         return EXIT_OK
+    # In kube-proxy's place (README "Replacing kube-proxy"): its --config, or its entry point.
+    in_place = bool(args.kp_config) or args.as_kube_proxy
     opts = DaemonOptions(
         node_name=args.node_name,
         # The node IPs and NodePort addresses are the daemon's to work out at each full sync.
@@ -220,6 +232,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         api_wait=args.api_wait,
         lock_file=args.lock_file or None,
         mode=args.mode,
+        nft_table=args.nft_table or (KUBE_PROXY_TABLE if in_place else TABLE),
     )
     try:
         if opts.lock_file:
@@ -230,9 +243,10 @@ def run_daemon(args: argparse.Namespace) -> int:
         log.error("%s", err)
         return EXIT_ERROR
     watch = None
-    if args.kp_config:  # in kube-proxy's place (README "Replacing kube-proxy")
+    if args.kp_config:
         watch = dropin.ConfigWatch(args.kp_config, daemon.stop_event)
-        dropin.after_first_sync(daemon.health, daemon.stop_event)
+    if in_place:
+        dropin.after_first_sync(daemon.health, daemon.stop_event, daemon.reconciler.families)
     status = daemon.run()
     return EXIT_FAILED if watch is not None and watch.changed else status
 
@@ -276,6 +290,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
                 backends if args.mode != "nftables" else [],
                 args.node_name,
                 nft_mode=args.mode != "iptables",
+                nft_table=args.nft_table,
             )
         write_atomically(args.out, text)
     except (LockError, IptablesError) as err:
@@ -307,7 +322,9 @@ def run_restore(args: argparse.Namespace) -> int:
     backends = family_backends(args.iptables_backend)
     try:
         with _locked(args, "restore"):
-            results = recovery.restore(snap, backends, dry_run=args.dry_run)
+            results = recovery.restore(
+                snap, backends, dry_run=args.dry_run, nft_table=args.nft_table
+            )
     except LockError as err:
         log.error("%s", err)
         return EXIT_ERROR
@@ -338,7 +355,16 @@ def run_cleanup(args: argparse.Namespace) -> int:
     if args.mode != "iptables":
         # nftables mode's tables are looked for on any node that can have them; one that
         # cannot has none to remove, which is no news.
-        families += modes_for("nftables", report=False, require=False, dry_run=args.dry_run)
+        if args.nft_table:
+            families += modes_for(
+                "nftables",
+                report=False,
+                require=False,
+                dry_run=args.dry_run,
+                nft_table=args.nft_table,
+            )
+        else:  # every table kproxy made here, under either name
+            families += all_nft_tables(dry_run=args.dry_run)
     # kube-proxy's IPVS-mode leftovers go in every mode, as `kube-proxy --cleanup` removes them.
     ipvs_backends = family_backends(args.iptables_backend, report=False)
     try:
@@ -355,7 +381,7 @@ def run_cleanup(args: argparse.Namespace) -> int:
             sys.stdout.write(f"# {family}\n{sent}")
         else:
             removed = (
-                "the kproxy table"
+                sent.strip().removeprefix("delete ")  # "table ip kproxy"
                 if "delete table" in sent
                 else (f"{sent.count(chr(10) + '-X ')} chains")
             )
@@ -374,7 +400,8 @@ def _tracer(
     if args.mode == "nftables":
         nft_family = NFT_IPV4 if family.version == 4 else NFT_IPV6
         if args.live:
-            table = NftBackend(nft_family.name).read() or NftTable(nft_family.name)
+            name = args.nft_table or nft_table_here(nft_family.name)
+            table = NftBackend(nft_family.name, name).read() or NftTable(nft_family.name)
         else:
             table = render_nft(state, config, nft_family).table
         return NftTracer(table, local)

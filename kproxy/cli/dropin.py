@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from kproxy.cli import proxyconfig
 from kproxy.cli.flags import KUBE_PROXY_FLAGS, kube_proxy_dest
+from kproxy.nftables.table import KUBE_PROXY_TABLE, TABLE
 from kproxy.recovery.restore import DEFAULT_SNAPSHOT_DIR
 from kproxy.sources.cache import DEFAULT_STATE_CACHE
 from kproxy.sources.ratelimit import client_go_limits
@@ -503,47 +504,61 @@ class ConfigWatch:
                 return
 
 
-def remove_kube_proxy_tables(nft: str = "nft") -> list[str]:
-    """Delete kube-proxy's nftables-mode tables (`ip kube-proxy`, `ip6 kube-proxy`), which
-    kproxy never writes (its own is `kproxy`): the families removed. As upstream's
-    platformCleanup removes the other mode's rules, for a node whose kube-proxy ran nftables."""
+def remove_nft_tables(
+    nft: str = "nft", keep: frozenset[tuple[str, str]] = frozenset()
+) -> list[str]:
+    """Delete the nftables tables `kube-proxy` (kube-proxy's nftables mode's) and `kproxy`
+    (kproxy's own, outside kube-proxy's place) of both families, but those in `keep` (the
+    (family, name) the daemon writes): "family name" of each removed. As upstream's
+    platformCleanup removes the other mode's rules, for a node whose proxy ran nftables."""
     removed = []
     for family in ("ip", "ip6"):
-        try:
-            probe = subprocess.run(
-                [nft, "list", "table", family, "kube-proxy"], capture_output=True, timeout=60
+        for name in (KUBE_PROXY_TABLE, TABLE):
+            if (family, name) in keep:
+                continue
+            try:
+                probe = subprocess.run(
+                    [nft, "list", "table", family, name], capture_output=True, timeout=60
+                )
+            except (OSError, subprocess.SubprocessError):
+                return removed  # no nft on this node: no such table either
+            if probe.returncode != 0:
+                continue
+            res = subprocess.run(
+                [nft, "delete", "table", family, name],
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
-        except (OSError, subprocess.SubprocessError):
-            return removed  # no nft on this node: no such table either
-        if probe.returncode != 0:
-            continue
-        res = subprocess.run(
-            [nft, "delete", "table", family, "kube-proxy"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if res.returncode == 0:
-            removed.append(family)
-            log.info("removed kube-proxy's nftables table (%s kube-proxy)", family)
-        else:
-            log.warning(
-                "could not remove kube-proxy's nftables table (%s kube-proxy): %s",
-                family,
-                " ".join(res.stderr.split()),
-            )
+            if res.returncode == 0:
+                removed.append(f"{family} {name}")
+                log.info("removed the nftables table %s %s, left by the proxy before", family, name)
+            else:
+                log.warning(
+                    "could not remove the nftables table %s %s: %s",
+                    family,
+                    name,
+                    " ".join(res.stderr.split()),
+                )
     return removed
 
 
-def after_first_sync(health, stop: threading.Event, interval: float = 0.5) -> threading.Thread:
+def after_first_sync(
+    health, stop: threading.Event, families: list, interval: float = 0.5
+) -> threading.Thread:
     """Once the daemon's first full sync is done (`health.ready`: its rules are in place),
-    remove kube-proxy's nftables tables: never before, so no Service is ever without rules."""
+    remove the nftables tables kube-proxy (or kproxy outside kube-proxy's place) left, but
+    the one the daemon's `families` write: never before, so no Service is ever without
+    rules."""
+    keep = frozenset(
+        (f.backend.family, f.table) for f in families if getattr(f, "mode", "") == "nftables"
+    )
 
     def run() -> None:
         while not health.ready:
             if stop.wait(interval):
                 return
-        remove_kube_proxy_tables()
+        remove_nft_tables(keep=keep)
 
     thread = threading.Thread(target=run, name="kube-proxy-leftovers", daemon=True)
     thread.start()

@@ -9,21 +9,26 @@ import socket
 
 from kproxy import __version__
 from kproxy.localdetect import INTERFACE_NAME, MODES
+from kproxy.nftables.table import KUBE_PROXY_TABLE, TABLE
 from kproxy.recovery.lockfile import DEFAULT_LOCK_FILE, DEFAULT_LOCK_WAIT
 from kproxy.recovery.restore import DEFAULT_SNAPSHOT_DIR
 from kproxy.sources.cache import DEFAULT_STATE_CACHE
 
 # `run --help` groups its flags as kube-proxy's documentation does: key -> (title, description).
+NFT_TABLES = (TABLE, KUBE_PROXY_TABLE)
+NFT_TABLE_HELP = (
+    "nftables mode's table (default: the one kproxy's daemon writes on this node, else kproxy)"
+)
+
 RUN_GROUPS = {
     "api": ("API server", "where the cluster's Services and EndpointSlices are read"),
     "proxy": ("modes and iptables", "what the rules do, and how often they are synced"),
     "nft": (
         "nftables",
-        "In nftables mode (--mode nftables) kproxy programs one `kproxy` table (ip and ip6) "
-        "in one nft "
-        "transaction per sync; it has no flags of its own: its sync periods are "
-        "--iptables-sync-period and --iptables-min-sync-period, and the flags above apply "
-        "to it unless they say iptables mode only",
+        "In nftables mode (--mode nftables) kproxy programs one table (ip and ip6) in one "
+        "transaction per sync: `kproxy`, or `kube-proxy` in kube-proxy's place. Its sync "
+        "periods are --iptables-sync-period and --iptables-min-sync-period, and the flags "
+        "above apply to it unless they say iptables mode only",
     ),
     "serve": ("health and metrics", None),
     "recovery": ("recovery", "what kproxy keeps to rebuild the rules without the API server"),
@@ -211,6 +216,15 @@ def _add_proxy_flags(p: argparse.ArgumentParser, g: _Groups | None = None) -> No
         help="nftables mode: write and read the kproxy table over netlink (default; one change "
         "in milliseconds) or through the nft binary (the reference, and the fallback)",
     )
+    g("nft").add_argument(
+        "--nft-table",
+        choices=NFT_TABLES,
+        default=None,
+        help="nftables mode's table: kproxy's own (`kproxy`), or kube-proxy's (`kube-proxy`, "
+        "so kube-proxy's start takes it over or removes it: the way back is one image swap). "
+        "Default: `kube-proxy` in kube-proxy's place (--config, or run as kube-proxy), else "
+        "`kproxy`; a one-shot command finds the one kproxy wrote on this node",
+    )
     g("log").add_argument("-v", "--verbose", action="store_true", help="debug logs (default off)")
 
 
@@ -301,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         "mode, with a warning (default iptables)",
     )
     _add_proxy_flags(p_run, run)
+    # Set by the image's kube-proxy entry point: kproxy then runs in kube-proxy's place.
+    p_run.add_argument("--as-kube-proxy", action="store_true", help=argparse.SUPPRESS)
     _add_api_flags(p_run, run)
     _add_lock_flag(p_run, wait=False, g=run)  # the daemon postpones a sync it cannot lock
     run("recovery").add_argument(
@@ -551,6 +567,7 @@ def _add_backend_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto")
     p.add_argument("--nftables-datapath", choices=("netlink", "nft"), default="netlink")
+    p.add_argument("--nft-table", choices=NFT_TABLES, default=None, help=NFT_TABLE_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs (default off)")
 
 

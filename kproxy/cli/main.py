@@ -114,7 +114,7 @@ def kube_proxy_main(argv: list[str] | None = None) -> int:
 
         print(f"kproxy {__version__} (as kube-proxy)")
         return commands.EXIT_OK
-    return main(["run", *argv])
+    return main(["run", "--as-kube-proxy", *argv])
 
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -143,6 +143,7 @@ class DaemonOptions:
     lock_file: str | None = None
     mode: str = "iptables"
     nft_datapath: str = "netlink"  # nftables mode: "netlink" or "nft"
+    nft_table: str = "kproxy"  # nftables mode's table ("kube-proxy" in kube-proxy's place)
     # --nodeport-addresses as given (CIDRs, "primary"): resolved at every full sync; the node
     # IPs are config.node_ips (--node-ip) or else the watched Node's.
     nodeport_addresses: tuple[str, ...] = ()
@@ -157,7 +158,9 @@ class Daemon:
         # The families this node can program (NoFamilyError when none): health tracks only
         # those, or a node without IPv6 would report an IPv6 "never updated" and be restarted
         # by its liveness probe over and over.
-        families = modes_for(opts.mode, opts.backend, nft_datapath=opts.nft_datapath)
+        families = modes_for(
+            opts.mode, opts.backend, nft_datapath=opts.nft_datapath, nft_table=opts.nft_table
+        )
         self.health = ProxyHealth(opts.sync_period, families=[fam.name for fam in families])
         self.service_health = ServiceHealthServers(self.health)
         self._other_mode_removed = False

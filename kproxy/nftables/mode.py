@@ -21,17 +21,18 @@ from kproxy.nftables.render import (
     render_nft_delta,
 )
 from kproxy.nftables.sync import describe_nft, sync_nft
-from kproxy.nftables.table import TABLE, NftTable
+from kproxy.nftables.table import NftTable
 from kproxy.ports import Delta
 from kproxy.rendercache import RenderCache
 
 
 class NftablesMode(Mode):
     mode = "nftables"
-    tables = (TABLE,)
 
     def __init__(self, backend: NftBackend, dry_run: bool = False) -> None:
         self.backend = backend
+        self.table = backend.table
+        self.tables = (backend.table,)
         self.dry_run = dry_run
         self.family = NFT_IPV4 if backend.family == "ip" else NFT_IPV6
         self.name = f"IPv{self.family.version}"
@@ -52,7 +53,7 @@ class NftablesMode(Mode):
         r = render_nft(state, config, self.family, cache=self.cache)
         self._candidate = r
         self.rules = r.table.rule_count()
-        return Rendered(r.table, r.warnings, r.no_local_endpoints, {TABLE: self.rules})
+        return Rendered(r.table, r.warnings, r.no_local_endpoints, {self.table: self.rules})
 
     def render_delta(
         self, state: ClusterState, config: NodeConfig, changed: set[tuple[str, str]]
@@ -78,14 +79,14 @@ class NftablesMode(Mode):
             False,
             describe_nft(result),
             text,
-            {TABLE: result.plan.size()},
+            {self.table: result.plan.size()},
             [(False, text)] if text else [],
         )
         rendered = Rendered(
             new,
             delta.result.warnings,
             dict(delta.result.no_local_endpoints),
-            {TABLE: self.rules},
+            {self.table: self.rules},
         )
         return outcome, rendered
 
@@ -112,7 +113,7 @@ class NftablesMode(Mode):
             result.read_kernel,
             describe_nft(result),
             result.plan.text,  # formatted only when asked for (diff)
-            {TABLE: result.plan.size()},
+            {self.table: result.plan.size()},
             sent,
         )
 
@@ -121,7 +122,7 @@ class NftablesMode(Mode):
         self.last = self.record = None
 
     def drift_scope(self, changes: Iterable[Change]) -> DriftScope:
-        return repair.scope_of(changes, self.family.name)
+        return repair.scope_of(changes, self.family.name, self.table)
 
     def repair(self, scope: DriftScope) -> Repair | None:
         if self.record is None or self.dry_run:
@@ -137,18 +138,20 @@ class NftablesMode(Mode):
         return done
 
     def missing_canaries(self) -> list[str]:
-        return [] if self.backend.exists() else [f"{self.name} table {self.family.name} {TABLE}"]
+        return (
+            [] if self.backend.exists() else [f"{self.name} table {self.family.name} {self.table}"]
+        )
 
     def owned_ruleset(self) -> None:
         return None  # the daemon does not snapshot nftables mode's table (yet)
 
     def remove_all(self) -> Outcome:
-        """Delete the kproxy table of this family."""
+        """Delete kproxy's table of this family."""
         present = self.backend.exists()
         if present and not self.dry_run:
             self.backend.delete_table()
         self.forget()
-        text = f"delete table {self.family.name} {TABLE}\n" if present else ""
+        text = f"delete table {self.family.name} {self.table}\n" if present else ""
         return Outcome(present, True, "table deleted" if present else "no table", text)
 
     def present(self) -> bool:

@@ -59,9 +59,9 @@ class _Wire:
 class NetlinkBackend(NftBackend):
     """The kproxy table of one family over netlink; NftBackend's interface."""
 
-    def __init__(self, family: str) -> None:
-        super().__init__(family)
-        object.__setattr__(self, "_state", _State(family))
+    def __init__(self, family: str, table: str = TABLE) -> None:
+        super().__init__(family, table)
+        object.__setattr__(self, "_state", _State(family, table))
 
     @property
     def datapath(self) -> str:
@@ -76,7 +76,7 @@ class NetlinkBackend(NftBackend):
             return
         st = self._state
         sets = dict(desired.sets) if desired is not None else {}
-        before = oracle.listing(self.family) if oracle.namespace() else None
+        before = oracle.listing(self.family, table=self.table) if oracle.namespace() else None
         st.verified_gen = None
         try:
             with NetlinkSocket() as sock, _no_gc():
@@ -122,7 +122,17 @@ class NetlinkBackend(NftBackend):
 
     def exists(self) -> bool:
         with NetlinkSocket() as sock:
-            return bool(_get_table(sock, self._state.nfproto))
+            return bool(_get_table(sock, self._state.nfproto, self.table))
+
+
+def table_comment(family: str, table: str) -> str | None:
+    """The comment of the nf_tables table `family` `table` ("" for none; None: no such
+    table), over netlink: one request, whatever the table holds."""
+    with NetlinkSocket() as sock:
+        answer = _get_table(sock, m.NFPROTO[family], table)
+    if not answer:
+        return None
+    return _udata_comment(m.parse_attrs(answer[0], 4).get(m.NFTA_TABLE_USERDATA)) or ""
 
     def read_objects(self, chains: set[str], sets: set[str], hint: NftTable) -> NftTable | None:
         """Only these chains and sets of the kernel's kproxy table (None: there is no table),
@@ -179,18 +189,18 @@ def _next_generation(gen: int) -> int:
     return (gen + 1) & 0xFFFFFFFF or 1
 
 
-def _get_table(sock: NetlinkSocket, nfproto: int) -> list[bytes]:
-    return sock.request(m.NFT_MSG_GETTABLE, nfproto, m.strz(m.NFTA_TABLE_NAME, TABLE))
+def _get_table(sock: NetlinkSocket, nfproto: int, table: str) -> list[bytes]:
+    return sock.request(m.NFT_MSG_GETTABLE, nfproto, m.strz(m.NFTA_TABLE_NAME, table))
 
 
 class _State:
     """What a NetlinkBackend keeps between calls (the backend itself is a frozen dataclass)."""
 
-    def __init__(self, family: str) -> None:
-        self.family = family
+    def __init__(self, family: str, table: str) -> None:
+        self.family, self.table = family, table
         self.nfproto = m.NFPROTO[family]
         self.rules = RuleEncoder(family)
-        self.encoder = BatchEncoder(family, self.rules)
+        self.encoder = BatchEncoder(family, self.rules, table)
         self.keys = KeyEncoder(family)
         self.wire: dict[int, _Wire] = {}
         self.warned = False
@@ -212,16 +222,16 @@ class _State:
         return w
 
     def read(self, sock: NetlinkSocket, hint: NftTable | None) -> NftTable | None:
-        answer = _get_table(sock, self.nfproto)
+        answer = _get_table(sock, self.nfproto, self.table)
         if not answer:
             return None
         tattrs = m.parse_attrs(answer[0], 4)
         table = NftTable(self.family, comment=_udata_comment(tattrs.get(m.NFTA_TABLE_USERDATA)))
         want_chains = hint.chains if hint is not None else {}
         want_sets = hint.sets if hint is not None else {}
-        table_attr = m.strz(1, TABLE)
+        table_attr = m.strz(1, self.table)
 
-        table_name = TABLE.encode() + b"\0"
+        table_name = self.table.encode() + b"\0"
         anon_elements: dict[str, list] = {}
         with_elements: list[tuple[str, NftSet | None, int]] = []  # (name, set, key length)
         for payload in sock.dump(m.NFT_MSG_GETSET, self.nfproto, table_attr):
@@ -274,11 +284,11 @@ class _State:
     def read_objects(
         self, sock: NetlinkSocket, chains: set[str], sets: set[str], hint: NftTable
     ) -> NftTable | None:
-        if not _get_table(sock, self.nfproto):
+        if not _get_table(sock, self.nfproto, self.table):
             return None
         # The table is there; its comment is not what a repair is about.
         table = NftTable(self.family, comment=hint.comment)
-        table_attr = m.strz(1, TABLE)
+        table_attr = m.strz(1, self.table)
         for name in sorted(sets):
             got = sock.request(m.NFT_MSG_GETSET, self.nfproto, table_attr + m.strz(2, name))
             if not got:

@@ -1,4 +1,4 @@
-"""Run `nft` for the `kproxy` table: one transaction per apply, listing to verify."""
+"""Run `nft` for kproxy's table: one transaction per apply, listing to verify."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class NftError(ApplyError):
 @dataclass(frozen=True)
 class NftBackend:
     family: str  # "ip" or "ip6"
+    table: str = TABLE  # kproxy's table, or kube-proxy's in its place (kproxy.nftables.table)
 
     @property
     def version(self) -> int:
@@ -80,13 +81,13 @@ class NftBackend:
         if not self.exists():
             return None  # without asking nft, which would fetch the whole ruleset to say so
         proc = subprocess.run(
-            ["nft", "list", "table", self.family, TABLE], capture_output=True, text=True
+            ["nft", "list", "table", self.family, self.table], capture_output=True, text=True
         )
         if proc.returncode != 0:
             if "No such file or directory" in proc.stderr:
                 return None
             raise NftError(
-                f"nft list table {self.family} {TABLE} failed: {first_line(proc.stderr)}",
+                f"nft list table {self.family} {self.table} failed: {first_line(proc.stderr)}",
                 proc.returncode,
             )
         return proc.stdout
@@ -99,7 +100,7 @@ class NftBackend:
 
         nfproto = 10 if self.family == "ip6" else 2  # NFPROTO_IPV6 / NFPROTO_IPV4
         with NFTables(nfgen_family=nfproto) as nl:
-            return any(t.get_attr("NFTA_TABLE_NAME") == TABLE for t in nl.get_tables())
+            return any(t.get_attr("NFTA_TABLE_NAME") == self.table for t in nl.get_tables())
 
     def apply(self, transaction: str | Callable[[], Iterable[str]]) -> None:
         """Apply one `nft -f` transaction; `transaction` may be a function returning it in
@@ -145,7 +146,7 @@ class NftBackend:
         """Remove the whole kproxy table; False when there was none."""
         if not self.exists():
             return False
-        self.apply(f"delete table {self.family} {TABLE}\n")
+        self.apply(f"delete table {self.family} {self.table}\n")
         return True
 
 

@@ -221,12 +221,12 @@ class Batch:
 class BatchEncoder:
     """NftPlan -> one netlink batch for the kproxy table of one family."""
 
-    def __init__(self, family: str, rules: RuleEncoder | None = None) -> None:
-        self.family = family
+    def __init__(self, family: str, rules: RuleEncoder | None = None, table: str = TABLE) -> None:
+        self.family, self.table = family, table
         self.nfproto = m.NFPROTO[family]
         self.rules = rules or RuleEncoder(family)
         self.keys = KeyEncoder(family)
-        self._table = m.strz(1, TABLE)
+        self._table = m.strz(1, table)
 
     def batch(self, plan: NftPlan, first_seq: int, sets: dict[str, NftSet]) -> Batch:
         """`sets`: the declarations of the sets the plan's elements go to (the desired table's
@@ -340,10 +340,12 @@ class BatchEncoder:
             yield create, m.NFT_MSG_NEWSET, body
         elif kind == "delset":
             yield 0, m.NFT_MSG_DELSET, t + m.strz(m.NFTA_SET_NAME, op[1])
+        elif kind == "deltable":
+            yield 0, m.NFT_MSG_DELTABLE, m.strz(m.NFTA_TABLE_NAME, self.table)
         elif kind == "table":
             comment = (op[1] or "").encode() + b"\0"
             udata = bytes([0, len(comment)]) + comment if op[1] else b""
-            body = m.strz(m.NFTA_TABLE_NAME, TABLE) + m.u32(m.NFTA_TABLE_FLAGS, 0)
+            body = m.strz(m.NFTA_TABLE_NAME, self.table) + m.u32(m.NFTA_TABLE_FLAGS, 0)
             if udata:
                 body += m.attr(m.NFTA_TABLE_USERDATA, udata)
             yield create, m.NFT_MSG_NEWTABLE, body
@@ -352,7 +354,7 @@ class BatchEncoder:
 
     def delete_table(self, first_seq: int) -> Batch:
         out = bytearray(m.batch_begin(first_seq))
-        body = m.strz(m.NFTA_TABLE_NAME, TABLE)
+        body = m.strz(m.NFTA_TABLE_NAME, self.table)
         out += m.message(m.NFT_MSG_DELTABLE, m.NLM_F_ACK, first_seq + 1, self.nfproto, body)
         out += m.batch_end(first_seq + 2)
         return Batch(out, first_seq + 1, {first_seq + 1: ("deltable",)}, 1)

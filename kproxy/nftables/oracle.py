@@ -30,9 +30,9 @@ def namespace() -> str | None:
     return os.environ.get(ENV) or None
 
 
-def listing(family: str, netns: str | None = None) -> str:
-    """`nft list table` of the kproxy table ("" when there is none), in `netns` or here."""
-    argv = ["nft", "list", "table", family, TABLE]
+def listing(family: str, netns: str | None = None, table: str = TABLE) -> str:
+    """`nft list table` of kproxy's table ("" when there is none), in `netns` or here."""
+    argv = ["nft", "list", "table", family, table]
     if netns:
         argv = ["ip", "netns", "exec", netns, *argv]
     proc = subprocess.run(argv, capture_output=True, text=True)
@@ -66,14 +66,18 @@ def check(family: str, before: str, plan: NftPlan) -> None:
     netns = namespace()
     if not netns:
         return
-    reset = f"add table {family} {TABLE}\ndelete table {family} {TABLE}\n"
+    table = plan.table
+    reset = f"add table {family} {table}\ndelete table {family} {table}\n"
     load = reset + comparable(before) + plan.text()
     proc = subprocess.run(
         ["ip", "netns", "exec", netns, "nft", "-f", "-"], input=load, capture_output=True, text=True
     )
     if proc.returncode != 0:
         _fail(f"oracle: nft refused the transaction: {proc.stderr.strip()[:2000]}")
-    mine, theirs = comparable(listing(family)), comparable(listing(family, netns))
+    mine, theirs = (
+        comparable(listing(family, table=table)),
+        comparable(listing(family, netns, table)),
+    )
     if mine != theirs:
         diff = "".join(
             difflib.unified_diff(

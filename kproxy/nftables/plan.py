@@ -16,7 +16,7 @@ from kproxy.nftables.table import TABLE, NftChain, NftSet, NftTable
 ELEMENT_BATCH = 1000
 
 
-def _set_decl(family: str, name: str, s: NftSet) -> str:
+def _set_decl(family: str, table: str, name: str, s: NftSet) -> str:
     parts = [f"{'typeof' if s.typeof else 'type'} {s.type} ;"]
     if s.flags:
         parts.append(f"flags {s.flags} ;")
@@ -24,7 +24,7 @@ def _set_decl(family: str, name: str, s: NftSet) -> str:
         parts.append(f"timeout {s.timeout} ;")
     if s.comment:
         parts.append(f'comment "{s.comment}" ;')
-    return f"add {s.kind} {family} {TABLE} {name} {{ {' '.join(parts)} }}"
+    return f"add {s.kind} {family} {table} {name} {{ {' '.join(parts)} }}"
 
 
 NAMED_PRIORITIES = {
@@ -50,24 +50,25 @@ def _numeric_priority(base: str) -> str:
     return f"{head} priority {value}"
 
 
-def _chain_decl(family: str, name: str, c: NftChain) -> str:
+def _chain_decl(family: str, table: str, name: str, c: NftChain) -> str:
     parts = []
     if c.base:
         # Printed as "...; policy accept;"; written without the policy (accept is the default).
         parts.append(_numeric_priority(c.base.split("; policy")[0]) + " ;")
     if c.comment:
         parts.append(f'comment "{c.comment}" ;')
-    return f"add chain {family} {TABLE} {name}" + (f" {{ {' '.join(parts)} }}" if parts else "")
+    return f"add chain {family} {table} {name}" + (f" {{ {' '.join(parts)} }}" if parts else "")
 
 
-def _element_lines(verb: str, family: str, name: str, items: list[str]) -> list[str]:
+def _element_lines(verb: str, family: str, table: str, name: str, items: list[str]) -> list[str]:
     return [
-        f"{verb} element {family} {TABLE} {name} {{ {', '.join(items[i : i + ELEMENT_BATCH])} }}"
+        f"{verb} element {family} {table} {name} {{ {', '.join(items[i : i + ELEMENT_BATCH])} }}"
         for i in range(0, len(items), ELEMENT_BATCH)
     ]
 
 
 # One step of a plan, as data (`nft -f` text and netlink messages are both made from these):
+#   ("deltable",)                           delete the table (to make it anew, below)
 #   ("table", comment)                      add the table
 #   ("chain", name, NftChain)               declare a chain
 #   ("flush", name)                         flush a chain
@@ -79,30 +80,32 @@ def _element_lines(verb: str, family: str, name: str, items: list[str]) -> list[
 Op = tuple
 
 
-def op_lines(family: str, op: Op) -> list[str]:
-    """One step as `nft -f` lines."""
+def op_lines(family: str, op: Op, table: str = TABLE) -> list[str]:
+    """One step as `nft -f` lines, for `table` (kproxy's, or kube-proxy's in its place)."""
     kind = op[0]
     if kind == "rule":
-        return [f"add rule {family} {TABLE} {op[1]} {op[2]}"]
+        return [f"add rule {family} {table} {op[1]} {op[2]}"]
     if kind == "elements":
         _, verb, name, set_kind, items = op
         if verb == "add" and set_kind == "map":
             texts = [f"{k} : {v}" for k, v in items]
         else:
             texts = [k for k, _ in items]
-        return _element_lines(verb, family, name, texts)
+        return _element_lines(verb, family, table, name, texts)
     if kind == "chain":
-        return [_chain_decl(family, op[1], op[2])]
+        return [_chain_decl(family, table, op[1], op[2])]
     if kind == "flush":
-        return [f"flush chain {family} {TABLE} {op[1]}"]
+        return [f"flush chain {family} {table} {op[1]}"]
     if kind == "delchain":
-        return [f"delete chain {family} {TABLE} {op[1]}"]
+        return [f"delete chain {family} {table} {op[1]}"]
     if kind == "set":
-        return [_set_decl(family, op[1], op[2])]
+        return [_set_decl(family, table, op[1], op[2])]
     if kind == "delset":
-        return [f"delete {op[2]} {family} {TABLE} {op[1]}"]
+        return [f"delete {op[2]} {family} {table} {op[1]}"]
     if kind == "table":
-        return [f'add table {family} {TABLE} {{ comment "{op[1]}" ; }}']
+        return [f'add table {family} {table} {{ comment "{op[1]}" ; }}']
+    if kind == "deltable":
+        return [f"delete table {family} {table}"]
     raise ValueError(f"unknown plan step {kind!r}")
 
 
@@ -110,6 +113,7 @@ def op_lines(family: str, op: Op) -> list[str]:
 class NftPlan:
     family: str
     ops: list[Op] = field(default_factory=list)
+    table: str = TABLE  # the table's name: kproxy's, or kube-proxy's in its place
     created: int = 0
     rewritten: int = 0
     deleted: int = 0
@@ -123,7 +127,7 @@ class NftPlan:
     def lines(self) -> list[str]:
         """The plan as `nft -f` lines (formatted once, when first asked for)."""
         if self._lines is None:
-            self._lines = [ln for op in self.ops for ln in op_lines(self.family, op)]
+            self._lines = [ln for op in self.ops for ln in op_lines(self.family, op, self.table)]
         return self._lines
 
     def size(self) -> int:
@@ -137,7 +141,9 @@ class NftPlan:
         """text() in pieces of about `size` steps (a 10k-Service table is 400k lines)."""
         for i in range(0, len(self.ops), size):
             yield "".join(
-                f"{ln}\n" for op in self.ops[i : i + size] for ln in op_lines(self.family, op)
+                f"{ln}\n"
+                for op in self.ops[i : i + size]
+                for ln in op_lines(self.family, op, self.table)
             )
 
     def summary(self) -> str:
@@ -147,13 +153,19 @@ class NftPlan:
         )
 
 
-def plan_table(want: NftTable, have: NftTable | None) -> NftPlan:
-    """The transaction turning `have` (None: no table) into `want`, in the order the kernel
-    needs:
+def plan_table(want: NftTable, have: NftTable | None, table: str = TABLE) -> NftPlan:
+    """The transaction turning `have` (None: no table) into `want` in the table named `table`,
+    in the order the kernel needs:
     declarations, flushes, element deletions, set re-creations, rules, element additions,
     deletions of what is gone."""
     fam = want.family
-    p = NftPlan(fam)
+    p = NftPlan(fam, table=table)
+    if have is not None and have.comment != want.comment and (have.chains or have.sets):
+        # Another program made this table (kube-proxy's, taken over in its place): the kernel
+        # keeps a table's comment from its creation, so the table is made anew, in this same
+        # transaction; the Services never see it missing. Planned against nothing from here.
+        p.ops.append(("deltable",))
+        have = None
     have = have or NftTable(fam, comment=None)
     declare: list[Op] = []
     flush: list[Op] = []
@@ -230,7 +242,9 @@ def plan_table(want: NftTable, have: NftTable | None) -> NftPlan:
 
     # Element deletions come first among the changes so no element points at a chain being
     # deleted; re-created sets after the flushes of the chains using them.
-    p.ops = declare + flush + del_elements + del_sets + add_sets + rules + add_elements + del_chains
+    p.ops += (
+        declare + flush + del_elements + del_sets + add_sets + rules + add_elements + del_chains
+    )
     return p
 
 
@@ -241,7 +255,10 @@ def record_after(record: NftTable, the_plan: NftPlan) -> None:
     mine: set[str] = set()  # sets already copied
     for op in the_plan.ops:
         kind = op[0]
-        if kind == "table":
+        if kind == "deltable":
+            record.chains.clear()
+            record.sets.clear()
+        elif kind == "table":
             record.comment = op[1]
         elif kind == "chain":
             record.chains[op[1]] = NftChain(base=op[2].base, comment=op[2].comment)

@@ -14,17 +14,17 @@ from collections.abc import Iterable
 from kproxy.drift import Change, DriftScope, Repair, finding
 from kproxy.nftables.nft import NftBackend
 from kproxy.nftables.plan import plan_table
-from kproxy.nftables.table import TABLE, NftTable
+from kproxy.nftables.table import NftTable
 
 # More objects than this touched at once (the table flushed whole) are left to a full verify.
 MAX_OBJECTS = 256
 
 
-def scope_of(changes: Iterable[Change], family: str) -> DriftScope:
-    """What of the kproxy table of `family` ("ip", "ip6") the changes touched."""
+def scope_of(changes: Iterable[Change], family: str, table: str) -> DriftScope:
+    """What of kproxy's table `table` of `family` ("ip", "ip6") the changes touched."""
     scope = DriftScope()
     for c in changes:
-        if c.family != family or c.table != TABLE:
+        if c.family != family or c.table != table:
             continue
         if c.kind == "table":
             scope.whole = True
@@ -68,9 +68,9 @@ def repair(backend: NftBackend, record: NftTable, scope: DriftScope) -> Repair |
         {n: s for n, s in record.sets.items() if n in sets},
         record.comment,
     )
-    the_plan = plan_table(want, have)
+    the_plan = plan_table(want, have, backend.table)
     # The table is there: never declared again (its comment is not a repair's business).
-    the_plan.ops = [op for op in the_plan.ops if op[0] != "table"]
+    the_plan.ops = [op for op in the_plan.ops if op[0] not in ("table", "deltable")]
     if the_plan.empty():
         return Repair({})
     found = {}

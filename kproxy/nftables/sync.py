@@ -35,7 +35,7 @@ def sync_nft(
     t0 = time.perf_counter()
     live = assumed if known else backend.read(desired)
     t1 = time.perf_counter()
-    the_plan = plan_table(desired, live)
+    the_plan = plan_table(desired, live, backend.table)
     t2 = time.perf_counter()
     result = NftSyncResult(
         the_plan, read_kernel=not known, timings={"read": t1 - t0, "plan": t2 - t1}

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# kproxy's own table; in kube-proxy's place (README "Replacing kube-proxy") it writes kube-proxy's
+# instead, so that kube-proxy's start takes it over (nftables mode) or deletes it (its
+# iptables mode's cleanup of the other mode): the way back is one image swap too.
 TABLE = "kproxy"
+KUBE_PROXY_TABLE = "kube-proxy"
+# Written by kproxy under either name; it marks a `kube-proxy` table as kproxy's (the kernel
+# keeps a table's comment from its creation: an update cannot change it).
 TABLE_COMMENT = "rules for kproxy"
 
 

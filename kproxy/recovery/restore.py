@@ -29,14 +29,22 @@ def family_name(backend: IptablesBackend) -> str:
     return f"IPv{backend.family}"
 
 
-def take_snapshot(backends: list[IptablesBackend], node: str, nft_mode: bool = True) -> str:
+def take_snapshot(
+    backends: list[IptablesBackend],
+    node: str,
+    nft_mode: bool = True,
+    nft_table: str | None = None,
+) -> str:
     """The text of a snapshot of everything kproxy owns in the kernel: iptables mode's rules
-    of every family, and nftables mode's kproxy tables when there are any."""
+    of every family, and nftables mode's tables when there are any (`nft_table`: their name;
+    None: the one kproxy writes on this node, kproxy.families.nft_table_here)."""
+    from kproxy.families import nft_table_here
+
     families = {family_name(b): owned_ruleset(read_live(b, list(OWNED_TABLES))) for b in backends}
     nft = {}
     for fam in ("ip", "ip6") if nft_mode else ():
         try:
-            text = NftBackend(fam).read_text()
+            text = NftBackend(fam, nft_table or nft_table_here(fam)).read_text()
         except (NftError, OSError):
             text = None  # no nft on this node: nothing of nftables mode to save
         if text is not None:
@@ -77,18 +85,25 @@ def latest_snapshot(directory: str | Path) -> tuple[Path, Snapshot]:
 
 
 def restore(
-    snap: Snapshot, backends: list[IptablesBackend], dry_run: bool = False
+    snap: Snapshot,
+    backends: list[IptablesBackend],
+    dry_run: bool = False,
+    nft_table: str | None = None,
 ) -> dict[str, Outcome]:
     """Apply a verified snapshot as a sync applies a render (minimal, atomic, foreign rules
-    untouched), per family: iptables mode's through `backends`, nftables mode's tables.
-    Families missing from the snapshot are left alone."""
+    untouched), per family: iptables mode's through `backends`, nftables mode's tables (into
+    `nft_table`, as take_snapshot names it). Families missing from the snapshot are left
+    alone."""
+    from kproxy.families import nft_table_here
+
     results: dict[str, Outcome] = {}
     for backend in backends:
         rs = snap.families.get(family_name(backend))
         if rs is not None:
             results[family_name(backend)] = IptablesMode(backend, dry_run).sync(rs)
     for fam, table in snap.nft.items():
-        results[f"nftables {fam}"] = NftablesMode(NftBackend(fam), dry_run).sync(table)
+        backend = NftBackend(fam, nft_table or nft_table_here(fam))
+        results[f"nftables {fam}"] = NftablesMode(backend, dry_run).sync(table)
     return results
 
 
