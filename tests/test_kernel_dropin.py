@@ -332,9 +332,12 @@ def test_init_only_sets_the_sysctls_and_exits_and_cleanup_removes_the_rules(
         )
         assert sync.returncode == 0, sync.stderr
         assert "-A KUBE-SERVICES" in topo.iptables_save("nat")
+        netns.run(topo.node, ["nft", "-f", "-"], input=KUBE_PROXY_NFTABLES)  # its nftables mode's
+        netns.run(topo.node, ["nft", "add table ip someone-else"])
         res = kube_proxy("--cleanup")
         assert res.returncode == 0, res.stdout + res.stderr
         assert "KUBE-SERVICES" not in topo.iptables_save("nat")
+        assert netns.nft_tables(topo.node) == ["ip someone-else"]
     finally:
         topo.close()
 

@@ -193,7 +193,10 @@ def run_daemon(args: argparse.Namespace) -> int:
         log.log(level, "%s", note)
     if resolved.cleanup:  # kube-proxy --cleanup: remove every mode's rules and exit
         vars(args).update(mode="all", dry_run=False, lock_wait=DEFAULT_LOCK_WAIT)
-        return run_cleanup(args)
+        status = run_cleanup(args)
+        # And kube-proxy's own nftables tables, as its --cleanup deletes them.
+        dropin.remove_nft_tables()
+        return status
     if resolved.write_config_to:  # kube-proxy --write-config-to: write, then exit
         try:
             write_atomically(resolved.write_config_to, dropin.config_text(args))

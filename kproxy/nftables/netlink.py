@@ -124,16 +124,6 @@ class NetlinkBackend(NftBackend):
         with NetlinkSocket() as sock:
             return bool(_get_table(sock, self._state.nfproto, self.table))
 
-
-def table_comment(family: str, table: str) -> str | None:
-    """The comment of the nf_tables table `family` `table` ("" for none; None: no such
-    table), over netlink: one request, whatever the table holds."""
-    with NetlinkSocket() as sock:
-        answer = _get_table(sock, m.NFPROTO[family], table)
-    if not answer:
-        return None
-    return _udata_comment(m.parse_attrs(answer[0], 4).get(m.NFTA_TABLE_USERDATA)) or ""
-
     def read_objects(self, chains: set[str], sets: set[str], hint: NftTable) -> NftTable | None:
         """Only these chains and sets of the kernel's kproxy table (None: there is no table),
         read one by one, rules compared with `hint`'s as read() does: a drift repair's read,
@@ -187,6 +177,16 @@ def _generation(sock: NetlinkSocket) -> int:
 def _next_generation(gen: int) -> int:
     """The generation after a commit (the kernel's counter is 32 bits and skips 0)."""
     return (gen + 1) & 0xFFFFFFFF or 1
+
+
+def table_comment(family: str, table: str) -> str | None:
+    """The comment of the nf_tables table `family` `table` ("" for none; None: no such
+    table), over netlink: one request, whatever the table holds."""
+    with NetlinkSocket() as sock:
+        answer = _get_table(sock, m.NFPROTO[family], table)
+    if not answer:
+        return None
+    return _udata_comment(m.parse_attrs(answer[0], 4).get(m.NFTA_TABLE_USERDATA)) or ""
 
 
 def _get_table(sock: NetlinkSocket, nfproto: int, table: str) -> list[bytes]:
