@@ -220,10 +220,9 @@ def _add_proxy_flags(p: argparse.ArgumentParser, g: _Groups | None = None) -> No
         "--nft-table",
         choices=NFT_TABLES,
         default=None,
-        help="nftables mode's table: kproxy's own (`kproxy`), or kube-proxy's (`kube-proxy`, "
-        "so kube-proxy's start takes it over or removes it: the way back is one image swap). "
-        "Default: `kube-proxy` in kube-proxy's place (--config, or run as kube-proxy), else "
-        "`kproxy`; a one-shot command finds the one kproxy wrote on this node",
+        help="nftables mode's table: kproxy's own, or kube-proxy's (kube-proxy's start then "
+        "takes it over or removes it: the way back is one image swap) (default: kube-proxy "
+        "in kube-proxy's place, --config or run as kube-proxy; else kproxy)",
     )
     g("log").add_argument("-v", "--verbose", action="store_true", help="debug logs (default off)")
 
