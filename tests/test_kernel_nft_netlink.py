@@ -325,3 +325,56 @@ def test_a_verify_reads_nothing_while_no_transaction_was_committed(node):
     repaired = sync(node, mode, table)
     assert repaired.read_kernel and repaired.changed
     assert not sync(node, mode, table).changed
+
+
+def _swap_arms(ns: str, chain: str) -> str:
+    """Replace the chain's inline dispatch out of band with its two arms' verdicts swapped:
+    the same expressions, only the anonymous map's elements differ."""
+    shown = netns.run(ns, ["nft", "-a", "list", "chain", "ip", "kproxy", chain]).stdout
+    line = next(ln.strip() for ln in shown.splitlines() if "numgen" in ln)
+    rule, _, handle = line.rpartition(" # handle ")
+    arms = rule[rule.index("{ ") + 2 : rule.rindex(" }")].split(", ")
+    assert len(arms) == 2, rule
+    (k0, v0), (k1, v1) = (a.split(" : ") for a in arms)
+    swapped = f"numgen random mod 2 vmap {{ {k0} : {v1}, {k1} : {v0} }}"
+    netns.run(ns, ["nft", "replace", "rule", "ip", "kproxy", chain, "handle", handle, swapped])
+    return swapped
+
+
+def test_an_inline_maps_changed_verdict_is_drift_to_a_verify_and_a_repair(node, reference):
+    """The kernel rule of an inline dispatch is its expressions and its anonymous map: an
+    endpoint swapped behind the same index reads back as a different rule."""
+    from kproxy.drift import Change
+    from kproxy.nftables import repair
+
+    table = render(config="inline")
+    nft_sync(reference, table)
+    want = listing(reference, "ip")
+    mode = NftablesMode(NetlinkBackend("ip"), inline_dispatch=True)
+    sync(node, mode, table)
+    assert listing(node, "ip") == want
+    chain = "service-R5ZPL7J4-ns/a/tcp/p"
+    desired = table.chains[chain].rules[-1]
+    swapped = _swap_arms(node, chain)
+    assert swapped != desired and swapped in listing(node, "ip")
+    got = netns.call_in(node, NetlinkBackend("ip").read, table)
+    assert got.chains[chain].rules[-1].startswith("# kernel rule")
+    assert got.chains[chain].rules[:-1] == table.chains[chain].rules[:-1]
+    outcome = sync(node, mode, table)  # a verify: read over netlink, repaired
+    assert outcome.changed
+    assert listing(node, "ip") == want
+    assert not sync(node, mode, table).changed
+    # The same drift seen through its nf_tables events: the rule's chain and its `__mapN`
+    # are read and put back by a repair of that chain alone.
+    _swap_arms(node, chain)
+    changes = [
+        Change("delete", "rule", "ip", "kproxy", chain),
+        Change("add", "set", "ip", "kproxy", "__map99"),
+        Change("add", "rule", "ip", "kproxy", chain),
+    ]
+    scope = repair.scope_of(changes, "ip")
+    assert set(scope.objects) == {("chain", chain)}
+    done = netns.call_in(node, mode.repair, scope)
+    assert done is not None and ("chain", chain) in done.found
+    assert listing(node, "ip") == want
+    assert not sync(node, mode, table).changed
