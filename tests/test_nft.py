@@ -351,3 +351,18 @@ def test_an_endpoint_change_with_inline_dispatch_rewrites_only_that_services_cha
     assert "vmap {" in text and "endpoints-" not in text
     assert (p.created, p.rewritten, p.deleted) == (1, 1, 1)
     assert plan_table(after, copy.deepcopy(after)).empty()
+
+
+def test_rules_making_anonymous_sets_are_sent_before_the_other_rules():
+    # The kernel finds a set made in the same batch by walking the transaction from its
+    # start: those rules go while it is short (each chain's rules still in order).
+    state, _ = build_state(generate(30, 3, mix=True))
+    table = render_nft(state, CONFIG, inline_dispatch=True).table
+    ops = plan_table(table, None).ops
+    rules = [op for op in ops if op[0] == "rule"]
+    anon = [i for i, op in enumerate(rules) if " { " in op[2] and not op[2].startswith("update")]
+    early = {rules[i][1] for i in anon}
+    firsts = [i for i, op in enumerate(rules) if op[1] in early]
+    assert len(anon) >= 30 and firsts == list(range(len(firsts)))
+    for name in early:
+        assert [op[2] for op in rules if op[1] == name] == table.chains[name].rules
