@@ -1,10 +1,11 @@
 """A dual-stack cluster whose nftables render has every rule shape the renderer writes: TCP,
-UDP and SCTP ports; two endpoints and one; session affinity; a NodePort with
-externalTrafficPolicy Local and endpoints on two nodes; load balancers with source ranges
-(byte-aligned and not, one range, several, single addresses, adjacent IPv6 ranges) and
-externalIPs; internalTrafficPolicy Local; a Service without endpoints. With the configs below
-it also has a cluster CIDR on a byte boundary and off one, the nodeport-ips set, and pod
-traffic told by a bridge's name and by an interface name prefix."""
+UDP and SCTP ports; two endpoints and one; session affinity with one endpoint and three; a
+NodePort with externalTrafficPolicy Local and endpoints on two nodes; load balancers with
+source ranges (byte-aligned and not, one range, several, single addresses, adjacent IPv6
+ranges) and externalIPs; internalTrafficPolicy Local; a Service without endpoints. With the
+configs below it also has a cluster CIDR on a byte boundary and off one, the nodeport-ips set,
+pod traffic told by a bridge's name and by an interface name prefix, and endpoint dispatch
+written inline as upstream kube-proxy writes it (an anonymous verdict map per Service)."""
 
 from kproxy.model import NodeConfig
 
@@ -22,6 +23,12 @@ CONFIGS = {
         node_ips=("192.168.0.2", "2001:db8::1"),
         nodeport_ips=("192.168.0.2", "2001:db8::1"),
     ),
+    # Endpoint dispatch inline as upstream kube-proxy writes it (OPTIONS below).
+    "inline": NodeConfig(
+        node_name="test-node",
+        cluster_cidrs=("10.0.0.0/9", "fd00:1::/60"),
+        node_ips=("192.168.0.2", "2001:db8::1"),
+    ),
     # Pod traffic told by interface (--detect-local-mode): a whole name, and a prefix.
     "bridge": NodeConfig(
         node_name="test-node",
@@ -36,6 +43,9 @@ CONFIGS = {
         interface_name_prefix="veth",
     ),
 }
+
+# render_nft's keyword arguments for a config (none for most).
+OPTIONS = {"inline": {"inline_dispatch": True}}
 
 
 def _svc(name, ips, fam_ips, ports, **spec):
@@ -83,6 +93,18 @@ def objects():
         ),
         _eps("aff", "IPv4", ["10.244.1.4"]),
         _eps("aff", "IPv6", ["fd00:1::4"]),
+    ]
+    o += [  # several endpoints and session affinity
+        _svc(
+            "aff3",
+            ["10.96.0.17", "fd00::17"],
+            ["IPv4", "IPv6"],
+            p,
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 10800}},
+        ),
+        _eps("aff3", "IPv4", ["10.244.1.10", "10.244.2.10", "10.244.1.11"]),
+        _eps("aff3", "IPv6", ["fd00:1::10", "fd00:2::10", "fd00:1::11"]),
     ]
     o += [
         _svc(

@@ -139,6 +139,9 @@ def main() -> None:
     p.add_argument("--nft-datapath", default="netlink", choices=("netlink", "nft"))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--inline-dispatch", action="store_true", help="nftables: upstream's inline dispatch"
+    )
     args = p.parse_args()
     rng = random.Random(args.seed)
     objects = {(o["kind"], o["metadata"]["name"]): o for o in generate(25, 3, mix=True)}
@@ -147,6 +150,9 @@ def main() -> None:
         store.resync(kind, [o for o in objects.values() if o["kind"] == kind])
     config = NodeConfig(node_name="node-1", cluster_cidrs=("10.244.0.0/16",))
     families = modes_for(args.mode, nft_datapath=args.nft_datapath)
+    for fam in families:
+        if args.inline_dispatch:
+            fam.inline_dispatch = True  # NftablesMode's; set before its first render
     rec = Reconciler(store, config, families)
     assert rec.sync("start").ok
     report = {

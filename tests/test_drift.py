@@ -60,6 +60,7 @@ def test_nftables_scope_is_everything_in_the_kproxy_table_of_the_family():
         Change("delete", "rule", "ip", "kproxy", "services"),
         Change("delete", "element", "ip", "kproxy", "service-ips"),
         Change("add", "set", "ip", "kproxy", "__set3"),  # a rule's anonymous set
+        Change("add", "set", "ip", "kproxy", "__map7"),  # an inline dispatch's anonymous map
         Change("add", "chain", "ip", "kproxy", "foo"),
         Change("delete", "rule", "ip6", "kproxy", "services"),
         Change("add", "rule", "ip", "calico", "cali-x"),
@@ -68,10 +69,10 @@ def test_nftables_scope_is_everything_in_the_kproxy_table_of_the_family():
     scope = nft_repair.scope_of(changes, "ip", "kproxy")
     assert set(scope.objects) == {("chain", "services"), ("set", "service-ips"), ("chain", "foo")}
     assert nft_repair.scope_of([Change("delete", "table", "ip", "kproxy")], "ip", "kproxy").whole
-    assert not nft_repair.scope_of(changes[4:], "ip", "kproxy")
+    assert not nft_repair.scope_of(changes[5:], "ip", "kproxy")
     # In kube-proxy's place kproxy's table is `kube-proxy`: `kproxy` is then another's.
     assert not nft_repair.scope_of(changes, "ip", "kube-proxy")
-    moved = [Change(c.verb, c.kind, c.family, "kube-proxy", c.name) for c in changes[:4]]
+    moved = [Change(c.verb, c.kind, c.family, "kube-proxy", c.name) for c in changes[:5]]
     assert nft_repair.scope_of(moved, "ip", "kube-proxy").objects == scope.objects
 
 

@@ -24,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netns  # noqa: E402
 
 from kproxy.model import build_state  # noqa: E402
+from kproxy.nftables import nlmsg as m  # noqa: E402
 from kproxy.nftables.mode import NftablesMode  # noqa: E402
 from kproxy.nftables.netlink import NetlinkBackend  # noqa: E402
 from kproxy.nftables.nft import NftBackend, NftError  # noqa: E402
+from kproxy.nftables.nlsock import NetlinkSocket  # noqa: E402
 from kproxy.nftables.plan import NftPlan, plan_table  # noqa: E402
 from kproxy.nftables.render import NFT_IPV4, NFT_IPV6, render_nft  # noqa: E402
 from kproxy.nftables.table import parse_table  # noqa: E402
@@ -60,7 +62,8 @@ def render(objects=None, config="masks", fam=NFT_IPV4):
     state, warnings = build_state(nft_shapes.objects() if objects is None else objects)
     assert warnings == []
     cfg = nft_shapes.CONFIGS[config] if isinstance(config, str) else config
-    return render_nft(state, cfg, fam).table
+    options = nft_shapes.OPTIONS.get(config, {}) if isinstance(config, str) else {}
+    return render_nft(state, cfg, fam, **options).table
 
 
 def listing(ns: str, family: str) -> str:
@@ -99,6 +102,41 @@ def test_every_shape_lists_as_nft_writes_it_and_reads_back_equal(node, reference
     # the encodings of the wanted ones; nothing to do.
     again = sync(node, NftablesMode(NetlinkBackend(fam.name)), table)
     assert not again.changed, again.payload
+    # The same for the rules nft wrote: the encoder writes what nft writes.
+    theirs = netns.call_in(reference, NetlinkBackend(fam.name).read, table)
+    assert {n: c.rules for n, c in theirs.chains.items()} == {
+        n: c.rules for n, c in table.chains.items()
+    }
+    # And the anonymous sets and maps rules use are declared as nft declares them.
+    mine_anon = netns.call_in(node, anonymous_sets, fam.name)
+    assert mine_anon and mine_anon == netns.call_in(reference, anonymous_sets, fam.name)
+
+
+SET_HANDLE = 16  # NFTA_SET_HANDLE: the kernel's number, not part of the declaration
+
+
+def anonymous_sets(family: str) -> list[tuple]:
+    """Every anonymous set of the kproxy table as the kernel dumps its declaration (name and
+    handle aside), and its elements: sorted."""
+    out = []
+    with NetlinkSocket() as sock:
+        table = m.strz(1, "kproxy")
+        for payload in sock.dump(m.NFT_MSG_GETSET, m.NFPROTO[family], table):
+            a = m.parse_attrs(payload, 4)
+            if not m.be32(a.get(m.NFTA_SET_FLAGS, bytes(4))) & m.NFT_SET_ANONYMOUS:
+                continue
+            name = m.cstr(a[m.NFTA_SET_NAME])
+            declared = tuple(sorted((k, v) for k, v in a.items() if k not in (2, SET_HANDLE)))
+            body = table + m.strz(m.NFTA_SET_ELEM_LIST_SET, name)
+            elements = sorted(
+                element
+                for p in sock.dump(m.NFT_MSG_GETSETELEM, m.NFPROTO[family], body)
+                for _, element in m.iter_attrs(
+                    m.parse_attrs(p, 4).get(m.NFTA_SET_ELEM_LIST_ELEMENTS, b"")
+                )
+            )
+            out.append((name[:5], declared, tuple(elements)))
+    return sorted(out)
 
 
 def _variants() -> list[tuple[str, list, str]]:
@@ -286,4 +324,57 @@ def test_a_verify_reads_nothing_while_no_transaction_was_committed(node):
     netns.run(node, ["nft", "flush chain ip kproxy services"])
     repaired = sync(node, mode, table)
     assert repaired.read_kernel and repaired.changed
+    assert not sync(node, mode, table).changed
+
+
+def _swap_arms(ns: str, chain: str) -> str:
+    """Replace the chain's inline dispatch out of band with its two arms' verdicts swapped:
+    the same expressions, only the anonymous map's elements differ."""
+    shown = netns.run(ns, ["nft", "-a", "list", "chain", "ip", "kproxy", chain]).stdout
+    line = next(ln.strip() for ln in shown.splitlines() if "numgen" in ln)
+    rule, _, handle = line.rpartition(" # handle ")
+    arms = rule[rule.index("{ ") + 2 : rule.rindex(" }")].split(", ")
+    assert len(arms) == 2, rule
+    (k0, v0), (k1, v1) = (a.split(" : ") for a in arms)
+    swapped = f"numgen random mod 2 vmap {{ {k0} : {v1}, {k1} : {v0} }}"
+    netns.run(ns, ["nft", "replace", "rule", "ip", "kproxy", chain, "handle", handle, swapped])
+    return swapped
+
+
+def test_an_inline_maps_changed_verdict_is_drift_to_a_verify_and_a_repair(node, reference):
+    """The kernel rule of an inline dispatch is its expressions and its anonymous map: an
+    endpoint swapped behind the same index reads back as a different rule."""
+    from kproxy.drift import Change
+    from kproxy.nftables import repair
+
+    table = render(config="inline")
+    nft_sync(reference, table)
+    want = listing(reference, "ip")
+    mode = NftablesMode(NetlinkBackend("ip"), inline_dispatch=True)
+    sync(node, mode, table)
+    assert listing(node, "ip") == want
+    chain = "service-R5ZPL7J4-ns/a/tcp/p"
+    desired = table.chains[chain].rules[-1]
+    swapped = _swap_arms(node, chain)
+    assert swapped != desired and swapped in listing(node, "ip")
+    got = netns.call_in(node, NetlinkBackend("ip").read, table)
+    assert got.chains[chain].rules[-1].startswith("# kernel rule")
+    assert got.chains[chain].rules[:-1] == table.chains[chain].rules[:-1]
+    outcome = sync(node, mode, table)  # a verify: read over netlink, repaired
+    assert outcome.changed
+    assert listing(node, "ip") == want
+    assert not sync(node, mode, table).changed
+    # The same drift seen through its nf_tables events: the rule's chain and its `__mapN`
+    # are read and put back by a repair of that chain alone.
+    _swap_arms(node, chain)
+    changes = [
+        Change("delete", "rule", "ip", "kproxy", chain),
+        Change("add", "set", "ip", "kproxy", "__map99"),
+        Change("add", "rule", "ip", "kproxy", chain),
+    ]
+    scope = repair.scope_of(changes, "ip")
+    assert set(scope.objects) == {("chain", chain)}
+    done = netns.call_in(node, mode.repair, scope)
+    assert done is not None and ("chain", chain) in done.found
+    assert listing(node, "ip") == want
     assert not sync(node, mode, table).changed

@@ -18,7 +18,13 @@ SCRIPT = Path(__file__).resolve().parent / "random_changes.py"
 
 
 @pytest.mark.parametrize(
-    "mode,datapath", [("iptables", "-"), ("nftables", "netlink"), ("nftables", "nft")]
+    "mode,datapath",
+    [
+        ("iptables", "-"),
+        ("nftables", "netlink"),
+        ("nftables", "nft"),
+        ("nftables", "netlink+inline"),  # upstream's inline endpoint dispatch
+    ],
 )
 def test_random_changes_keep_the_kernel_equal_to_a_full_render(
     request, kernel_support, mode, datapath
@@ -26,6 +32,7 @@ def test_random_changes_keep_the_kernel_equal_to_a_full_render(
     """In nftables mode over netlink, every one of the transactions is also checked against
     nft (the nft_oracle fixture): the same table and transaction applied with `nft -f` must
     list identically."""
+    datapath, _, inline = datapath.partition("+")
     if datapath == "netlink":
         request.getfixturevalue("nft_oracle")
     topo = netns.Topology()
@@ -33,6 +40,8 @@ def test_random_changes_keep_the_kernel_equal_to_a_full_render(
         argv = [sys.executable, str(SCRIPT), "--mode", mode, "--steps", "200", "--seed", "7"]
         if datapath != "-":
             argv += ["--nft-datapath", datapath]
+        if inline:
+            argv.append("--inline-dispatch")
         res = netns.run(
             topo.node,
             argv,

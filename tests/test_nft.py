@@ -285,3 +285,107 @@ def test_ipv6_render_uses_ip6_and_brackets():
         svc.rules[0]
         == "ip6 daddr fd00::10 tcp dport 80 ip6 saddr != fd00:1::/64 jump mark-for-masquerade"
     )
+
+
+def _dispatch_rules(table):
+    return {
+        name: chain.rules[-1]
+        for name, chain in table.chains.items()
+        if name.startswith(("service-", "local-")) and "/" in name and chain.rules
+    }
+
+
+def test_inline_dispatch_is_upstreams_anonymous_map_and_no_endpoint_maps():
+    objects = generate(3, 3)
+    objects += [
+        {
+            "kind": "Service",
+            "metadata": {"namespace": "ns", "name": "one"},
+            "spec": {"clusterIPs": ["10.96.5.1"], "ports": [{"name": "p", "port": 80}]},
+        },
+        {
+            "kind": "EndpointSlice",
+            "metadata": {
+                "namespace": "ns",
+                "name": "one-x",
+                "labels": {"kubernetes.io/service-name": "one"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.244.5.1"]}],
+        },
+    ]
+    state, warnings = build_state(objects)
+    assert warnings == []
+    named = render_nft(state, CONFIG).table
+    inline = render_nft(state, CONFIG, inline_dispatch=True).table
+    assert any(n.startswith("endpoints-") for n in named.sets)  # the default stays named maps
+    assert not [n for n in inline.sets if n.startswith(("endpoints-", "local-endpoints-"))]
+    assert set(inline.chains) == set(named.chains)
+    one = "service-" + hash_name("ns/one/tcp/p")
+    endpoint = "endpoint-" + hash_name("ns/one/tcp/p__10.244.5.1/8080")
+    # As `nft list table` prints it back (nft 1.0.6): braces even around one arm.
+    assert inline.chains[one].rules[-1] == f"numgen random mod 1 vmap {{ 0 : goto {endpoint} }}"
+    three = "service-" + hash_name("bench/svc-1/tcp/http")
+    arms = named.sets["endpoints-" + hash_name("bench/svc-1/tcp/http")].elements
+    assert inline.chains[three].rules[-1] == (
+        f"numgen random mod 3 vmap {{ 0 : {arms['0']}, 1 : {arms['1']}, 2 : {arms['2']} }}"
+    )
+    # Everything but the dispatch is the same table.
+    for name, chain in named.chains.items():
+        if name not in _dispatch_rules(named):
+            assert inline.chains[name] == chain, name
+        else:
+            assert inline.chains[name].rules[:-1] == chain.rules[:-1], name
+    for name, s in named.sets.items():
+        if not name.startswith(("endpoints-", "local-endpoints-")):
+            assert inline.sets[name] == s, name
+
+
+def test_inline_dispatch_is_part_of_the_render_cache_key_and_the_delta_context():
+    from kproxy.nftables.render import render_nft_delta
+    from kproxy.rendercache import RenderCache
+
+    state, _ = build_state(generate(5, 2))
+    cache = RenderCache()
+    named = render_nft(state, CONFIG, cache=cache)
+    inline = render_nft(state, CONFIG, cache=cache, inline_dispatch=True)
+    # The same cache must not hand back the named-map fragments.
+    assert all("vmap {" in r for r in _dispatch_rules(inline.table).values())
+    assert not any(n.startswith("endpoints-") for n in inline.table.sets)
+    changed = {("bench", "svc-1")}
+    assert render_nft_delta(state, CONFIG, changed, named, cache, inline_dispatch=True) is None
+    assert render_nft_delta(state, CONFIG, changed, inline, cache) is None
+    delta = render_nft_delta(state, CONFIG, changed, inline, cache, inline_dispatch=True)
+    assert delta is not None
+
+
+def test_an_endpoint_change_with_inline_dispatch_rewrites_only_that_services_chain():
+    objects = generate(200, 5)
+    state, _ = build_state(objects)
+    before = render_nft(state, CONFIG, inline_dispatch=True).table
+    slice_ = next(o for o in objects if o["metadata"]["name"] == "svc-17-x")
+    slice_["endpoints"][0]["addresses"] = ["10.250.0.1"]
+    state, _ = build_state(objects)
+    after = render_nft(state, CONFIG, inline_dispatch=True).table
+    p = plan_table(after, before)
+    text = p.text()
+    assert "svc-17/" in text and "svc-16/" not in text and "svc-18/" not in text
+    assert "vmap {" in text and "endpoints-" not in text
+    assert (p.created, p.rewritten, p.deleted) == (1, 1, 1)
+    assert plan_table(after, copy.deepcopy(after)).empty()
+
+
+def test_rules_making_anonymous_sets_are_sent_before_the_other_rules():
+    # The kernel finds a set made in the same batch by walking the transaction from its
+    # start: those rules go while it is short (each chain's rules still in order).
+    state, _ = build_state(generate(30, 3, mix=True))
+    table = render_nft(state, CONFIG, inline_dispatch=True).table
+    ops = plan_table(table, None).ops
+    rules = [op for op in ops if op[0] == "rule"]
+    anon = [i for i, op in enumerate(rules) if " { " in op[2] and not op[2].startswith("update")]
+    early = {rules[i][1] for i in anon}
+    firsts = [i for i, op in enumerate(rules) if op[1] in early]
+    assert len(anon) >= 30 and firsts == list(range(len(firsts)))
+    for name in early:
+        assert [op[2] for op in rules if op[1] == name] == table.chains[name].rules

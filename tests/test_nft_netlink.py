@@ -38,7 +38,9 @@ def expressions(encoded: bytes) -> list[tuple[str, dict[int, bytes]]]:
 def shapes_table(fam, config="masks"):
     state, warnings = build_state(nft_shapes.objects())
     assert warnings == []
-    return render_nft(state, nft_shapes.CONFIGS[config], fam).table
+    return render_nft(
+        state, nft_shapes.CONFIGS[config], fam, **nft_shapes.OPTIONS.get(config, {})
+    ).table
 
 
 @pytest.mark.parametrize("fam", [NFT_IPV4, NFT_IPV6])

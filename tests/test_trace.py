@@ -11,6 +11,7 @@ from kproxy.iptables.rules import Table
 from kproxy.iptables.trace import Tracer
 from kproxy.model import NodeConfig, build_state
 from kproxy.nftables.render import NFT_IPV4, NFT_IPV6, render_nft
+from kproxy.nftables.table import parse_table
 from kproxy.nftables.trace import NftTracer
 from kproxy.tracecore import Packet
 
@@ -147,9 +148,10 @@ OBJECTS = [
 MODE = {"mode": "iptables"}
 
 
-@pytest.fixture(autouse=True, params=["iptables", "nftables"])
+@pytest.fixture(autouse=True, params=["iptables", "nftables", "nftables-inline"])
 def mode(request):
-    """Every packet-flow test runs against both renderers: same behaviour expected."""
+    """Every packet-flow test runs against both renderers (nftables's with endpoint dispatch
+    through named maps and inline, as upstream writes it): same behaviour expected."""
     MODE["mode"] = request.param
     yield request.param
     MODE["mode"] = "iptables"
@@ -157,9 +159,13 @@ def mode(request):
 
 def tracer_for(state, config, family_version):
     local = {ipaddress.ip_address(ip) for ip in config.node_ips}
-    if MODE["mode"] == "nftables":
+    if MODE["mode"].startswith("nftables"):
         fam = NFT_IPV6 if family_version == 6 else NFT_IPV4
-        return NftTracer(render_nft(state, config, fam).table, local)
+        inline = MODE["mode"] == "nftables-inline"
+        table = render_nft(state, config, fam, inline_dispatch=inline).table
+        if inline:  # the inline form is what is traced, not a named map
+            assert not [n for n in table.sets if n.startswith(("endpoints-", "local-endpoints-"))]
+        return NftTracer(table, local)
     ruleset = render(state, config, IPV6 if family_version == 6 else IPV4).ruleset
     tables = {n: full_table(ruleset, n, Table(n)) for n in ("nat", "filter")}
     return Tracer(tables, local)
@@ -404,3 +410,53 @@ def test_node_hints_prefer_this_node_when_every_endpoint_has_them():
     # On node-2 the same Service goes to node-2's endpoint.
     config2 = NodeConfig(node_name="node-2", cluster_cidrs=("10.244.0.0/16",))
     assert dnats(tracer_for(state, config2, 4).trace(packet, "pod")) == pytest.approx({R: 1.0})
+
+
+INLINE_LISTING = """table ip kproxy {
+	map service-ips {
+		type ipv4_addr . inet_proto . inet_service : verdict
+		elements = { 10.96.7.7 . tcp . 80 : goto service-X-ns/s/tcp/p }
+	}
+
+	chain nat-output {
+		type nat hook output priority -100; policy accept;
+		jump services
+	}
+
+	chain services {
+		ip daddr . meta l4proto . th dport vmap @service-ips
+	}
+
+	chain service-X-ns/s/tcp/p {
+		numgen random mod 3 vmap { 0 : goto endpoint-A, 1 : goto endpoint-B, 2 : goto endpoint-C }
+	}
+
+	chain endpoint-A {
+		meta l4proto tcp dnat to 10.244.1.7:8080
+	}
+
+	chain endpoint-B {
+		meta l4proto tcp dnat to 10.244.1.8:8080
+	}
+
+	chain endpoint-C {
+		meta l4proto tcp dnat to 10.244.1.9:8080
+	}
+}
+"""
+
+
+def test_a_live_tables_inline_dispatch_is_followed(mode):
+    """`kproxy trace` of a live node parses `nft list table`: upstream's inline vmap (here as
+    nft 1.0.6 prints it) spreads connections over its arms, one arm included."""
+    if mode != "nftables-inline":
+        pytest.skip("a listing, not a render")
+    table = parse_table(INLINE_LISTING, "ip")
+    packet = Packet(ipaddress.ip_address(NODE_IP), ipaddress.ip_address("10.96.7.7"), "tcp", 80)
+    out = NftTracer(table, {ipaddress.ip_address(NODE_IP)}).trace(packet, "node")
+    third = pytest.approx(1 / 3)
+    assert dnats(out) == {"10.244.1.7": third, "10.244.1.8": third, "10.244.1.9": third}
+    chain = table.chains["service-X-ns/s/tcp/p"]
+    chain.rules = ["numgen random mod 1 vmap { 0 : goto endpoint-B }"]
+    out = NftTracer(table, {ipaddress.ip_address(NODE_IP)}).trace(packet, "node")
+    assert dnats(out) == {"10.244.1.8": pytest.approx(1.0)}

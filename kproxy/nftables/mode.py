@@ -29,11 +29,15 @@ from kproxy.rendercache import RenderCache
 class NftablesMode(Mode):
     mode = "nftables"
 
-    def __init__(self, backend: NftBackend, dry_run: bool = False) -> None:
+    def __init__(
+        self, backend: NftBackend, dry_run: bool = False, *, inline_dispatch: bool = False
+    ) -> None:
         self.backend = backend
         self.table = backend.table
         self.tables = (backend.table,)
         self.dry_run = dry_run
+        # Endpoint dispatch in upstream kube-proxy's inline form (kproxy.nftables.render).
+        self.inline_dispatch = inline_dispatch
         self.family = NFT_IPV4 if backend.family == "ip" else NFT_IPV6
         self.name = f"IPv{self.family.version}"
         self.cache = RenderCache()
@@ -50,7 +54,9 @@ class NftablesMode(Mode):
     drift_events = True  # nf_tables: every change is an event
 
     def render(self, state: ClusterState, config: NodeConfig) -> Rendered:
-        r = render_nft(state, config, self.family, cache=self.cache)
+        r = render_nft(
+            state, config, self.family, cache=self.cache, inline_dispatch=self.inline_dispatch
+        )
         self._candidate = r
         self.rules = r.table.rule_count()
         return Rendered(r.table, r.warnings, r.no_local_endpoints, {self.table: self.rules})
@@ -58,7 +64,9 @@ class NftablesMode(Mode):
     def render_delta(
         self, state: ClusterState, config: NodeConfig, changed: set[tuple[str, str]]
     ) -> Delta | None:
-        return render_nft_delta(state, config, changed, self.last, self.cache)
+        return render_nft_delta(
+            state, config, changed, self.last, self.cache, inline_dispatch=self.inline_dispatch
+        )
 
     def sync_delta(self, delta: Delta) -> tuple[Outcome, Rendered] | None:
         full = self.last.table

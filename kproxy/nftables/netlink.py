@@ -53,7 +53,7 @@ class _Wire:
 
     chain: NftChain
     rules: list[bytes]
-    anon: list[list] = field(default_factory=list)  # per rule: its anonymous sets' elements
+    anon: list[list] = field(default_factory=list)  # per rule: its anonymous sets' contents
 
 
 class NetlinkBackend(NftBackend):
@@ -343,7 +343,7 @@ class _State:
         out = []
         for expressions, handle in got:
             text = known.get(expressions)
-            if text is None and b"__set" in expressions:
+            if text is None and (b"__set" in expressions or b"__map" in expressions):
                 sets = tuple(tuple(anon_elements.get(n, [])) for n in _anon_names(expressions))
                 text = anon_known.get((_canonical(expressions), sets))
             out.append(text if text is not None else f"# kernel rule {handle.hex()}")
@@ -382,7 +382,8 @@ class _State:
         self, answers: list[bytes], typeof: bool = False, key_len: int = 0, raw: bool = False
     ) -> list[tuple]:
         """A set's elements from its GETSETELEM dump: (key text, verdict text or None), or
-        (key bytes, is an interval end) with `raw`."""
+        (key bytes, is an interval end, verdict text or None) with `raw` (an anonymous set's
+        or map's, compared with AnonSet.contents)."""
         out: list[tuple] = []
         decode_key = self.keys.decode
         verdicts: dict[bytes, str] = {}  # a map's values repeat (drop, goto reject-chain)
@@ -397,14 +398,14 @@ class _State:
                     break
                 key, flags, verdict = _element(payload, start + 4, start + n)
                 start += (n + 3) & ~3
-                if raw:
-                    out.append((key, bool(flags & m.NFT_SET_ELEM_INTERVAL_END)))
-                    continue
                 value = None
                 if verdict is not None:
                     value = verdicts.get(verdict)
                     if value is None:
                         value = verdicts[verdict] = decode_verdict(verdict)
+                if raw:
+                    out.append((key, bool(flags & m.NFT_SET_ELEM_INTERVAL_END), value))
+                    continue
                 out.append((decode_key(key_len, typeof, key), value))
         return out
 
@@ -463,19 +464,21 @@ def _element(buf: bytes, start: int, end: int) -> tuple[bytes, int, bytes | None
 
 
 def _anon_key(anon: list) -> list:
-    return [sorted(a.elements) for a in anon]
+    return [a.contents() for a in anon]
 
 
-_SET_NAME = re.compile(rb"__set(\d+|%d)\x00")
+# nft names an anonymous set `__setN`, an anonymous map `__mapN`.
+_SET_NAME = re.compile(rb"__(set|map)(\d+|%d)\x00")
 
 
 def _anon_names(expressions: bytes) -> list[str]:
-    return [f"__set{n.decode()}" for n in _SET_NAME.findall(expressions)]
+    return [f"__{kind.decode()}{n.decode()}" for kind, n in _SET_NAME.findall(expressions)]
 
 
 def _canonical(expressions: bytes) -> tuple:
     """A rule's expressions with its anonymous sets' names and batch ids taken out (the
-    kernel names them `__setN`; the elements are compared beside)."""
+    kernel names them `__setN` and `__mapN`; the elements, and a map's verdicts, are compared
+    beside)."""
     out = []
     for _, element in m.iter_attrs(expressions):
         a = m.parse_attrs(element)
@@ -483,8 +486,9 @@ def _canonical(expressions: bytes) -> tuple:
         data = a.get(m.NFTA_EXPR_DATA, b"")
         if name == "lookup":
             d = m.parse_attrs(data)
-            if m.cstr(d.get(1, b"")).startswith("__set"):
-                data = b"anon" + d.get(2, b"") + d.get(5, bytes(4))
+            if m.cstr(d.get(1, b"")).startswith(("__set", "__map")):
+                # The destination register too: a verdict map's lookup is not a set's.
+                data = b"anon" + d.get(2, b"") + d.get(3, b"-") + d.get(5, bytes(4))
         out.append((name, data))
     return tuple(out)
 

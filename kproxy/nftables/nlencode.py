@@ -387,7 +387,16 @@ def _set_attrs(family: str, name: str, s: NftSet, set_id: int) -> bytes:
     return body + m.attr(m.NFTA_SET_USERDATA, shape.udata)
 
 
+# An anonymous verdict map keyed by a numgen value, as nft 1.0.6 declares one: the key's
+# byte order (host), the data's, the verdict's typeof, and no data interval.
+_NUMGEN_MAP_UDATA = bytes.fromhex("00040100000001040000000004080004010000000100060400000000")
+_NUMGEN_KEY_TYPE = 4  # nft's "integer"
+
+
 def _anon_messages(table: bytes, anon: AnonSet, set_id: int) -> Iterator[tuple[int, int, bytes]]:
+    if anon.is_map:
+        yield from _anon_map_messages(table, anon, set_id)
+        return
     fam = next(f for f in FAMILIES.values() if f.addr_len == anon.key_len)
     body = (
         table
@@ -411,6 +420,37 @@ def _anon_messages(table: bytes, anon: AnonSet, set_id: int) -> Iterator[tuple[i
     body = (
         table
         + m.strz(m.NFTA_SET_ELEM_LIST_SET, "__set%d")
+        + m.u32(m.NFTA_SET_ELEM_LIST_SET_ID, set_id)
+        + m.attr(m.NFTA_SET_ELEM_LIST_ELEMENTS, elements)
+    )
+    yield m.NLM_F_CREATE, m.NFT_MSG_NEWSETELEM, body
+
+
+def _anon_map_messages(
+    table: bytes, anon: AnonSet, set_id: int
+) -> Iterator[tuple[int, int, bytes]]:
+    """`numgen random mod N vmap { 0 : goto X, ... }`'s map, attributes in nft's order."""
+    flags = m.NFT_SET_ANONYMOUS | m.NFT_SET_CONSTANT | m.NFT_SET_MAP
+    body = (
+        table
+        + m.strz(m.NFTA_SET_NAME, "__map%d")
+        + m.u32(m.NFTA_SET_FLAGS, flags)
+        + m.u32(m.NFTA_SET_KEY_TYPE, _NUMGEN_KEY_TYPE)
+        + m.u32(m.NFTA_SET_KEY_LEN, anon.key_len)
+        + m.u32(m.NFTA_SET_DATA_TYPE, m.NFT_DATA_VERDICT)
+        + m.u32(m.NFTA_SET_DATA_LEN, 0)
+        + m.u32(m.NFTA_SET_ID, set_id)
+        + m.attr(m.NFTA_SET_DESC, m.u32(m.NFTA_SET_DESC_SIZE, len(anon.elements)))
+        + m.attr(m.NFTA_SET_USERDATA, _NUMGEN_MAP_UDATA)
+    )
+    yield m.NLM_F_CREATE, m.NFT_MSG_NEWSET, body
+    elements = b"".join(
+        m.attr(1, m.attr(m.NFTA_SET_ELEM_KEY, m.attr(m.NFTA_DATA_VALUE, key)) + _element_verdict(v))
+        for (key, _), v in zip(anon.elements, anon.verdicts or [], strict=True)
+    )
+    body = (
+        table
+        + m.strz(m.NFTA_SET_ELEM_LIST_SET, "__map%d")
         + m.u32(m.NFTA_SET_ELEM_LIST_SET_ID, set_id)
         + m.attr(m.NFTA_SET_ELEM_LIST_ELEMENTS, elements)
     )

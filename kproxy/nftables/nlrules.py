@@ -260,10 +260,22 @@ FAMILIES = {
 
 @dataclass
 class AnonSet:
-    """An anonymous interval set a rule uses (nft's `{ a, b/24 }`), created in the same batch."""
+    """An anonymous set a rule uses, created in the same batch: an interval set of addresses
+    (nft's `{ a, b/24 }`), or a verdict map of numgen values (`vmap { 0 : goto X }`)."""
 
     key_len: int
     elements: list[tuple[bytes, bool]]  # (key, is an interval's end)
+    verdicts: list[str] | None = None  # a verdict map's: each element's verdict, in order
+
+    @property
+    def is_map(self) -> bool:
+        return self.verdicts is not None
+
+    def contents(self) -> list[tuple[bytes, bool, str | None]]:
+        """(key, interval end, verdict or None) of every element, in key order: what a rule
+        read back is compared on, beside its expressions."""
+        verdicts = self.verdicts or [None] * len(self.elements)
+        return sorted((k, end, v) for (k, end), v in zip(self.elements, verdicts, strict=True))
 
 
 @dataclass
@@ -440,6 +452,16 @@ class RuleEncoder:
             elif tokens[i : i + 3] == ["numgen", "random", "mod"]:
                 if peek(i + 4) != "vmap":
                     raise Unsupported(" ".join(tokens))
+                if peek(i + 5) == "{":  # upstream's inline form: an anonymous verdict map
+                    modulus = int(tokens[i + 3])
+                    end = tokens.index("}", i)
+                    anon_sets.append(_numgen_map(tokens[i + 6 : end], " ".join(tokens)))
+                    for tok in tokens[i + 3 : end + 1]:
+                        if tok not in KEYWORDS:
+                            take()
+                    pieces.append(_NUMGEN.fill(_U32.pack(modulus)) + _ANON_VMAP)
+                    i = end + 1
+                    continue
                 pieces.append((_numgen_vmap, take(), take()))
                 i += 6
             elif t == "update" and tokens[i + 2 : i + 6] == ["{", fam.name, "saddr", "}"]:
@@ -484,6 +506,8 @@ def _run(pieces, vals: list[str]) -> bytes:
 
 
 _VMAP = Hole(lambda n: lookup(n, REG_1, REG_VERDICT))
+# The lookup of an anonymous verdict map, by name pattern and batch id (as nft sends it).
+_ANON_VMAP = lookup("__map%d", REG_1, REG_VERDICT, set_id=ANON_ID)
 _LOOKUP = Hole(lambda n: lookup(n, REG_1))
 _PORT = Slot(lambda raw: cmp(NFT_CMP_EQ, raw), 2)
 _JUMP = Hole(lambda n: immediate_verdict("jump " + n))
@@ -551,6 +575,21 @@ def _mark_xor(bits: str) -> bytes:
 
 def _numgen_vmap(modulus: str, name: str) -> bytes:
     return _NUMGEN.fill(_U32.pack(int(modulus))) + _VMAP.fill(name[1:])
+
+
+def _numgen_map(arms: list[str], rule: str) -> AnonSet:
+    """`0 : goto X, 1 : goto Y` -> the anonymous map's elements: a numgen value is a 32-bit
+    integer in host byte order."""
+    words = " ".join(arms).split(",")
+    keys: list[tuple[bytes, bool]] = []
+    verdicts: list[str] = []
+    for arm in words:
+        key, sep, verdict = arm.strip().partition(" : ")
+        if not sep or not key.isdigit() or verdict.split(" ")[0] not in ("goto", "jump"):
+            raise Unsupported(f"rule {rule!r} (arm {arm.strip()!r})")
+        keys.append((_HOST32.pack(int(key)), False))
+        verdicts.append(verdict)
+    return AnonSet(4, keys, verdicts)
 
 
 def _dynset_update(name: str) -> bytes:

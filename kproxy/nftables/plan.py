@@ -153,6 +153,11 @@ class NftPlan:
         )
 
 
+def _makes_anonymous_set(rule: str) -> bool:
+    """`... vmap { 0 : goto X }`, `... saddr != { a, b }`; not `update @set { ip saddr }`."""
+    return " { " in rule and not rule.startswith("update ")
+
+
 def plan_table(want: NftTable, have: NftTable | None, table: str = TABLE) -> NftPlan:
     """The transaction turning `have` (None: no table) into `want` in the table named `table`,
     in the order the kernel needs:
@@ -196,21 +201,29 @@ def plan_table(want: NftTable, have: NftTable | None, table: str = TABLE) -> Nft
     for name, s in sorted(want.sets.items(), key=lambda item: item[1].dynamic):
         if name not in have.sets:
             declare.append(("set", name, s))
+    # The rules of chains whose rules make anonymous sets (inline dispatch, source ranges) go
+    # before the other rules: the kernel finds a set made in the same batch by walking the
+    # transaction's list from its start, once for its elements and once for its rule, so
+    # they are cheapest while that list is short (measured, inline dispatch from empty: 5k
+    # Services 46 s -> 29 s, 10k 262 s -> 193 s).
+    early: list[Op] = []
     for name, chain in want.chains.items():
         old = have.chains.get(name)
+        into = early if any(map(_makes_anonymous_set, chain.rules)) else rules
         if old is None:
             declare.append(("chain", name, chain))
-            rules.extend(("rule", name, r) for r in chain.rules)
+            into.extend(("rule", name, r) for r in chain.rules)
             p.created += 1
         elif old.rules != chain.rules or references(old.rules) or not old.header_equal(chain):
             flush.append(("flush", name))
             if not old.header_equal(chain):
                 # A chain's hook or comment cannot be changed in place: replace the chain
                 # (only base chains and commented helpers have one; nothing jumps to them).
-                rules.append(("delchain", name))
-                rules.append(("chain", name, chain))
-            rules.extend(("rule", name, r) for r in chain.rules)
+                into.append(("delchain", name))
+                into.append(("chain", name, chain))
+            into.extend(("rule", name, r) for r in chain.rules)
             p.rewritten += 1
+    rules[:0] = early
     stale_chains = [name for name in have.chains if name not in want.chains]
     for name in stale_chains:
         flush.append(("flush", name))

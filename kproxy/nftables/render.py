@@ -111,6 +111,10 @@ class _Context:
     local: LocalMatch | None  # how pod traffic is told (None: it is not)
     zone: str
     node_ips: tuple[str, ...]
+    # Endpoint dispatch written inline as upstream kube-proxy writes it (`numgen ... vmap
+    # { 0 : goto X }`) rather than through a named map per Service: a table upstream's
+    # nftables mode can take over (it never deletes maps it did not make).
+    inline_dispatch: bool = False
 
 
 def render_nft(
@@ -118,6 +122,8 @@ def render_nft(
     config: NodeConfig,
     fam: NftFamily = NFT_IPV4,
     cache: RenderCache | None = None,
+    *,
+    inline_dispatch: bool = False,
 ) -> NftRenderResult:
     cache = cache if cache is not None else RenderCache()
     table = NftTable(fam.name)
@@ -125,7 +131,7 @@ def render_nft(
     ip = fam.ip
     addr = fam.addr
     mark = f"0x{1 << config.masquerade_bit:08x}"
-    ctx = _context(state, config, fam, result.warnings)
+    ctx = _context(state, config, fam, result.warnings, inline_dispatch=inline_dispatch)
 
     def vmap(name: str, key_type: str, comment: str) -> None:
         table.sets[name] = NftSet("map", f"{key_type} : verdict", comment=comment)
@@ -256,7 +262,12 @@ def _merge(table: NftTable, fragment: _Fragment, warnings: list[str], job: PortJ
 
 
 def _context(
-    state: ClusterState, config: NodeConfig, fam: NftFamily, warnings: list[str] | None = None
+    state: ClusterState,
+    config: NodeConfig,
+    fam: NftFamily,
+    warnings: list[str] | None = None,
+    *,
+    inline_dispatch: bool = False,
 ) -> _Context:
     return _Context(
         fam=fam,
@@ -264,6 +275,7 @@ def _context(
         local=local_match(config, state.node, fam.version, warnings),
         zone=state.node.labels.get(ZONE_LABEL, "") if state.node else "",
         node_ips=tuple(family_ips(config.node_ips, fam.version)),
+        inline_dispatch=inline_dispatch,
     )
 
 
@@ -283,9 +295,12 @@ def render_nft_delta(
     changed: set[tuple[str, str]],
     prev: NftRenderResult,
     cache: RenderCache,
+    *,
+    inline_dispatch: bool = False,
 ) -> Delta | None:
-    """Only the Services in `changed`, against `prev`; None when a full render is needed."""
-    ctx = _context(state, config, prev.ctx.fam)
+    """Only the Services in `changed`, against `prev`; None when a full render is needed
+    (also when `inline_dispatch` is not what `prev` was rendered with)."""
+    ctx = _context(state, config, prev.ctx.fam, inline_dispatch=inline_dispatch)
     if ctx != prev.ctx:
         return None
     step = service_ports_delta(state, ctx.fam.version, cache, prev.index, changed, [])
@@ -411,6 +426,13 @@ def _render_port(ctx: _Context, job: PortJob) -> _Fragment:
         names = [endpoint_names(e) for e in endpoints]
         if affinity is not None:
             rules += [f"{ip} saddr @{aff} goto {chain}" for chain, aff in names]
+        if ctx.inline_dispatch:
+            # Upstream's form, as nft prints it back: braces even for one endpoint, the
+            # arms in numeric order.
+            arms = ", ".join(f"{i} : goto {chain}" for i, (chain, _) in enumerate(names))
+            rules.append(f"numgen random mod {len(names)} vmap {{ {arms} }}")
+            out.chains[name] = NftChain(rules)
+            return
         # A named verdict map per Service: nft 1.0.6 slows down with the square of the number
         # of anonymous maps (measured: 4k Services 14.5 s with inline `vmap { ... }`, 3.3 s
         # with named maps), and an endpoint change then edits map elements only.

@@ -30,7 +30,7 @@ def scope_of(changes: Iterable[Change], family: str, table: str) -> DriftScope:
             scope.whole = True
         elif c.kind in ("rule", "chain"):
             scope.objects.add(("chain", c.name))
-        elif not c.name.startswith("__set"):  # an anonymous set belongs to its rule's chain
+        elif not c.name.startswith(("__set", "__map")):  # anonymous: its rule's chain's
             scope.objects.add(("set", c.name))
     return scope
 
