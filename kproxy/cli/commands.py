@@ -406,7 +406,8 @@ def _tracer(
             name = args.nft_table or nft_table_here(nft_family.name)
             table = NftBackend(nft_family.name, name).read() or NftTable(nft_family.name)
         else:
-            table = render_nft(state, config, nft_family).table
+            inline = args.nft_table == KUBE_PROXY_TABLE  # kube-proxy's layout in its table
+            table = render_nft(state, config, nft_family, inline_dispatch=inline).table
         return NftTracer(table, local)
     if args.live:
         variant = args.iptables_backend

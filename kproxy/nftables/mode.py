@@ -21,7 +21,7 @@ from kproxy.nftables.render import (
     render_nft_delta,
 )
 from kproxy.nftables.sync import describe_nft, sync_nft
-from kproxy.nftables.table import NftTable
+from kproxy.nftables.table import KUBE_PROXY_TABLE, NftTable
 from kproxy.ports import Delta
 from kproxy.rendercache import RenderCache
 
@@ -30,13 +30,18 @@ class NftablesMode(Mode):
     mode = "nftables"
 
     def __init__(
-        self, backend: NftBackend, dry_run: bool = False, *, inline_dispatch: bool = False
+        self, backend: NftBackend, dry_run: bool = False, *, inline_dispatch: bool | None = None
     ) -> None:
         self.backend = backend
         self.table = backend.table
         self.tables = (backend.table,)
         self.dry_run = dry_run
-        # Endpoint dispatch in upstream kube-proxy's inline form (kproxy.nftables.render).
+        # Endpoint dispatch in upstream kube-proxy's inline form (kproxy.nftables.render);
+        # by default in kube-proxy's table, whose every object kube-proxy's nftables mode then
+        # rewrites or deletes when it takes the table over (a named endpoint map it would
+        # never delete, and the endpoint chains it refers to could never be deleted either).
+        if inline_dispatch is None:
+            inline_dispatch = backend.table == KUBE_PROXY_TABLE
         self.inline_dispatch = inline_dispatch
         self.family = NFT_IPV4 if backend.family == "ip" else NFT_IPV6
         self.name = f"IPv{self.family.version}"
