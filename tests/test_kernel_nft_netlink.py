@@ -372,7 +372,7 @@ def test_an_inline_maps_changed_verdict_is_drift_to_a_verify_and_a_repair(node, 
         Change("add", "set", "ip", "kproxy", "__map99"),
         Change("add", "rule", "ip", "kproxy", chain),
     ]
-    scope = repair.scope_of(changes, "ip")
+    scope = repair.scope_of(changes, "ip", "kproxy")
     assert set(scope.objects) == {("chain", chain)}
     done = netns.call_in(node, mode.repair, scope)
     assert done is not None and ("chain", chain) in done.found
