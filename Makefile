@@ -23,7 +23,7 @@ demo: venv system-deps
 	$(BIN)/python scripts/demo.py
 
 test: venv system-deps
-	$(BIN)/pytest -ra tests
+	$(BIN)/pytest -ra --durations=25 tests
 
 unit: venv
 	$(BIN)/pytest -ra -m "not kernel" tests

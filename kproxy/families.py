@@ -17,7 +17,7 @@ from kproxy.iptables.mode import IptablesMode
 from kproxy.iptables.restore import IptablesBackend, detect_variant
 from kproxy.mode import Mode
 from kproxy.nftables.mode import NftablesMode
-from kproxy.nftables.netlink import NetlinkBackend
+from kproxy.nftables.netlink import NetlinkBackend, table_comment
 from kproxy.nftables.nft import NftBackend
 from kproxy.nftables.table import KUBE_PROXY_TABLE, TABLE, TABLE_COMMENT
 from kproxy.nodeinfo import ipv6_off
@@ -49,8 +49,6 @@ def kproxy_tables(family: str) -> list[str]:
     """The names kproxy's nftables tables of `family` ("ip", "ip6") have on this node: its own
     `kproxy`, and `kube-proxy` where kproxy made that one (it ran in kube-proxy's place; its
     comment says so). A node without nf_tables has none."""
-    from kproxy.nftables.netlink import table_comment
-
     try:
         found = [TABLE] if table_comment(family, TABLE) is not None else []
         if table_comment(family, KUBE_PROXY_TABLE) == TABLE_COMMENT:
@@ -61,7 +59,7 @@ def kproxy_tables(family: str) -> list[str]:
 
 
 def nft_table_here(family: str) -> str:
-    """The table a one-shot command (sync, diff, trace, cleanup, snapshot, doctor) works on
+    """The table a one-shot command (sync, diff, trace --live, snapshot, restore) works on
     when not told: the one kproxy's daemon writes on this node (kproxy_tables), else
     `kproxy`."""
     return (kproxy_tables(family) or [TABLE])[0]

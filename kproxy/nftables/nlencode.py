@@ -417,13 +417,7 @@ def _anon_messages(table: bytes, anon: AnonSet, set_id: int) -> Iterator[tuple[i
         )
         for key, end in anon.elements
     )
-    body = (
-        table
-        + m.strz(m.NFTA_SET_ELEM_LIST_SET, "__set%d")
-        + m.u32(m.NFTA_SET_ELEM_LIST_SET_ID, set_id)
-        + m.attr(m.NFTA_SET_ELEM_LIST_ELEMENTS, elements)
-    )
-    yield m.NLM_F_CREATE, m.NFT_MSG_NEWSETELEM, body
+    yield _anon_elements_message(table, "__set%d", set_id, elements)
 
 
 def _anon_map_messages(
@@ -448,10 +442,17 @@ def _anon_map_messages(
         m.attr(1, m.attr(m.NFTA_SET_ELEM_KEY, m.attr(m.NFTA_DATA_VALUE, key)) + _element_verdict(v))
         for (key, _), v in zip(anon.elements, anon.verdicts or [], strict=True)
     )
+    yield _anon_elements_message(table, "__map%d", set_id, elements)
+
+
+def _anon_elements_message(
+    table: bytes, name: str, set_id: int, elements: bytes
+) -> tuple[int, int, bytes]:
+    """The elements of an anonymous set made in the same batch, which names it by its id."""
     body = (
         table
-        + m.strz(m.NFTA_SET_ELEM_LIST_SET, "__map%d")
+        + m.strz(m.NFTA_SET_ELEM_LIST_SET, name)
         + m.u32(m.NFTA_SET_ELEM_LIST_SET_ID, set_id)
         + m.attr(m.NFTA_SET_ELEM_LIST_ELEMENTS, elements)
     )
-    yield m.NLM_F_CREATE, m.NFT_MSG_NEWSETELEM, body
+    return m.NLM_F_CREATE, m.NFT_MSG_NEWSETELEM, body
