@@ -293,3 +293,25 @@ def test_notify_is_not_blocked_while_the_canary_check_runs():
     finally:
         release.set()
         stop_loop(rec, loop, stop)
+
+
+def test_a_stop_ends_the_loop_at_once_whatever_its_intervals():
+    """SIGTERM sets the daemon's stop event from a signal handler (a changed --config, from
+    another thread): the loop, asleep until its next deadline (here a 60 s canary interval
+    and a 300 s sync period), ends at once, not a minute later (a pod's termination would
+    run out its grace period and be killed)."""
+    rec = Reconciler(
+        ObjectStore("node-1"),
+        NodeConfig(node_name="node-1"),
+        [SlowVerifyFamily(0.0)],
+        sync_period=300.0,
+        canary_interval=60.0,
+    )
+    stop, synced = threading.Event(), threading.Event()
+    synced.set()
+    loop = threading.Thread(target=rec.run, args=(stop, synced), daemon=True)
+    loop.start()
+    time.sleep(0.5)  # past the start sync, asleep
+    stop.set()  # and nothing else: no notify
+    loop.join(20)  # a generous bound, a third of the canary interval
+    assert not loop.is_alive()

@@ -179,6 +179,12 @@ class Reconciler:
             self._pending = True
             self._cv.notify()
 
+    def wake(self) -> None:
+        """End the loop's wait now: it sleeps until its next deadline (up to a canary
+        interval or a sync period) and would see its stop only then."""
+        with self._cv:
+            self._cv.notify()
+
     def request_verify(self, reason: str, cause: str = "") -> None:
         with self._cv:
             if self._verify_reason is None:
@@ -199,6 +205,12 @@ class Reconciler:
 
     def run(self, stop: threading.Event, source_synced: threading.Event) -> None:
         """Sync until `stop` is set. Waits for `source_synced` before writing anything."""
+        # `stop` is set by a signal handler or another thread (SIGTERM, a changed --config):
+        # the loop, asleep on its condition, is woken for it at once (a pod's termination
+        # would otherwise wait up to a canary interval, or a sync period, for the loop).
+        threading.Thread(
+            target=lambda: stop.wait() and self.wake(), name="stop-wake", daemon=True
+        ).start()
         while not source_synced.wait(0.2):
             if stop.is_set():
                 return
