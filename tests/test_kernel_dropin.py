@@ -394,6 +394,7 @@ def test_in_kube_proxys_place_nftables_mode_writes_kube_proxys_table_for_a_one_c
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the old kproxy table is still there\n{logged()[-3000:]}")
             time.sleep(0.2)
+        assert "(nftables mode, table kube-proxy, IPv4 and IPv6)" in logged()  # it says so
         # Both families (the test's namespaces have IPv6): kube-proxy's name only.
         assert sorted(netns.nft_tables(topo.node)) == ["ip kube-proxy", "ip6 kube-proxy"]
         table = netns.nft_table(topo.node, table="kube-proxy")

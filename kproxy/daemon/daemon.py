@@ -391,9 +391,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
         log.info(
-            "kproxy running on node %s (%s mode, %s): metrics on %s, health on %s",
+            "kproxy running on node %s (%s, %s): metrics on %s, health on %s",
             opts.node_name,
-            opts.mode,
+            f"{opts.mode} mode" + (f", table {opts.nft_table}" if opts.mode == "nftables" else ""),
             " and ".join(fam.name for fam in self.reconciler.families),
             opts.metrics_bind or "off",
             opts.healthz_bind or "off",
