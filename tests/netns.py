@@ -152,6 +152,19 @@ def run(
     return _run([_ip(), "netns", "exec", ns, *argv], check=check, timeout=timeout, input=input)
 
 
+def stop_process(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
+    """Stop a process this test started, by its pid: SIGTERM, then SIGKILL after `grace`
+    seconds (a daemon that does not stop in time is killed, never left running)."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
 def run_pid(ns: str, argv: Sequence[str], timeout: float = 60) -> int:
     """Run ``argv`` inside ``ns`` and return its pid (``ip netns exec`` execs the command, so
     the pid is the command's own: what nf_tables names as the author of its changes)."""

@@ -13,13 +13,11 @@ test creates; the daemon is killed by pid.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import re
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -108,13 +106,7 @@ def start_kube_proxy(
 
 def stop_kube_proxy(proc: subprocess.Popen | None, log: IO[bytes] | None) -> None:
     """Stop it by its pid (SIGTERM, then SIGKILL), and close its log."""
-    if proc is not None and proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+    netns.stop_process(proc)
     if log is not None:
         log.close()
 
@@ -151,86 +143,94 @@ def cluster(api: FakeApiServer) -> None:
     )
 
 
-def test_kubeadms_command_line_and_config_conf_serve_clusterip_nodeport_metrics_health(
-    kernel_support: None, tmp_path: Path
-):
+@contextlib.contextmanager
+def dropin_node(
+    pods: tuple[tuple[str, int], ...] = (("a", 2), ("b", 3)), servers: tuple[str, ...] = ("a",)
+) -> Iterator[tuple[netns.Topology, FakeApiServer]]:
+    """A node with `pods` (a TCP server on 8080 in each of `servers`), an external client,
+    and the test API server holding cluster()'s objects; all gone afterwards."""
     if netns.which("unshare") is None:
         pytest.skip("util-linux `unshare` is not installed")
-    topo = netns.build(pods=(("a", 2), ("b", 3)), clients=1)
-    api = proc = log = None
+    topo = netns.build(pods=pods, clients=1)
+    api = None
     try:
-        topo.start_server(topo.pods["a"], tcp=[8080])
+        for name in servers:
+            topo.start_server(topo.pods[name], tcp=[8080])
         api = netns.call_in(topo.node, lambda: FakeApiServer(host="127.0.0.1").start())
         cluster(api)
-        _, args = kubeadm_dropin(tmp_path, api.url)
-        assert args == [f"--config={tmp_path / 'config.conf'}", "--hostname-override=node-1"]
-        binary = kube_proxy_binary(tmp_path)
-        # kube-proxy's nftables-mode tables, as a node that ran it in nftables mode keeps
-        # them, and a table of someone else's.
-        for family in ("ip", "ip6"):
-            netns.run(topo.node, ["nft", f"add table {family} kube-proxy"])
-            netns.run(topo.node, ["nft", f"add chain {family} kube-proxy services"])
-        netns.run(topo.node, ["nft", "add table ip someone-else"])
-        proc, log, logged = start_kube_proxy(topo, tmp_path, binary, args)
-
-        def wait_for(what, check, timeout=30.0):
-            deadline = time.monotonic() + timeout
-            while True:
-                value = check()
-                if value:
-                    return value
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    state = f"exited {proc.returncode}" if proc.poll() is not None else "timeout"
-                    pytest.fail(f"{state} waiting for {what}\n--- log ---\n{logged()[-3000:]}")
-                time.sleep(0.2)
-
-        # /healthz on the file's healthzBindAddress: 200 once the first full sync is done.
-        wait_for(
-            f"/healthz 200 on {HEALTHZ_BIND}",
-            lambda: (tkm.get(topo, f"http://{HEALTHZ_BIND}/healthz") or (0,))[0] == 200,
-        )
-        # After the first sync, kube-proxy's nftables tables go; no one else's.
-        wait_for(
-            "kube-proxy's nftables tables removed",
-            lambda: "kube-proxy" not in netns.run(topo.node, ["nft", "list", "tables"]).stdout,
-        )
-        assert "table ip someone-else" in netns.run(topo.node, ["nft", "list", "tables"]).stdout
-        # The ClusterIP, pod to pod; the NodePort, external client to the node's address.
-        replies = topo.tcp(topo.pods["b"].ns, WEB_IP, 80, count=3, timeout=1.0)
-        assert {r.pod for r in replies if r.ok} == {"a"}, replies
-        client = topo.clients["client"]
-        replies = netns.tcp(client.ns, netns.NODE_EXTERNAL_IP, NP_PORT, count=3, timeout=1.0)
-        assert {r.pod for r in replies if r.ok} == {"a"}, replies
-        # /metrics on the file's metricsBindAddress, and not on kube-proxy's default port.
-        status, text = tkm.get(topo, f"http://{METRICS_BIND}/metrics") or (0, "")
-        assert status == 200
-        assert re.search(r"^kubeproxy_sync_proxy_rules_last_timestamp_seconds [1-9]", text, re.M)
-        assert tkm.get(topo, "http://127.0.0.1:10249/metrics") is None
-        assert tkm.get(topo, "http://127.0.0.1:10256/healthz") is None
-        # It read the cluster through the file's kubeconfig, as node-1 (the flag), in
-        # iptables mode (the file's mode "" is upstream's default), with kube-proxy's chains.
-        assert any(r.path.startswith("/api/v1/services") for r in api.requests)
-        nodes = [r for r in api.requests if r.path.startswith("/api/v1/nodes")]
-        assert nodes and all("node-1" in r.path + str(r.query) for r in nodes), nodes
-        assert "-A KUBE-SERVICES" in topo.iptables_save("nat")
-        # No writable /var/lib/kproxy: said once, state went to /run/kproxy.
-        text = logged()
-        assert text.count("/var/lib/kproxy cannot be written") == 1, text
-        assert "state cache and snapshots go to /run/kproxy" in text
-        # kubeadm's file is all defaults: no field kproxy had to ignore, no error.
-        assert " error " not in text and "ignored" not in text, text
-        # The file changes (a ConfigMap update): kproxy exits, as kube-proxy does, for its
-        # pod to restart with it; the rules stay.
-        conf_path = tmp_path / "config.conf"
-        conf_path.write_text(conf_path.read_text() + "\n# edited\n")
-        assert proc.wait(15) == 1
-        assert "config.conf changed: exiting" in logged()
-        assert "-A KUBE-SERVICES" in topo.iptables_save("nat")
+        yield topo, api
     finally:
-        stop_kube_proxy(proc, log)
         if api is not None:
             api.stop()
         topo.close()
+
+
+def test_kubeadms_command_line_and_config_conf_serve_clusterip_nodeport_metrics_health(
+    kernel_support: None, tmp_path: Path
+):
+    with dropin_node() as (topo, api):
+        proc = log = None
+        try:
+            _, args = kubeadm_dropin(tmp_path, api.url)
+            assert args == [f"--config={tmp_path / 'config.conf'}", "--hostname-override=node-1"]
+            binary = kube_proxy_binary(tmp_path)
+            # kube-proxy's nftables-mode tables, as a node that ran it in nftables mode keeps
+            # them, and a table of someone else's.
+            for family in ("ip", "ip6"):
+                netns.run(topo.node, ["nft", f"add table {family} kube-proxy"])
+                netns.run(topo.node, ["nft", f"add chain {family} kube-proxy services"])
+            netns.run(topo.node, ["nft", "add table ip someone-else"])
+            proc, log, logged = start_kube_proxy(topo, tmp_path, binary, args)
+
+            def wait_for(what, check):
+                tkm.wait_for(what, check, proc, tmp_path, 30.0, logged)
+
+            # /healthz on the file's healthzBindAddress: 200 once the first full sync is done.
+            wait_for(
+                f"/healthz 200 on {HEALTHZ_BIND}",
+                lambda: (tkm.get(topo, f"http://{HEALTHZ_BIND}/healthz") or (0,))[0] == 200,
+            )
+            # After the first sync, kube-proxy's nftables tables go; no one else's.
+            wait_for(
+                "kube-proxy's nftables tables removed",
+                lambda: "kube-proxy" not in netns.run(topo.node, ["nft", "list", "tables"]).stdout,
+            )
+            assert "table ip someone-else" in netns.run(topo.node, ["nft", "list", "tables"]).stdout
+            # The ClusterIP, pod to pod; the NodePort, external client to the node's address.
+            replies = topo.tcp(topo.pods["b"].ns, WEB_IP, 80, count=3, timeout=1.0)
+            assert {r.pod for r in replies if r.ok} == {"a"}, replies
+            client = topo.clients["client"]
+            replies = netns.tcp(client.ns, netns.NODE_EXTERNAL_IP, NP_PORT, count=3, timeout=1.0)
+            assert {r.pod for r in replies if r.ok} == {"a"}, replies
+            # /metrics on the file's metricsBindAddress, and not on kube-proxy's default port.
+            status, text = tkm.get(topo, f"http://{METRICS_BIND}/metrics") or (0, "")
+            assert status == 200
+            assert re.search(
+                r"^kubeproxy_sync_proxy_rules_last_timestamp_seconds [1-9]", text, re.M
+            )
+            assert tkm.get(topo, "http://127.0.0.1:10249/metrics") is None
+            assert tkm.get(topo, "http://127.0.0.1:10256/healthz") is None
+            # It read the cluster through the file's kubeconfig, as node-1 (the flag), in
+            # iptables mode (the file's mode "" is upstream's default), with kube-proxy's chains.
+            assert any(r.path.startswith("/api/v1/services") for r in api.requests)
+            nodes = [r for r in api.requests if r.path.startswith("/api/v1/nodes")]
+            assert nodes and all("node-1" in r.path + str(r.query) for r in nodes), nodes
+            assert "-A KUBE-SERVICES" in topo.iptables_save("nat")
+            # No writable /var/lib/kproxy: said once, state went to /run/kproxy.
+            text = logged()
+            assert text.count("/var/lib/kproxy cannot be written") == 1, text
+            assert "state cache and snapshots go to /run/kproxy" in text
+            # kubeadm's file is all defaults: no field kproxy had to ignore, no error.
+            assert " error " not in text and "ignored" not in text, text
+            # The file changes (a ConfigMap update): kproxy exits, as kube-proxy does, for its
+            # pod to restart with it; the rules stay.
+            conf_path = tmp_path / "config.conf"
+            conf_path.write_text(conf_path.read_text() + "\n# edited\n")
+            assert proc.wait(15) == 1
+            assert "config.conf changed: exiting" in logged()
+            assert "-A KUBE-SERVICES" in topo.iptables_save("nat")
+        finally:
+            stop_kube_proxy(proc, log)
 
 
 def test_mode_ipvs_on_a_node_kube_proxy_ran_in_ipvs_mode_removes_its_leftovers(
@@ -241,53 +241,52 @@ def test_mode_ipvs_on_a_node_kube_proxy_ran_in_ipvs_mode_removes_its_leftovers(
     ipsets, the IPVS-mode chains, a set and chain of someone else's): kproxy runs nftables
     mode, and after its first full sync removes the leftovers, nothing else; the ClusterIP
     and the NodePort answer through kproxy's table."""
-    if netns.which("unshare") is None:
-        pytest.skip("util-linux `unshare` is not installed")
-    topo = netns.build(pods=(("a", 2), ("b", 3)), clients=1)
-    api = proc = log = None
-    try:
-        topo.start_server(topo.pods["a"], tcp=[8080])
-        api = netns.call_in(topo.node, lambda: FakeApiServer(host="127.0.0.1").start())
-        cluster(api)
-        _, args = kubeadm_dropin(tmp_path, api.url, mode="ipvs")
-        # kube-ipvs0 is a bridge here (no dummy links in this kernel): allowed for the test.
-        binary = kube_proxy_binary(tmp_path, tkil.BRIDGE_AS_DUMMY)
-        tkil.build_ipvs_node(topo.node)
-        proc, log, logged = start_kube_proxy(topo, tmp_path, binary, args)
+    with dropin_node() as (topo, api):
+        proc = log = None
+        try:
+            _, args = kubeadm_dropin(tmp_path, api.url, mode="ipvs")
+            # kube-ipvs0 is a bridge here (no dummy links in this kernel): allowed for the test.
+            binary = kube_proxy_binary(tmp_path, tkil.BRIDGE_AS_DUMMY)
+            tkil.build_ipvs_node(topo.node)
+            proc, log, logged = start_kube_proxy(topo, tmp_path, binary, args)
 
-        deadline = time.monotonic() + 30
-        while "kube-ipvs0" in netns.ip(topo.node, "link", "show").stdout:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"kube-ipvs0 still there\n--- log ---\n{logged()[-3000:]}")
-            time.sleep(0.2)
-        # Removed after the first full sync: kproxy's table was in place before.
-        assert (tkm.get(topo, f"http://{HEALTHZ_BIND}/healthz") or (0,))[0] == 200
-        text = logged()
-        assert text.index("removed kube-proxy's IPVS-mode") > text.index("synced IPv4")
-        # Wait for the ipsets: the last thing removed.
-        while tkil.sets_present(topo.node) != {tkil.FOREIGN_SET}:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ipsets still there\n--- log ---\n{logged()[-3000:]}")
-            time.sleep(0.2)
-        tkil.assert_ipvs_gone(topo.node)
-        # nftables mode: kube-proxy's chains shared with iptables mode went too.
-        assert netns.nft_table(topo.node, table="kube-proxy") is not None  # kproxy's
-        assert "KUBE-SERVICES" not in topo.iptables_save("nat")
-        text = logged()
-        assert text.count("removed kube-proxy's IPVS-mode interface kube-ipvs0") == 1, text
-        assert text.count("removed kube-proxy's IPVS-mode ipsets") == 1, text
-        assert "runs its nftables mode instead" in text
-        # The ClusterIP, pod to pod; the NodePort, external client to the node's address.
-        replies = topo.tcp(topo.pods["b"].ns, WEB_IP, 80, count=3, timeout=1.0)
-        assert {r.pod for r in replies if r.ok} == {"a"}, replies
-        client = topo.clients["client"]
-        replies = netns.tcp(client.ns, netns.NODE_EXTERNAL_IP, NP_PORT, count=3, timeout=1.0)
-        assert {r.pod for r in replies if r.ok} == {"a"}, replies
-    finally:
-        stop_kube_proxy(proc, log)
-        if api is not None:
-            api.stop()
-        topo.close()
+            tkm.wait_for(
+                "kube-ipvs0 removed",
+                lambda: "kube-ipvs0" not in netns.ip(topo.node, "link", "show").stdout,
+                proc,
+                tmp_path,
+                30.0,
+                logged,
+            )
+            # Removed after the first full sync: kproxy's table was in place before.
+            assert (tkm.get(topo, f"http://{HEALTHZ_BIND}/healthz") or (0,))[0] == 200
+            text = logged()
+            assert text.index("removed kube-proxy's IPVS-mode") > text.index("synced IPv4")
+            # Wait for the ipsets: the last thing removed.
+            tkm.wait_for(
+                "the ipsets removed",
+                lambda: tkil.sets_present(topo.node) == {tkil.FOREIGN_SET},
+                proc,
+                tmp_path,
+                30.0,
+                logged,
+            )
+            tkil.assert_ipvs_gone(topo.node)
+            # nftables mode: kube-proxy's chains shared with iptables mode went too.
+            assert netns.nft_table(topo.node, table="kube-proxy") is not None  # kproxy's
+            assert "KUBE-SERVICES" not in topo.iptables_save("nat")
+            text = logged()
+            assert text.count("removed kube-proxy's IPVS-mode interface kube-ipvs0") == 1, text
+            assert text.count("removed kube-proxy's IPVS-mode ipsets") == 1, text
+            assert "runs its nftables mode instead" in text
+            # The ClusterIP, pod to pod; the NodePort, external client to the node's address.
+            replies = topo.tcp(topo.pods["b"].ns, WEB_IP, 80, count=3, timeout=1.0)
+            assert {r.pod for r in replies if r.ok} == {"a"}, replies
+            client = topo.clients["client"]
+            replies = netns.tcp(client.ns, netns.NODE_EXTERNAL_IP, NP_PORT, count=3, timeout=1.0)
+            assert {r.pod for r in replies if r.ok} == {"a"}, replies
+        finally:
+            stop_kube_proxy(proc, log)
 
 
 def test_init_only_sets_the_sysctls_and_exits_and_cleanup_removes_the_rules(
@@ -370,62 +369,55 @@ def test_in_kube_proxys_place_nftables_mode_writes_kube_proxys_table_for_a_one_c
     sync, and serves. Then the way back, one image swap: kproxy stops (the rules stay and
     serve), and kube-proxy's start in iptables mode deletes the `kube-proxy` tables
     (upstream's platformCleanup -> nftables.CleanupLeftovers): nothing of kproxy's is left.
-    (Its nftables mode takes the table over instead: tests/test_nft.py checks the table
-    holds only what upstream's sync rewrites or removes.)"""
-    if netns.which("unshare") is None:
-        pytest.skip("util-linux `unshare` is not installed")
-    topo = netns.build(pods=(("a", 2), ("b", 3), ("c", 4)), clients=1)
-    api = proc = log = None
-    try:
-        topo.start_server(topo.pods["a"], tcp=[8080])
-        topo.start_server(topo.pods["c"], tcp=[8080])
-        api = netns.call_in(topo.node, lambda: FakeApiServer(host="127.0.0.1").start())
-        cluster(api)
-        _, args = kubeadm_dropin(tmp_path, api.url, mode="nftables")
-        netns.run(topo.node, ["nft", "-f", "-"], input=KUBE_PROXY_NFTABLES)
-        netns.run(topo.node, ["nft", 'add table ip kproxy { comment "rules for kproxy" ; }'])
-        netns.run(topo.node, ["nft", "add chain ip kproxy services"])
-        # Before: kube-proxy's stale rules send the ClusterIP to pod b (nothing listens).
-        replies = topo.tcp(topo.pods["c"].ns, WEB_IP, 80, count=1, timeout=1.0)
-        assert not any(r.ok for r in replies), replies
-        proc, log, logged = start_kube_proxy(topo, tmp_path, kube_proxy_binary(tmp_path), args)
-        deadline = time.monotonic() + 30
-        while "ip kproxy" in netns.nft_tables(topo.node):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the old kproxy table is still there\n{logged()[-3000:]}")
-            time.sleep(0.2)
-        assert "(nftables mode, table kube-proxy, IPv4 and IPv6)" in logged()  # it says so
-        # Both families (the test's namespaces have IPv6): kube-proxy's name only.
-        assert sorted(netns.nft_tables(topo.node)) == ["ip kube-proxy", "ip6 kube-proxy"]
-        table = netns.nft_table(topo.node, table="kube-proxy")
-        assert 'comment "rules for kproxy"' in table
-        assert "10.244.1.3" not in table and "affinity-" not in table  # nothing stale stayed
-        assert SVC_CHAIN in table  # upstream's names, kproxy's rules
-        replies = topo.tcp(topo.pods["c"].ns, WEB_IP, 80, count=3, timeout=1.0)
-        assert {r.pod for r in replies if r.ok} == {"a"}, replies
-        client = topo.clients["client"]
-        replies = netns.tcp(client.ns, netns.NODE_EXTERNAL_IP, NP_PORT, count=3, timeout=1.0)
-        assert {r.pod for r in replies if r.ok} == {"a"}, replies
-        # A one-shot command on the node finds the table kproxy writes there.
-        diff = netns.run(
-            topo.node,
-            [sys.executable, "-m", "kproxy", "diff", "--mode", "nftables", "--master", api.url]
-            + ["--node-name", "node-1", "--cluster-cidr", "10.244.0.0/16"]
-            + ["--lock-file", str(tmp_path / "diff.lock")],
-            check=False,
-        )
-        assert diff.returncode == 0, diff.stdout + diff.stderr
-        # The way back: the image swapped back, kproxy's pod stops; its rules stay and serve.
-        stop_kube_proxy(proc, log)
+    (Its nftables mode takes the table over instead: tests/test_kernel_takeover.py.)"""
+    with dropin_node(pods=(("a", 2), ("b", 3), ("c", 4)), servers=("a", "c")) as (topo, api):
         proc = log = None
-        replies = topo.tcp(topo.pods["c"].ns, WEB_IP, 80, count=3, timeout=1.0)
-        assert {r.pod for r in replies if r.ok} == {"a"}, replies
-        # kube-proxy starts in iptables mode: its cleanup of nftables mode's rules.
-        for family in ("ip", "ip6"):
-            netns.run(topo.node, ["nft", f"delete table {family} kube-proxy"], check=False)
-        assert netns.nft_tables(topo.node) == []
-    finally:
-        stop_kube_proxy(proc, log)
-        if api is not None:
-            api.stop()
-        topo.close()
+        try:
+            _, args = kubeadm_dropin(tmp_path, api.url, mode="nftables")
+            netns.run(topo.node, ["nft", "-f", "-"], input=KUBE_PROXY_NFTABLES)
+            netns.run(topo.node, ["nft", 'add table ip kproxy { comment "rules for kproxy" ; }'])
+            netns.run(topo.node, ["nft", "add chain ip kproxy services"])
+            # Before: kube-proxy's stale rules send the ClusterIP to pod b (nothing listens).
+            replies = topo.tcp(topo.pods["c"].ns, WEB_IP, 80, count=1, timeout=1.0)
+            assert not any(r.ok for r in replies), replies
+            proc, log, logged = start_kube_proxy(topo, tmp_path, kube_proxy_binary(tmp_path), args)
+            tkm.wait_for(
+                "the old kproxy table removed",
+                lambda: "ip kproxy" not in netns.nft_tables(topo.node),
+                proc,
+                tmp_path,
+                30.0,
+                logged,
+            )
+            assert "(nftables mode, table kube-proxy, IPv4 and IPv6)" in logged()  # it says so
+            # Both families (the test's namespaces have IPv6): kube-proxy's name only.
+            assert sorted(netns.nft_tables(topo.node)) == ["ip kube-proxy", "ip6 kube-proxy"]
+            table = netns.nft_table(topo.node, table="kube-proxy")
+            assert 'comment "rules for kproxy"' in table
+            assert "10.244.1.3" not in table and "affinity-" not in table  # nothing stale stayed
+            assert SVC_CHAIN in table  # upstream's names, kproxy's rules
+            replies = topo.tcp(topo.pods["c"].ns, WEB_IP, 80, count=3, timeout=1.0)
+            assert {r.pod for r in replies if r.ok} == {"a"}, replies
+            client = topo.clients["client"]
+            replies = netns.tcp(client.ns, netns.NODE_EXTERNAL_IP, NP_PORT, count=3, timeout=1.0)
+            assert {r.pod for r in replies if r.ok} == {"a"}, replies
+            # A one-shot command on the node finds the table kproxy writes there.
+            diff = netns.run(
+                topo.node,
+                [sys.executable, "-m", "kproxy", "diff", "--mode", "nftables", "--master", api.url]
+                + ["--node-name", "node-1", "--cluster-cidr", "10.244.0.0/16"]
+                + ["--lock-file", str(tmp_path / "diff.lock")],
+                check=False,
+            )
+            assert diff.returncode == 0, diff.stdout + diff.stderr
+            # The way back: the image swapped back, kproxy's pod stops; its rules stay and serve.
+            stop_kube_proxy(proc, log)
+            proc = log = None
+            replies = topo.tcp(topo.pods["c"].ns, WEB_IP, 80, count=3, timeout=1.0)
+            assert {r.pod for r in replies if r.ok} == {"a"}, replies
+            # kube-proxy starts in iptables mode: its cleanup of nftables mode's rules.
+            for family in ("ip", "ip6"):
+                netns.run(topo.node, ["nft", f"delete table {family} kube-proxy"], check=False)
+            assert netns.nft_tables(topo.node) == []
+        finally:
+            stop_kube_proxy(proc, log)

@@ -9,10 +9,8 @@ directory; everything runs inside namespaces the test creates, and the daemon is
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -134,13 +132,7 @@ def running(kernel_support: None, tmp_path: Path):
         )
         yield topo, api, proc, ds, argv, which, tmp_path
     finally:
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        netns.stop_process(proc)
         if log is not None:
             log.close()
         if api is not None:
@@ -148,7 +140,9 @@ def running(kernel_support: None, tmp_path: Path):
         topo.close()
 
 
-def wait_for(what, check, proc, tmp: Path, timeout: float = 20.0):
+def wait_for(what, check, proc, tmp: Path, timeout: float = 20.0, logged=None):
+    """check() until it is true; fails when `proc` exits or at `timeout`, with the end of its
+    log (tmp/kproxy.log, or `logged()`)."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -156,7 +150,7 @@ def wait_for(what, check, proc, tmp: Path, timeout: float = 20.0):
             return value
         if proc.poll() is not None or time.monotonic() > deadline:
             state = f"exited {proc.returncode}" if proc.poll() is not None else "timed out"
-            log = (tmp / "kproxy.log").read_text(errors="replace")[-3000:]
+            log = (logged() if logged else (tmp / "kproxy.log").read_text(errors="replace"))[-3000:]
             pytest.fail(f"{state} waiting for {what}\n--- kproxy log ---\n{log}")
         time.sleep(0.2)
 

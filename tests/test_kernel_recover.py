@@ -464,14 +464,7 @@ class Node:
 
     def stop_daemon(self) -> None:
         proc, self.daemon = self.daemon, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        netns.stop_process(proc)
 
 
 @pytest.fixture
