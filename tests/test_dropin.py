@@ -595,6 +595,25 @@ def test_kube_proxy_spellings_reach_run_through_main(tmp_path, isolated):
     assert back.masquerade_all is True and back.verbosity == 4
 
 
+def test_the_daemon_writes_kube_proxys_table_in_its_place_and_kproxys_elsewhere(monkeypatch):
+    """Started as the image's kube-proxy (its entry point), the daemon's nftables table is
+    kube-proxy's; as `kproxy run`, kproxy's; --nft-table wins over both."""
+    import importlib
+
+    from kproxy.cli import commands
+
+    cli = importlib.import_module("kproxy.cli.main")  # the package's `main` is the function
+    seen = []
+    monkeypatch.setattr(
+        commands, "run_daemon", lambda args: seen.append(commands.daemon_nft_table(args)) or 0
+    )
+    assert cli.kube_proxy_main(["--proxy-mode=nftables", "--hostname-override=node-1"]) == 0
+    assert cli.main(["run", "--mode", "nftables"]) == 0
+    assert cli.kube_proxy_main(["--proxy-mode=nftables", "--nft-table=kproxy"]) == 0
+    assert cli.main(["run", "--mode", "nftables", "--nft-table", "kube-proxy"]) == 0
+    assert seen == ["kube-proxy", "kproxy", "kproxy", "kube-proxy"]
+
+
 def test_a_changed_config_file_stops_the_daemon_as_kube_proxys_does(tmp_path):
     import threading
     import time

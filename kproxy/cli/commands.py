@@ -209,8 +209,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     if resolved.init_only:  # kube-proxy --init-only: the privileged part (sysctls), then exit
         node_config(args, ClusterState(), apply=True, resolve_nodeports=False)
         return EXIT_OK
-    # In kube-proxy's place (README "Replacing kube-proxy"): its --config, or its entry point.
-    in_place = bool(args.kp_config) or args.as_kube_proxy
+    in_place = in_kube_proxys_place(args)
     opts = DaemonOptions(
         node_name=args.node_name,
         # The node IPs and NodePort addresses are the daemon's to work out at each full sync.
@@ -235,7 +234,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         api_wait=args.api_wait,
         lock_file=args.lock_file or None,
         mode=args.mode,
-        nft_table=args.nft_table or (KUBE_PROXY_TABLE if in_place else TABLE),
+        nft_table=daemon_nft_table(args),
     )
     try:
         if opts.lock_file:
@@ -252,6 +251,18 @@ def run_daemon(args: argparse.Namespace) -> int:
         dropin.after_first_sync(daemon.health, daemon.stop_event, daemon.reconciler.families)
     status = daemon.run()
     return EXIT_FAILED if watch is not None and watch.changed else status
+
+
+def in_kube_proxys_place(args: argparse.Namespace) -> bool:
+    """`kproxy run` in kube-proxy's place (README "Replacing kube-proxy"): with its --config,
+    or started as its entry point."""
+    return bool(args.kp_config) or args.as_kube_proxy
+
+
+def daemon_nft_table(args: argparse.Namespace) -> str:
+    """The table the daemon writes in nftables mode: --nft-table, else kube-proxy's in its
+    place (kube-proxy's start then removes or takes it over), else kproxy's."""
+    return args.nft_table or (KUBE_PROXY_TABLE if in_kube_proxys_place(args) else TABLE)
 
 
 def node_config(

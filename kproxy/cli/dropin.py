@@ -550,9 +550,7 @@ def after_first_sync(
     remove the nftables tables kube-proxy (or kproxy outside kube-proxy's place) left, but
     the one the daemon's `families` write: never before, so no Service is ever without
     rules."""
-    keep = frozenset(
-        (f.backend.family, f.table) for f in families if getattr(f, "mode", "") == "nftables"
-    )
+    keep = frozenset((f.backend.family, f.table) for f in families if f.mode == "nftables")
 
     def run() -> None:
         while not health.ready:
